@@ -1,0 +1,477 @@
+"""Every method's loss: one pure function per method and a registry by name.
+
+Shared notation (see docs/methods.md): a batch of N images seen through two
+augmentations; encoder features ``h1, h2`` of shape (N, D_h) and projections
+``z1, z2`` of shape (N, D_z). The 2N x 2N contrastive matrices stack the views
+as rows ``[view1_0..view1_{N-1}, view2_0..view2_{N-1}]``; the positive of row
+i is row ``(i + N) mod 2N``; self-pairs are forbidden (cost +inf, mass
+exactly 0).
+
+Every function has the signature ``fn(h1, h2, z1, z2, *, knobs...) ->
+LossOutput`` so the trainable can call any method by name; a method ignores
+the tensors it does not use.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ot
+
+__all__ = ["LossOutput", "Method", "METHODS", "compute_loss", "nt_xent"]
+
+
+@dataclass
+class LossOutput:
+    """A loss value plus float diagnostics (its parts, OT solver state, timings)."""
+
+    loss: Tensor
+    parts: Dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_views(x1: Tensor, x2: Tensor, name: str) -> None:
+    if x1.dim() != 2 or x2.shape != x1.shape:
+        raise ValueError(f"{name}1 and {name}2 must both have shape (N, D); got "
+                         f"{tuple(x1.shape)} and {tuple(x2.shape)}")
+    if x1.shape[0] < 2:
+        raise ValueError(f"a contrastive batch needs N >= 2 samples, got N={x1.shape[0]}")
+
+
+def _positive_index(n: int, device) -> Tensor:
+    """pos[i] = (i + N) mod 2N for the stacked 2N rows, shape (2N,)."""
+    idx = torch.arange(2 * n, device=device)
+    return (idx + n) % (2 * n)
+
+
+def contrastive_cost(z1: Tensor, z2: Tensor) -> Tensor:
+    """Cosine cost of the stacked views with self-pairs forbidden.
+
+    Args:
+        z1, z2: (N, D).
+    Returns:
+        C of shape (2N, 2N): ``C_ij = 1 - cos(z_i, z_j)``, ``C_ii = +inf``.
+    """
+    z = F.normalize(torch.cat([z1, z2], dim=0), dim=1)  # (2N, D)
+    cost = 1.0 - z @ z.T  # (2N, 2N)
+    eye = torch.eye(cost.shape[0], dtype=torch.bool, device=cost.device)
+    return cost.masked_fill(eye, math.inf)
+
+
+def _positive_target(n: int, like: Tensor, domain_labels: Optional[Tensor] = None,
+                     domain_alpha: float = 0.0, domain_cross: float = 0.0) -> Tensor:
+    """Target plan P_tgt (2N, 2N), total mass 1.
+
+    Positives only by default (mass 1/(2N) each). With ``domain_labels`` (N,)
+    GCA's domain-aware block target (arXiv 2502.20141, Sec. 3.4):
+    ``P_tgt = I_pos + alpha [same domain, i != j] + cross [different domain]``,
+    renormalised to mass 1.
+    """
+    two_n = 2 * n
+    pos = _positive_index(n, like.device)
+    tgt = torch.zeros(two_n, two_n, dtype=like.dtype, device=like.device)
+    tgt[torch.arange(two_n, device=like.device), pos] = 1.0
+    if domain_labels is not None:
+        if domain_labels.shape != (n,):
+            raise ValueError(f"domain_labels must have shape (N,)=({n},), got {tuple(domain_labels.shape)}")
+        d = torch.cat([domain_labels, domain_labels])  # (2N,)
+        same = (d[:, None] == d[None, :])  # (2N, 2N)
+        off = ~torch.eye(two_n, dtype=torch.bool, device=like.device) & (tgt == 0)
+        tgt = tgt + domain_alpha * (same & off) + domain_cross * (~same & off)
+    return tgt / tgt.sum()
+
+
+def _generalised_kl(target: Tensor, log_p: Tensor) -> Tensor:
+    """KL(T | P) = sum T log(T/P) - sum T + sum P over entries, 0 log 0 = 0.
+
+    Equals the ordinary KL when both have the same mass. ``log_p`` may be
+    -inf where the target is 0 (masked pairs).
+    """
+    p = torch.exp(log_p)
+    pos = target > 0
+    t_safe = torch.where(pos, target, torch.ones_like(target))
+    lp_safe = torch.where(pos, log_p, torch.zeros_like(log_p))
+    cross = torch.where(pos, target * (torch.log(t_safe) - lp_safe), torch.zeros_like(target)).sum()
+    return cross - target.sum() + p.sum()
+
+
+def _timed_solve(**kwargs) -> Tuple[ot.OTResult, float]:
+    """Run ot.sinkhorn and return (result, milliseconds); syncs CUDA so the time is the solve's."""
+    cost = kwargs["cost"]
+    if cost.is_cuda:
+        torch.cuda.synchronize(cost.device)
+    t0 = time.perf_counter()
+    res = ot.sinkhorn(**kwargs)
+    if cost.is_cuda:
+        torch.cuda.synchronize(cost.device)
+    return res, 1e3 * (time.perf_counter() - t0)
+
+
+def _ot_parts(res: ot.OTResult, ms: float) -> Dict[str, float]:
+    return {"ot_marginal_err": float(res.marginal_error), "ot_iters": float(res.n_iters),
+            "ot_time_ms": ms}
+
+
+# --------------------------------------------------------------------------- SimCLR
+
+
+def nt_xent(z1: Tensor, z2: Tensor, *, tau: float) -> Tensor:
+    r"""NT-Xent (SimCLR, Chen et al. 2020, arXiv 2002.05709).
+
+    :math:`\ell_{i} = -\log \frac{\exp(s_{i,p(i)}/\tau)}{\sum_{k \ne i} \exp(s_{ik}/\tau)}`,
+    averaged over the 2N rows, ``s`` the cosine similarity of the stacked views.
+
+    Args:
+        z1, z2: (N, D) projections of the two views.
+        tau: temperature > 0.
+    Returns:
+        scalar loss.
+    """
+    _check_views(z1, z2, "z")
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2], dim=0), dim=1)  # (2N, D)
+    logits = (z @ z.T) / tau  # (2N, 2N)
+    eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(eye, -math.inf)  # self-pairs excluded, not down-weighted
+    return F.cross_entropy(logits, _positive_index(n, z.device))
+
+
+def simclr(h1, h2, z1, z2, *, tau: float = 0.5) -> LossOutput:
+    """SimCLR: NT-Xent on the projections (arXiv 2002.05709)."""
+    loss = nt_xent(z1, z2, tau=tau)
+    return LossOutput(loss, {"nt_xent": float(loss.detach())})
+
+
+# --------------------------------------------------------------------------- SinSim
+
+
+def feature_cost(x: Tensor, y: Tensor, *, ot_cost: str = "cosine", normalise: bool = True) -> Tensor:
+    """Cost between two feature clouds, shape (N, M).
+
+    ``cosine``: 1 - cos(x_i, y_j) in [0, 2]; ``sqeuclidean``: ||x_i - y_j||^2.
+    ``normalise`` divides by the (detached) maximum entry so the cost lies in
+    [0, 1] whatever the feature scale, which keeps ``eps`` meaningful across
+    encoders (SinSim's "cost normalised"). The maximum is detached: it is a
+    scale, not something to optimise.
+    """
+    if ot_cost == "cosine":
+        cost = 1.0 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).T  # (N, M)
+    elif ot_cost == "sqeuclidean":
+        cost = (x.pow(2).sum(1)[:, None] + y.pow(2).sum(1)[None, :] - 2.0 * x @ y.T).clamp_min(0.0)
+    else:
+        raise ValueError(f"ot_cost must be 'cosine' or 'sqeuclidean', got {ot_cost!r}")
+    if normalise:
+        cost = cost / cost.detach().max().clamp_min(1e-12)
+    return cost
+
+
+def sinsim(h1, h2, z1, z2, *, tau: float = 0.5, beta: float = 0.8, eps: float = 0.05,
+           sinkhorn_iters: int = 40, ot_cost: str = "cosine", ot_value: str = "cost",
+           ot_grad: str = "unrolled") -> LossOutput:
+    r"""SinSim: NT-Xent(z) + beta * OT_eps(h1, h2) (Sepanj & Fieguth, arXiv 2502.10478).
+
+    :math:`L = \mathrm{NTXent}(z_1, z_2; \tau) + \beta\, \langle P^*, C\rangle`,
+    with C the normalised cost between the two views' encoder features h1, h2
+    (N x N), and P* the entropic plan between uniform weights computed by
+    ``sinkhorn_iters`` Sinkhorn iterations at ``eps``. The plan enters the loss
+    and is differentiated through (unrolled). Options: ``ot_value="divergence"``
+    uses the debiased Sinkhorn divergence ``W(h1,h2) - (W(h1,h1) + W(h2,h2))/2``;
+    ``ot_grad="implicit"`` uses the entropic objective OT_eps with the envelope
+    gradient (cheaper backward; the value then includes the entropy term).
+
+    Difference from the public SinSim script: its "Sinkhorn loss" is
+    ``sum(C * exp(-C/eps))``, the Gibbs kernel without the Sinkhorn scaling,
+    so its plan never enters the loss; that variant is ``sinsim_gibbs_kernel``.
+
+    Args:
+        h1, h2: (N, D_h) encoder features.  z1, z2: (N, D_z) projections.
+    """
+    _check_views(h1, h2, "h")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if ot_value not in ("cost", "divergence"):
+        raise ValueError(f"ot_value must be 'cost' or 'divergence', got {ot_value!r}")
+    contrast = nt_xent(z1, z2, tau=tau)
+    # beta = 0 is plain SimCLR; the OT value is still measured (without a graph) as a diagnostic.
+    ctx = torch.enable_grad() if beta > 0 else torch.no_grad()
+    with ctx:
+        if ot_value == "cost":
+            cost = feature_cost(h1, h2, ot_cost=ot_cost)  # (N, N)
+        else:
+            # one batched solve of the three problems, on one common scale
+            raw = torch.stack([feature_cost(h1, h2, ot_cost=ot_cost, normalise=False),
+                               feature_cost(h1, h1, ot_cost=ot_cost, normalise=False),
+                               feature_cost(h2, h2, ot_cost=ot_cost, normalise=False)])  # (3, N, N)
+            cost = raw / raw[0].detach().max().clamp_min(1e-12)
+        res, ms = _timed_solve(cost=cost, eps=eps, n_iters=sinkhorn_iters, grad=ot_grad)
+        w = res.objective() if ot_grad == "implicit" else res.transport_cost()  # () or (3,)
+        ot_term = w if ot_value == "cost" else w[0] - 0.5 * (w[1] + w[2])
+    loss = contrast + beta * ot_term if beta > 0 else contrast
+    parts = {"nt_xent": float(contrast.detach()), "ot_loss": float(ot_term.detach())}
+    parts.update(_ot_parts(res, ms))
+    return LossOutput(loss, parts)
+
+
+def sinsim_gibbs_kernel(h1, h2, z1, z2, *, tau: float = 0.5, beta: float = 0.8,
+                        eps: float = 0.05, ot_cost: str = "cosine") -> LossOutput:
+    """The public SinSim script's variant, offered by name for comparison only.
+
+    ``L = NTXent + beta * sum_ij C_ij exp(-C_ij / eps)``: the Gibbs kernel of
+    the normalised cost, with no Sinkhorn scaling at all, so no transport plan
+    (its marginals are not 1/N) enters the loss. This is NOT the paper's
+    equation; use ``sinsim`` for that.
+    """
+    _check_views(h1, h2, "h")
+    contrast = nt_xent(z1, z2, tau=tau)
+    cost = feature_cost(h1, h2, ot_cost=ot_cost)  # (N, N)
+    term = (cost * torch.exp(-cost / eps)).sum()
+    return LossOutput(contrast + beta * term, {"nt_xent": float(contrast.detach()),
+                                               "ot_loss": float(term.detach())})
+
+
+# --------------------------------------------------------------------------- GCA
+
+
+def _gca_plan(z1, z2, *, eps, sinkhorn_iters, uot_lambda1=None, uot_lambda2=None):
+    cost = contrastive_cost(z1, z2)  # (2N, 2N), +inf on the diagonal
+    res, ms = _timed_solve(cost=cost, eps=eps, n_projections=sinkhorn_iters,
+                           uot_lambda1=uot_lambda1, uot_lambda2=uot_lambda2)
+    return res, ms
+
+
+def gca_ince(h1, h2, z1, z2, *, eps: float = 0.5, sinkhorn_iters: int = 5,
+             domain_labels: Optional[Tensor] = None, domain_alpha: float = 0.0,
+             domain_cross: float = 0.0) -> LossOutput:
+    r"""GCA-INCE (Chen et al., arXiv 2502.20141): KL(P_tgt | P_theta).
+
+    ``P_theta`` is obtained from the Gibbs kernel ``exp(-C/eps)`` of the 2N x 2N
+    cosine cost (self-pairs forbidden) by ``sinkhorn_iters`` = T alternating
+    Bregman projections onto the row and column marginals (uniform 1/(2N)),
+    rows first. ``P_tgt`` puts 1/(2N) on each positive pair (or GCA's
+    domain-aware block target when ``domain_labels`` (N,) is given).
+
+    T = 1 (one row projection) is exactly InfoNCE / NT-Xent with tau = eps;
+    larger T tightens the plan towards the balanced OT solution.
+    """
+    _check_views(z1, z2, "z")
+    res, ms = _gca_plan(z1, z2, eps=eps, sinkhorn_iters=sinkhorn_iters)
+    tgt = _positive_target(z1.shape[0], res.plan, domain_labels, domain_alpha, domain_cross)
+    loss = _generalised_kl(tgt, res.log_plan())
+    return LossOutput(loss, {"gca_kl": float(loss.detach()), **_ot_parts(res, ms)})
+
+
+def gca_rince(h1, h2, z1, z2, *, eps: float = 0.5, sinkhorn_iters: int = 5,
+              rince_q: float = 0.5, rince_lam: float = 0.01) -> LossOutput:
+    r"""GCA-RINCE (arXiv 2502.20141): RINCE (Chuang et al. 2022) on the GCA plan.
+
+    Per row i of the 2N x 2N plan, with the plan rescaled to row mass 1
+    (``s = 2N P``):  :math:`\ell_i = -s_{i+}^q / q + (\lambda (s_{i+} + \sum_{j \ne +} s_{ij}))^q / q`,
+    averaged over rows. With T = 1, ``s`` are the softmax probabilities and
+    this is RINCE itself on cosine/eps logits.
+    """
+    _check_views(z1, z2, "z")
+    if not 0 < rince_q <= 1:
+        raise ValueError(f"rince_q must be in (0, 1], got {rince_q}")
+    if not rince_lam > 0:
+        raise ValueError(f"rince_lam must be > 0, got {rince_lam}")
+    n = z1.shape[0]
+    res, ms = _gca_plan(z1, z2, eps=eps, sinkhorn_iters=sinkhorn_iters)
+    s = 2 * n * res.plan  # (2N, 2N)
+    rows = torch.arange(2 * n, device=s.device)
+    s_pos = s[rows, _positive_index(n, s.device)]  # (2N,)
+    s_all = s.sum(1)  # (2N,) positives + negatives
+    per_row = -(s_pos ** rince_q) / rince_q + (rince_lam * s_all) ** rince_q / rince_q
+    loss = per_row.mean()
+    return LossOutput(loss, {"rince": float(loss.detach()), **_ot_parts(res, ms)})
+
+
+def gca_uot(h1, h2, z1, z2, *, eps: float = 0.5, sinkhorn_iters: int = 5,
+            uot_lambda1: float = 1.0, uot_lambda2: float = 1.0,
+            domain_labels: Optional[Tensor] = None, domain_alpha: float = 0.0,
+            domain_cross: float = 0.0) -> LossOutput:
+    r"""GCA-UOT (arXiv 2502.20141): generalised KL(P_tgt | P) with an unbalanced plan.
+
+    P solves :math:`\min_P \langle P,C\rangle - \varepsilon H(P) + \lambda_1 KL(P1|a) + \lambda_2 KL(P^T 1|b)`
+    approximately by T = ``sinkhorn_iters`` unbalanced scaling updates (rows
+    first), so its marginals are only softly tied to 1/(2N); the generalised KL
+    also penalises the mass the plan gained or lost.
+    """
+    _check_views(z1, z2, "z")
+    res, ms = _gca_plan(z1, z2, eps=eps, sinkhorn_iters=sinkhorn_iters,
+                        uot_lambda1=uot_lambda1, uot_lambda2=uot_lambda2)
+    tgt = _positive_target(z1.shape[0], res.plan, domain_labels, domain_alpha, domain_cross)
+    loss = _generalised_kl(tgt, res.log_plan())
+    return LossOutput(loss, {"gca_kl": float(loss.detach()), "plan_mass": float(res.plan.sum().detach()),
+                             **_ot_parts(res, ms)})
+
+
+# --------------------------------------------------------------------------- IOT-CL
+
+RELAXATIONS = ("U1", "Ua", "Uab")
+
+
+def iot_cl(h1, h2, z1, z2, *, eps: float = 0.5, relaxation: str = "Ua", sinkhorn_iters: int = 4,
+           lambda_p: float = 0.0) -> LossOutput:
+    r"""IOT-CL (Shi, Zhang, Zhen, Fan, Yan, ICML 2023, PMLR 202), Eqs. 16-25.
+
+    Inner problem: the coupling of the 2N x 2N cost ``C = 1 - cos`` (Eq. 16,
+    +inf on self-pairs) under a constraint set U:
+
+    * ``U1``: :math:`P = \exp(-C/\varepsilon)/\sum_{ts}\exp(-C_{ts}/\varepsilon)` (Eq. 19);
+    * ``Ua``: row softmax with rows summing to 1/(2N) (Eq. 12) - SimCLR;
+    * ``Uab``: K = ``sinkhorn_iters`` rounds of Eq. 22 (row then column
+      normalisation) starting from exp(-C/eps).
+
+    Outer loss: :math:`KL(\tilde P \| P) = -\sum \tilde P \log P - H(\tilde P)`,
+    :math:`\tilde P` = 1/(2N) on positive pairs. This is Eq. 23 minus the constant
+    log(2N) (it does not change gradients) and makes U(a) equal NT-Xent with
+    tau = eps exactly. Uniformity penalty (Eq. 24-25):
+    :math:`\lambda_p KL(\bar Q \| P)`, :math:`\bar Q` = P on positives and the
+    mean of P over the negative pairs elsewhere (self-pairs excluded). As in
+    Eq. 24, Q-bar is a function of the parameters (not detached).
+    """
+    _check_views(z1, z2, "z")
+    if relaxation not in RELAXATIONS:
+        raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {relaxation!r}")
+    if lambda_p < 0:
+        raise ValueError(f"lambda_p must be >= 0, got {lambda_p}")
+    n = z1.shape[0]
+    cost = contrastive_cost(z1, z2)  # (2N, 2N)
+    parts: Dict[str, float] = {}
+    if relaxation == "U1":
+        log_p = ot.coupling_u1(cost, eps=eps)
+    elif relaxation == "Ua":
+        log_p = ot.coupling_ua(cost, eps=eps)
+    else:
+        res, ms = _timed_solve(cost=cost, eps=eps, n_iters=sinkhorn_iters)
+        log_p = res.log_plan()
+        parts.update(_ot_parts(res, ms))
+    rows = torch.arange(2 * n, device=cost.device)
+    pos = _positive_index(n, cost.device)
+    # KL(P~ | P) with P~ = 1/(2N) on the 2N positives
+    align = -(log_p[rows, pos] + math.log(2 * n)).mean()
+    loss = align
+    parts["iot_align"] = float(align.detach())
+    if lambda_p > 0:
+        neg = torch.isfinite(cost)  # (2N, 2N) allowed pairs
+        neg[rows, pos] = False  # negatives only
+        p = torch.exp(log_p)
+        mean_neg = p[neg].mean()
+        # Q-bar equals P on positives, so only negatives contribute to KL(Q-bar | P)
+        uni = (mean_neg * (torch.log(mean_neg) - log_p[neg])).sum()
+        loss = loss + lambda_p * uni
+        parts["iot_uniform"] = float(uni.detach())
+    return LossOutput(loss, parts)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def vicreg(h1, h2, z1, z2, *, vicreg_inv: float = 25.0, vicreg_var: float = 25.0,
+           vicreg_cov: float = 1.0) -> LossOutput:
+    r"""VICReg (Bardes et al., arXiv 2105.04906), on the projections (N, D).
+
+    ``inv * MSE(z1, z2) + var * (mean relu(1 - std(z1)) + mean relu(1 - std(z2)))/2
+    + cov * (sum offdiag Cov(z1)^2 + sum offdiag Cov(z2)^2) / D``,
+    std = sqrt(Var + 1e-4), Cov with 1/(N-1).
+    """
+    _check_views(z1, z2, "z")
+    n, d = z1.shape
+    inv = F.mse_loss(z1, z2)
+    var = 0.0
+    cov = 0.0
+    for z in (z1, z2):
+        zc = z - z.mean(0)
+        std = torch.sqrt(zc.var(0) + 1e-4)
+        var = var + F.relu(1.0 - std).mean() / 2
+        c = (zc.T @ zc) / (n - 1)  # (D, D)
+        off = c - torch.diag(torch.diag(c))
+        cov = cov + off.pow(2).sum() / d
+    loss = vicreg_inv * inv + vicreg_var * var + vicreg_cov * cov
+    return LossOutput(loss, {"vic_inv": float(inv.detach()), "vic_var": float(var.detach()),
+                             "vic_cov": float(cov.detach())})
+
+
+def barlow_twins(h1, h2, z1, z2, *, barlow_lambda: float = 5e-3) -> LossOutput:
+    r"""Barlow Twins (Zbontar et al., arXiv 2103.03230).
+
+    ``c = BN(z1)^T BN(z2) / N`` (D x D), BN without affine parameters;
+    ``L = sum_i (1 - c_ii)^2 + lambda sum_{i != j} c_ij^2``.
+    """
+    _check_views(z1, z2, "z")
+    n = z1.shape[0]
+
+    def bn(z):
+        return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
+
+    c = bn(z1).T @ bn(z2) / n  # (D, D)
+    on = (torch.diagonal(c) - 1.0).pow(2).sum()
+    off = (c - torch.diag(torch.diagonal(c))).pow(2).sum()
+    return LossOutput(on + barlow_lambda * off, {"bt_on_diag": float(on.detach()),
+                                                 "bt_off_diag": float(off.detach())})
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method: its loss function, the config keys it reads, its paper defaults."""
+
+    name: str
+    fn: Callable[..., LossOutput]
+    defaults: Dict[str, object]
+    paper: str
+    uses_ot: bool
+
+    @property
+    def knobs(self) -> Tuple[str, ...]:
+        return tuple(self.defaults)
+
+
+METHODS: Dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("simclr", simclr, {"tau": 0.5}, "arXiv 2002.05709", False),
+        Method("sinsim", sinsim, {"tau": 0.5, "beta": 0.8, "eps": 0.05, "sinkhorn_iters": 40,
+                                  "ot_cost": "cosine", "ot_value": "cost", "ot_grad": "unrolled"},
+               "arXiv 2502.10478", True),
+        Method("sinsim_gibbs_kernel", sinsim_gibbs_kernel,
+               {"tau": 0.5, "beta": 0.8, "eps": 0.05, "ot_cost": "cosine"},
+               "public SinSim script (not the paper)", False),
+        Method("gca_ince", gca_ince, {"eps": 0.5, "sinkhorn_iters": 5}, "arXiv 2502.20141", True),
+        Method("gca_rince", gca_rince, {"eps": 0.5, "sinkhorn_iters": 5, "rince_q": 0.5,
+                                        "rince_lam": 0.01}, "arXiv 2502.20141", True),
+        Method("gca_uot", gca_uot, {"eps": 0.5, "sinkhorn_iters": 5, "uot_lambda1": 1.0,
+                                    "uot_lambda2": 1.0}, "arXiv 2502.20141", True),
+        Method("iot_cl", iot_cl, {"eps": 0.5, "relaxation": "Ua", "sinkhorn_iters": 4,
+                                  "lambda_p": 0.0}, "ICML 2023 (Shi et al.)", True),
+        Method("vicreg", vicreg, {"vicreg_inv": 25.0, "vicreg_var": 25.0, "vicreg_cov": 1.0},
+               "arXiv 2105.04906", False),
+        Method("barlow_twins", barlow_twins, {"barlow_lambda": 5e-3}, "arXiv 2103.03230", False),
+    ]
+}
+
+
+def method_knobs(method: str, config: Dict[str, object]) -> Dict[str, object]:
+    """The method's keyword arguments: its paper defaults overridden by non-None config values."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
+    m = METHODS[method]
+    return {k: (config[k] if config.get(k) is not None else v) for k, v in m.defaults.items()}
+
+
+def compute_loss(method: str, h1: Tensor, h2: Tensor, z1: Tensor, z2: Tensor,
+                 config: Dict[str, object]) -> LossOutput:
+    """Dispatch to ``METHODS[method]`` with the knobs taken from a flat config."""
+    return METHODS[method].fn(h1, h2, z1, z2, **method_knobs(method, config))

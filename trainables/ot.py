@@ -1,0 +1,436 @@
+"""Entropic optimal-transport solvers, as pure functions.
+
+Conventions (one spelling everywhere in otstudy):
+
+* ``cost`` C has shape ``(..., n, m)``; leading dimensions are a batch of
+  independent problems.
+* ``eps`` is the entropic regularisation (the papers' epsilon / lambda).
+* The plan is written through dual potentials ``f`` (..., n) and ``g`` (..., m)::
+
+      P_ij = exp((f_i + g_j - C_ij) / eps)
+
+  which is also POT's ``diag(u) K diag(v)`` with ``u = exp(f/eps)``,
+  ``v = exp(g/eps)``, ``K = exp(-C/eps)``.
+* Entropy is ``H(P) = -sum_ij P_ij (log P_ij - 1)``; the solved problem is
+
+      min_P  <P, C> - eps H(P) + lambda1 KL(P 1 | a) + lambda2 KL(P^T 1 | b)
+
+  with ``KL(x|a) = sum x log(x/a) - x + a``.  Both lambdas ``None`` gives the
+  balanced problem (hard marginals), ``inf`` on one side gives the
+  semi-relaxed problem, finite values the unbalanced one (GCA-UOT).
+* Forbidden pairs (the self-pairs of the 2N x 2N contrastive matrix) get
+  ``+inf`` cost or ``mask=False``: their mass is exactly zero, never a large
+  finite number.
+
+Two numerical domains, chosen per call (``domain="auto"``):
+
+* ``kernel``: matrix-vector products with ``K = exp(-(C - min C)/eps)``; the
+  fast path (POT's ``ot.sinkhorn``), safe while the kernel's dynamic range
+  ``(max C - min C)/eps`` stays well inside the float exponent range.
+* ``log``: log-sum-exp updates of f and g; needed when ``cost/eps`` is large
+  (eps = 1e-3 with costs up to 1e3 underflows any kernel).
+
+Gradients: ``grad="unrolled"`` differentiates through every iteration (the
+papers' choice); ``grad="implicit"`` runs the iterations without autograd and
+differentiates the entropic OT objective with the converged potentials held
+fixed (envelope theorem: d OT_eps / dC = P*), which keeps one n x m matrix for
+backward instead of one per iteration.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "OTResult",
+    "SinkhornNotConvergedWarning",
+    "sinkhorn",
+    "coupling_u1",
+    "coupling_ua",
+    "masked_cost",
+]
+
+
+class SinkhornNotConvergedWarning(UserWarning):
+    """Sinkhorn ended with a marginal error above the requested ``tol``."""
+
+
+@dataclass
+class OTResult:
+    """Output of :func:`sinkhorn`.
+
+    Attributes:
+        plan: transport plan P, shape (..., n, m); exactly 0 on masked pairs.
+        f, g: dual potentials, shapes (..., n) and (..., m).
+        cost: the cost the plan was solved for (+inf on masked pairs).
+        eps: entropic regularisation used.
+        marginal_error: balanced / semi-relaxed with hard rows: L1 distance
+            of the plan's hard marginals to ``a`` (and ``b``), max over the
+            batch. Otherwise: the last fixed-point residual
+            ``max |f_new - f_old| / eps`` of the row potential.
+        n_iters: full (row + column) iterations run; projections / 2 when
+            the solver was called with ``n_projections``.
+        domain: ``"kernel"`` or ``"log"``.
+        grad: ``"unrolled"`` or ``"implicit"``.
+    """
+
+    plan: Tensor
+    f: Tensor
+    g: Tensor
+    cost: Tensor
+    eps: float
+    a: Tensor
+    b: Tensor
+    uot_lambda1: Optional[float]
+    uot_lambda2: Optional[float]
+    marginal_error: float
+    n_iters: float
+    domain: str
+    grad: str
+
+    def log_plan(self) -> Tensor:
+        """log P, shape (..., n, m); -inf on masked pairs."""
+        return (self.f[..., :, None] + self.g[..., None, :] - self.cost) / self.eps
+
+    def transport_cost(self) -> Tensor:
+        """<P, C> summed over (n, m), shape (...); masked pairs contribute 0."""
+        finite = torch.isfinite(self.cost)
+        return torch.where(finite, self.plan * self.cost, torch.zeros_like(self.plan)).sum((-2, -1))
+
+    def objective(self) -> Tensor:
+        """The entropic OT objective OT_eps, shape (...).
+
+        Unrolled: the primal ``<P,C> - eps H(P) + marginal penalties`` at the
+        returned plan. Implicit: the dual objective at the (detached)
+        converged potentials, whose gradient with respect to C is the plan.
+        The two agree at convergence.
+        """
+        if self.grad == "implicit":
+            return _dual_objective(self.f, self.g, self.cost, self.a, self.b, self.eps,
+                                   self.uot_lambda1, self.uot_lambda2)
+        logp = self.log_plan()
+        p = self.plan
+        finite = torch.isfinite(self.cost)
+        zero = torch.zeros_like(p)
+        # P (log P - 1) with 0 log 0 = 0 on masked pairs
+        ent_term = torch.where(finite, p * (logp - 1.0), zero).sum((-2, -1))
+        value = self.transport_cost() + self.eps * ent_term
+        value = value + _kl_penalty(p.sum(-1), self.a, self.uot_lambda1)
+        value = value + _kl_penalty(p.sum(-2), self.b, self.uot_lambda2)
+        return value
+
+
+def masked_cost(cost: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Return ``cost`` with ``+inf`` where ``mask`` is False (forbidden pairs).
+
+    Args:
+        cost: (..., n, m).
+        mask: bool (..., n, m) or broadcastable, True = allowed; None = keep.
+    """
+    if mask is None:
+        return cost
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    return cost.masked_fill(~mask, math.inf)
+
+
+def _kl_penalty(x: Tensor, a: Tensor, lam: Optional[float]) -> Tensor:
+    """lam * KL(x | a) (generalised KL), 0 when the marginal is a hard constraint."""
+    if lam is None or math.isinf(lam):
+        return torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+    xlogx = torch.where(x > 0, x * torch.log(x / a), torch.zeros_like(x))
+    return lam * (xlogx - x + a).sum(-1)
+
+
+def _phi(f: Tensor, a: Tensor, lam: Optional[float]) -> Tensor:
+    """Conjugate of the marginal term: <f, a> (hard) or -lam <a, exp(-f/lam) - 1> (KL)."""
+    if lam is None or math.isinf(lam):
+        return (f * a).sum(-1)
+    return -lam * (a * torch.expm1(-f / lam)).sum(-1)
+
+
+def _dual_objective(f, g, cost, a, b, eps, lam1, lam2) -> Tensor:
+    """max_{f,g} phi1(f) + phi2(g) - eps sum exp((f + g - C)/eps) (+ eps for the balanced case).
+
+    The constant makes the balanced dual equal to the primal
+    ``<P,C> + eps sum P (log P - 1)`` at the optimum (where sum P = 1).
+    """
+    logp = (f[..., :, None] + g[..., None, :] - cost) / eps
+    mass = torch.exp(logp).sum((-2, -1))
+    value = _phi(f, a, lam1) + _phi(g, b, lam2) - eps * mass
+    return value
+
+
+def _check_lambda(name: str, lam) -> Optional[float]:
+    if lam is None:
+        return None
+    lam = float(lam)
+    if not (lam > 0):
+        raise ValueError(f"{name} must be > 0 (or inf for a hard marginal), got {lam}")
+    return lam
+
+
+def _fi(lam: Optional[float], eps: float) -> float:
+    """Exponent of the unbalanced scaling update: lam / (lam + eps); 1 for a hard marginal."""
+    if lam is None or math.isinf(lam):
+        return 1.0
+    return lam / (lam + eps)
+
+
+def _kernel_limit(dtype: torch.dtype) -> float:
+    # u, v and K's smallest entries scale like exp(+-span); keep them at most
+    # 40% of the exponent range so products and sums stay representable.
+    return 0.4 * math.log(torch.finfo(dtype).max)
+
+
+def sinkhorn(
+    cost: Tensor,
+    *,
+    eps: float,
+    n_iters: Optional[int] = None,
+    n_projections: Optional[int] = None,
+    a: Optional[Tensor] = None,
+    b: Optional[Tensor] = None,
+    tol: Optional[float] = None,
+    uot_lambda1: Optional[float] = None,
+    uot_lambda2: Optional[float] = None,
+    mask: Optional[Tensor] = None,
+    domain: str = "auto",
+    grad: str = "unrolled",
+    warn: bool = True,
+) -> OTResult:
+    r"""Entropic OT by Sinkhorn scaling (Cuturi 2013; Chizat et al. 2018 for UOT).
+
+    Solves :math:`\min_P \langle P, C\rangle - \varepsilon H(P)
+    + \lambda_1 KL(P\mathbf 1|a) + \lambda_2 KL(P^\top\mathbf 1|b)` by
+    alternating scaling of rows (f) and columns (g), starting from g = 0.
+    For the balanced problem each update is the KL (Bregman) projection onto
+    one marginal constraint; for the unbalanced one the update is raised to
+    ``lambda/(lambda + eps)``.
+
+    Args:
+        cost: C, shape (..., n, m). ``+inf`` marks forbidden pairs.
+        eps: entropic regularisation, > 0.
+        n_iters: maximum number of full iterations (row update + column update).
+        n_projections: alternative to ``n_iters``: the number of single
+            projections, rows first (1 = rows only, the U(a) / InfoNCE coupling;
+            2K = K full iterations). Exactly one of the two must be given.
+        a: row marginal (..., n), positive; default uniform 1/n.
+        b: column marginal (..., m), positive; default uniform 1/m.
+        tol: stop early once the marginal error is below ``tol``; warn
+            (:class:`SinkhornNotConvergedWarning`) if it ends above it.
+        uot_lambda1, uot_lambda2: KL penalties of the row / column marginals;
+            None = hard constraint, ``inf`` = hard (semi-relaxed when only one is).
+        mask: bool (..., n, m), False = forbidden pair (same as +inf cost).
+        domain: ``"auto"`` | ``"kernel"`` | ``"log"``.
+        grad: ``"unrolled"`` | ``"implicit"`` (see module docstring).
+        warn: emit the non-convergence warning when ``tol`` is not reached.
+
+    Returns:
+        :class:`OTResult` with the plan, potentials and diagnostics.
+    """
+    if not isinstance(cost, Tensor) or cost.dim() < 2:
+        raise ValueError("cost must be a tensor of shape (..., n, m)")
+    if not cost.is_floating_point():
+        raise ValueError(f"cost must be floating point, got dtype {cost.dtype}")
+    eps = float(eps)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    if (n_iters is None) == (n_projections is None):
+        raise ValueError("give exactly one of n_iters (full iterations) or n_projections")
+    if n_iters is not None:
+        if int(n_iters) != n_iters or n_iters < 1:
+            raise ValueError(f"n_iters must be an integer >= 1, got {n_iters}")
+        n_half = 2 * int(n_iters)
+    else:
+        if int(n_projections) != n_projections or n_projections < 1:
+            raise ValueError(f"n_projections must be an integer >= 1, got {n_projections}")
+        n_half = int(n_projections)
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    if domain not in ("auto", "kernel", "log"):
+        raise ValueError(f"domain must be 'auto', 'kernel' or 'log', got {domain!r}")
+    if grad not in ("unrolled", "implicit"):
+        raise ValueError(f"grad must be 'unrolled' or 'implicit', got {grad!r}")
+    lam1 = _check_lambda("uot_lambda1", uot_lambda1)
+    lam2 = _check_lambda("uot_lambda2", uot_lambda2)
+
+    cost = masked_cost(cost, mask)
+    if torch.isnan(cost).any():
+        raise ValueError("cost contains NaN")
+    if (cost == -math.inf).any():
+        raise ValueError("cost contains -inf")
+    *batch, n, m = cost.shape
+    a = _marginal(a, batch, n, cost, "a")
+    b = _marginal(b, batch, m, cost, "b")
+    finite = torch.isfinite(cost)
+    if not finite.any(-1).all() or not finite.any(-2).all():
+        raise ValueError("every row and column of cost needs at least one allowed (finite) entry")
+
+    with torch.no_grad():
+        cmin = cost.masked_fill(~finite, math.inf).amin((-2, -1), keepdim=True)
+        cmax = cost.masked_fill(~finite, -math.inf).amax((-2, -1), keepdim=True)
+        span = float(((cmax - cmin) / eps).max())
+    fi1, fi2 = _fi(lam1, eps), _fi(lam2, eps)
+    if domain == "auto":
+        limit = _kernel_limit(cost.dtype)
+        shift = float(((1.0 - fi1) * cmin.abs() / eps).max())
+        domain = "kernel" if span <= limit and shift <= limit else "log"
+
+    balanced_rows = fi1 == 1.0
+    if grad == "implicit":
+        with torch.no_grad():
+            f, g, err, used = _iterate(cost.detach(), a, b, eps, n_half, fi1, fi2, tol, domain,
+                                       cmin.detach(), balanced_rows)
+        f, g = f.detach(), g.detach()
+    else:
+        f, g, err, used = _iterate(cost, a, b, eps, n_half, fi1, fi2, tol, domain, cmin.detach(),
+                                   balanced_rows)
+
+    plan = torch.exp((f[..., :, None] + g[..., None, :] - cost) / eps)  # (..., n, m), 0 where C=+inf
+    if balanced_rows:
+        with torch.no_grad():
+            err_t = (plan.sum(-1) - a).abs().sum(-1)
+            if fi2 == 1.0:
+                err_t = err_t + (plan.sum(-2) - b).abs().sum(-1)
+            err = float(err_t.max())
+    if tol is not None and warn and err > tol:
+        warnings.warn(
+            f"sinkhorn did not converge: marginal error {err:.3e} > tol {tol:.1e} after "
+            f"{used / 2:g} iterations (eps={eps:g}, {domain} domain)",
+            SinkhornNotConvergedWarning,
+            stacklevel=2,
+        )
+    return OTResult(plan=plan, f=f, g=g, cost=cost, eps=eps, a=a, b=b, uot_lambda1=lam1,
+                    uot_lambda2=lam2, marginal_error=err, n_iters=used / 2, domain=domain,
+                    grad=grad)
+
+
+def _marginal(w: Optional[Tensor], batch, size: int, like: Tensor, name: str) -> Tensor:
+    if w is None:
+        return torch.full((*batch, size), 1.0 / size, dtype=like.dtype, device=like.device)
+    if w.shape[-1] != size:
+        raise ValueError(f"{name} has {w.shape[-1]} entries but cost has {size} along that side")
+    if not (w > 0).all():
+        raise ValueError(f"{name} must be strictly positive")
+    return w.to(dtype=like.dtype, device=like.device).expand(*batch, size)
+
+
+def _iterate(cost, a, b, eps, n_half, fi1, fi2, tol, domain, cmin, balanced_rows):
+    """Run ``n_half`` alternating updates (rows first). Returns f, g, error, updates used."""
+    if domain == "log":
+        return _iterate_log(cost, a, b, eps, n_half, fi1, fi2, tol, balanced_rows)
+    return _iterate_kernel(cost, a, b, eps, n_half, fi1, fi2, tol, cmin, balanced_rows)
+
+
+def _iterate_log(cost, a, b, eps, n_half, fi1, fi2, tol, balanced_rows):
+    log_a, log_b = torch.log(a), torch.log(b)
+    f = torch.zeros_like(a)
+    g = torch.zeros_like(b)
+    err = math.inf
+    used = 0
+    neg_c = -cost / eps  # (..., n, m)
+    for k in range(n_half):
+        if k % 2 == 0:
+            # row update; the log-row-sums of the current plan are free here
+            lse = torch.logsumexp(neg_c + g[..., None, :] / eps, dim=-1)  # (..., n)
+            if tol is not None and k > 0:
+                with torch.no_grad():
+                    if balanced_rows:
+                        err = float((torch.exp(f / eps + lse) - a).abs().sum(-1).max())
+                    if err < tol:
+                        break
+            f_new = fi1 * (eps * log_a - eps * lse)
+            if not balanced_rows:
+                with torch.no_grad():
+                    err = float(((f_new - f).abs() / eps).max())
+            f = f_new
+        else:
+            lse = torch.logsumexp(neg_c + f[..., :, None] / eps, dim=-2)  # (..., m)
+            g = fi2 * (eps * log_b - eps * lse)
+        used = k + 1
+        if tol is not None and not balanced_rows and k % 2 == 0 and k > 0 and err < tol:
+            break
+    return f, g, err, used
+
+
+def _iterate_kernel(cost, a, b, eps, n_half, fi1, fi2, tol, cmin, balanced_rows):
+    # K = exp(-(C - cmin)/eps) has max entry 1; f = eps log u + cmin, g = eps log v.
+    kernel = torch.exp(-(cost - cmin) / eps)  # (..., n, m), 0 on masked pairs
+    u = torch.ones_like(a)
+    v = torch.ones_like(b)
+    row_fix = torch.exp((fi1 - 1.0) * cmin[..., 0] / eps)  # (..., 1)
+    err = math.inf
+    used = 0
+    for k in range(n_half):
+        if k % 2 == 0:
+            kv = (kernel @ v[..., :, None])[..., 0]  # (..., n) = K v
+            if tol is not None and k > 0:
+                with torch.no_grad():
+                    if balanced_rows:
+                        err = float((u * kv - a).abs().sum(-1).max())
+                    if err < tol:
+                        break
+            # unbalanced: the shift by cmin is not neutral under the power fi1,
+            # row_fix = exp((fi1 - 1) cmin / eps) restores the unshifted update
+            u_new = a / kv if fi1 == 1.0 else (a / kv) ** fi1 * row_fix
+            if not balanced_rows:
+                with torch.no_grad():
+                    err = float((torch.log(u_new / u)).abs().max())
+            u = u_new
+        else:
+            ktu = (kernel.transpose(-1, -2) @ u[..., :, None])[..., 0]  # (..., m) = K^T u
+            v = b / ktu if fi2 == 1.0 else (b / ktu) ** fi2
+        used = k + 1
+        if tol is not None and not balanced_rows and k % 2 == 0 and k > 0 and err < tol:
+            break
+    f = eps * torch.log(u) + cmin[..., 0]
+    g = eps * torch.log(v)
+    return f, g, err, used
+
+
+def coupling_u1(cost: Tensor, *, eps: float, mask: Optional[Tensor] = None) -> Tensor:
+    r"""IOT-CL coupling under U(1) (Shi et al. 2023, Eq. 19): a global softmax.
+
+    :math:`P_{ij} = \exp(-C_{ij}/\varepsilon) / \sum_{t,s} \exp(-C_{ts}/\varepsilon)`;
+    the plan sums to 1 over all (n, m) entries.
+
+    Args:
+        cost: (..., n, m); +inf (or ``mask=False``) gives exactly zero mass.
+    Returns:
+        log P, shape (..., n, m) (take ``.exp()`` for the plan).
+    """
+    _check_eps(eps)
+    cost = masked_cost(cost, mask)
+    logits = -cost / eps  # (..., n, m)
+    flat = logits.flatten(-2)  # (..., n*m)
+    return (flat - torch.logsumexp(flat, dim=-1, keepdim=True)).view_as(logits)
+
+
+def coupling_ua(cost: Tensor, *, eps: float, a: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> Tensor:
+    r"""IOT-CL coupling under U(a) (Shi et al. 2023, Eq. 12): a row softmax.
+
+    :math:`P_{ij} = a_i \exp(-C_{ij}/\varepsilon) / \sum_k \exp(-C_{ik}/\varepsilon)`,
+    ``a`` uniform 1/n by default; rows sum to ``a``.
+
+    Returns:
+        log P, shape (..., n, m).
+    """
+    _check_eps(eps)
+    cost = masked_cost(cost, mask)
+    n = cost.shape[-2]
+    logits = -cost / eps
+    logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)  # (..., n, m) row-normalised
+    log_a = torch.log(a)[..., :, None] if a is not None else -math.log(n)
+    return logp + log_a
+
+
+def _check_eps(eps) -> None:
+    if not (float(eps) > 0 and math.isfinite(float(eps))):
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
