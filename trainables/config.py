@@ -1,0 +1,146 @@
+"""One trial's configuration: a dataclass built from the flat Tune dict."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional, get_type_hints
+
+from .data import DATASETS
+from .losses import METHODS, RELAXATIONS
+from .models import ENCODERS
+
+OPTIMIZERS = ("adam", "sgd", "lars")
+
+
+@dataclass
+class TrialConfig:
+    """Flat trial config. Method knobs left at None take the method's paper default."""
+
+    # what to run
+    method: str = "simclr"  # a name in trainables.losses.METHODS
+    dataset: str = "digits"  # embedded default
+    data_root: Optional[str] = None  # where torchvision datasets live
+    encoder: str = "small_cnn"
+    proj_hidden: int = 256  # projector width D_h -> proj_hidden -> proj_dim
+    proj_dim: int = 64
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 256  # images per step (each seen twice: 2N views)
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 1e-6
+    warmup_epochs: int = 1  # linear warm-up, then cosine decay to 0 (per step)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    # evaluation
+    probe_every: int = 1  # epochs between kNN probes (the pruning signal)
+    knn_k: int = 200
+    knn_t: float = 0.1
+    # method knobs (None = method default, see METHODS[...].defaults)
+    tau: Optional[float] = None
+    beta: Optional[float] = None
+    eps: Optional[float] = None
+    sinkhorn_iters: Optional[int] = None
+    ot_cost: Optional[str] = None
+    ot_value: Optional[str] = None
+    ot_grad: Optional[str] = None
+    uot_lambda1: Optional[float] = None
+    uot_lambda2: Optional[float] = None
+    rince_q: Optional[float] = None
+    rince_lam: Optional[float] = None
+    relaxation: Optional[str] = None
+    lambda_p: Optional[float] = None
+    vicreg_inv: Optional[float] = None
+    vicreg_var: Optional[float] = None
+    vicreg_cov: Optional[float] = None
+    barlow_lambda: Optional[float] = None
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrialConfig":
+        """Build from a flat dict; unknown keys, wrong types and bad values raise ValueError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+        hints = get_type_hints(cls)
+        kwargs = {}
+        for k, v in d.items():
+            kwargs[k] = _coerce(k, v, hints[k])
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        def bad(key, why):
+            raise ValueError(f"{key}={getattr(self, key)!r}: {why}")
+
+        if self.method not in METHODS:
+            bad("method", f"unknown method; choose one of {sorted(METHODS)}")
+        if self.dataset not in DATASETS:
+            bad("dataset", f"unknown dataset; choose one of {list(DATASETS)}")
+        if self.encoder not in ENCODERS:
+            bad("encoder", f"choose one of {list(ENCODERS)}")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"choose one of {list(OPTIMIZERS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            bad("device", "choose auto, cpu or cuda")
+        for key in ("epochs", "batch_size", "probe_every", "knn_k", "proj_hidden", "proj_dim"):
+            if getattr(self, key) < 1:
+                bad(key, "must be >= 1")
+        if self.batch_size < 2:
+            bad("batch_size", "a contrastive batch needs >= 2 images")
+        if self.warmup_epochs < 0:
+            bad("warmup_epochs", "must be >= 0")
+        for key in ("lr", "knn_t"):
+            if not (getattr(self, key) > 0 and math.isfinite(getattr(self, key))):
+                bad(key, "must be a finite number > 0")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0")
+        for key in ("tau", "eps", "uot_lambda1", "uot_lambda2", "rince_lam"):
+            v = getattr(self, key)
+            if v is not None and not v > 0:
+                bad(key, "must be > 0")
+        for key in ("beta", "lambda_p", "vicreg_inv", "vicreg_var", "vicreg_cov", "barlow_lambda"):
+            v = getattr(self, key)
+            if v is not None and v < 0:
+                bad(key, "must be >= 0")
+        if self.sinkhorn_iters is not None and self.sinkhorn_iters < 1:
+            bad("sinkhorn_iters", "must be >= 1")
+        if self.rince_q is not None and not 0 < self.rince_q <= 1:
+            bad("rince_q", "must be in (0, 1]")
+        if self.relaxation is not None and self.relaxation not in RELAXATIONS:
+            bad("relaxation", f"choose one of {list(RELAXATIONS)}")
+        if self.ot_cost is not None and self.ot_cost not in ("cosine", "sqeuclidean"):
+            bad("ot_cost", "choose cosine or sqeuclidean")
+        if self.ot_value is not None and self.ot_value not in ("cost", "divergence"):
+            bad("ot_value", "choose cost or divergence")
+        if self.ot_grad is not None and self.ot_grad not in ("unrolled", "implicit"):
+            bad("ot_grad", "choose unrolled or implicit")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Accept ints for floats (YAML writes 1 for 1.0) and numpy scalars; reject the rest."""
+    base = hint
+    optional = False
+    if getattr(hint, "__origin__", None) is not None and type(None) in getattr(hint, "__args__", ()):
+        optional = True
+        base = next(a for a in hint.__args__ if a is not type(None))
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{key} must not be null")
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()  # numpy / torch scalar
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if base is str and isinstance(value, str):
+        return value
+    raise ValueError(f"{key} must be {base.__name__}, got {type(value).__name__} {value!r}")

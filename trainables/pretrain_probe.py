@@ -1,0 +1,206 @@
+"""The trainable: pretrain an encoder with one method, probe it with frozen features.
+
+``run(config, report, restore=None)`` is all a runner needs: it calls
+``report(metrics, checkpoint)`` once per epoch with a checkpoint dict (model,
+optimiser, scheduler and RNG states), and continues from ``restore`` (such a
+dict) when given. It never imports ray or mlflow, so it runs the same under
+Ray Tune, pytest, or a plain loop::
+
+    from trainables.pretrain_probe import run
+    run({"method": "sinsim", "epochs": 5}, report=lambda m, ckpt=None: print(m))
+
+Metrics, every epoch: ``epoch``, ``train_loss`` and the loss parts,
+``epoch_time_s``, median ``step_time_ms`` / ``ot_time_ms`` / ``data_time_ms``,
+``images_per_s``, ``peak_mem_mb``, ``lr``; ``knn_acc`` (validation split)
+every ``probe_every`` epochs and at the last one. The last epoch adds
+``linear_acc`` (val), ``test_linear_acc``, ``test_knn_acc``, ``test_knn5_acc``,
+``align``, ``uniform`` and ``final: 1``.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import statistics
+import time
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from .config import TrialConfig
+from .data import AugmentConfig, augment, load_splits
+from .losses import compute_loss
+from .models import build_model
+from .probes import align_uniform, extract_features, knn_accuracy, linear_probe
+
+Report = Callable[..., None]
+
+
+class TrialDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA device is visible (CUDA_VISIBLE_DEVICES?)")
+        return torch.device("cuda")  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
+    return torch.device("cpu")
+
+
+def build_optimizer(cfg: TrialConfig, params):
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer {cfg.optimizer!r} is not available yet")
+
+
+def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to 1, then cosine decay to 0, per step."""
+
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+    """Pretrain and probe; returns the last epoch's metrics."""
+    cfg = TrialConfig.from_dict(config)
+    device = pick_device(cfg.device)
+    data = load_splits(cfg.dataset, cfg.data_root)
+    n_train = len(data.train_x)
+    if cfg.batch_size > n_train:
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the {cfg.dataset} training split "
+                         f"({n_train} images)")
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.encoder, data.channels, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim).to(device)
+    opt = build_optimizer(cfg, model.parameters())
+    steps_per_epoch = n_train // cfg.batch_size  # drop the last partial batch: 2N is fixed
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch))
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    aug_cfg = AugmentConfig()
+    train_x = data.train_x.to(device)
+
+    start_epoch = 0
+    if restore is not None:
+        model.load_state_dict(restore["model"])
+        opt.load_state_dict(restore["optimizer"])
+        sched.load_state_dict(restore["scheduler"])
+        shuffle_gen.set_state(restore["shuffle_rng"])
+        aug_gen.set_state(restore["aug_rng"])
+        torch.set_rng_state(restore["torch_rng"])
+        start_epoch = int(restore["epoch"])
+
+    metrics: Dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t_epoch = time.perf_counter()
+        perm = torch.randperm(n_train, generator=shuffle_gen)
+        step_ms, data_ms, ot_ms, losses = [], [], [], []
+        part_sums: Dict[str, float] = {}
+        for s in range(steps_per_epoch):
+            t0 = time.perf_counter()
+            x = train_x[perm[s * cfg.batch_size:(s + 1) * cfg.batch_size].to(device)]  # (N, C, H, W)
+            views = torch.cat([augment(x, aug_gen, aug_cfg), augment(x, aug_gen, aug_cfg)])  # (2N, C, H, W)
+            _sync(device)
+            t1 = time.perf_counter()
+            h, z = model(views)  # (2N, D_h), (2N, D_z)
+            h1, h2 = h.chunk(2)
+            z1, z2 = z.chunk(2)
+            out = compute_loss(cfg.method, h1, h2, z1, z2, cfg.to_dict())
+            if not torch.isfinite(out.loss):
+                raise TrialDiverged(f"train_loss became {float(out.loss)} at epoch {epoch + 1}, step {s + 1} "
+                                    f"(method={cfg.method}, lr={cfg.lr})")
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            sched.step()
+            _sync(device)
+            t2 = time.perf_counter()
+            data_ms.append(1e3 * (t1 - t0))
+            step_ms.append(1e3 * (t2 - t1))
+            losses.append(float(out.loss.detach()))
+            if "ot_time_ms" in out.parts:
+                ot_ms.append(out.parts["ot_time_ms"])
+            for k, v in out.parts.items():
+                if k != "ot_time_ms":
+                    part_sums[k] = part_sums.get(k, 0.0) + v
+        epoch_time = time.perf_counter() - t_epoch
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": sum(losses) / len(losses),
+            **{k: v / steps_per_epoch for k, v in part_sums.items()},
+            "epoch_time_s": epoch_time,
+            "step_time_ms": statistics.median(step_ms),
+            "data_time_ms": statistics.median(data_ms),
+            "ot_time_ms": statistics.median(ot_ms) if ot_ms else 0.0,
+            "images_per_s": steps_per_epoch * cfg.batch_size / epoch_time,
+            "peak_mem_mb": _peak_mem_mb(device),
+            "lr": sched.get_last_lr()[0],
+            "device": 1.0 if device.type == "cuda" else 0.0,
+        }
+        last = epoch + 1 == cfg.epochs
+        if (epoch + 1) % cfg.probe_every == 0 or last:
+            metrics.update(_probe(model, data, cfg, device, final=last, aug_gen=aug_gen, aug_cfg=aug_cfg))
+        checkpoint = {
+            "epoch": epoch + 1,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "shuffle_rng": shuffle_gen.get_state(),
+            "aug_rng": aug_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        report(metrics, checkpoint)
+    return metrics
+
+
+def _probe(model, data, cfg: TrialConfig, device, *, final: bool, aug_gen, aug_cfg) -> Dict[str, float]:
+    """kNN on the validation split every probe epoch; the full evaluation at the end.
+
+    The probes use their own RNG (none of the training generators), so probing
+    does not change the training trajectory and a resumed run matches an
+    uninterrupted one.
+    """
+    enc = model.encoder
+    train_f = extract_features(enc, data.train_x, device=device)
+    val_f = extract_features(enc, data.val_x, device=device)
+    out = {"knn_acc": knn_accuracy(train_f, data.train_y, val_f, data.val_y, n_classes=data.n_classes,
+                                   k=cfg.knn_k, temperature=cfg.knn_t)}
+    if not final:
+        return out
+    test_f = extract_features(enc, data.test_x, device=device)
+    out["test_knn_acc"] = knn_accuracy(train_f, data.train_y, test_f, data.test_y, n_classes=data.n_classes,
+                                       k=cfg.knn_k, temperature=cfg.knn_t)
+    out["test_knn5_acc"] = knn_accuracy(train_f, data.train_y, test_f, data.test_y, n_classes=data.n_classes,
+                                        k=5, weighted=False)
+    out.update(linear_probe(train_f, data.train_y, val_f, data.val_y, test_f, data.test_y,
+                            n_classes=data.n_classes))
+    # alignment / uniformity of two fresh augmentations of the validation images
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+    vx = data.val_x.to(device)
+    f1 = extract_features(enc, augment(vx, gen, aug_cfg), device=device)
+    f2 = extract_features(enc, augment(vx, gen, aug_cfg), device=device)
+    out.update(align_uniform(f1, f2))
+    out["final"] = 1.0
+    return out
