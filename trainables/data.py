@@ -18,6 +18,8 @@ from torch import Tensor
 
 DATASETS = ("digits",)
 SPLIT_SEED = 0  # fixed: every trial of every study sees the same split
+# size of the pretraining split, for validating batch sizes before a study starts
+DATASET_TRAIN_SIZES = {"digits": 1212}
 
 
 @dataclass

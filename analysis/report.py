@@ -1,0 +1,347 @@
+"""The study report: sensitivity curves, learning curves, overhead tables, index.html.
+
+Reads only files in the study directory (``results.parquet``,
+``history.parquet``, ``spec.yaml``, ``study.json``, ``mlflow_errors.log``);
+never imports ray or torch, so a report regenerates in seconds on a laptop,
+for a finished, running or crashed study.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+import yaml  # noqa: E402
+
+from .stats import OVERHEAD_COLS, overhead_table, summarise  # noqa: E402
+
+# how each knob is named on an axis, and whether it is drawn on a log axis or as categories
+KNOBS = {
+    "beta": ("β (OT weight)", "linear"),
+    "eps": ("ε (entropic regularisation)", "log"),
+    "tau": ("τ (temperature)", "log"),
+    "sinkhorn_iters": ("K (Sinkhorn iterations)", "category"),
+    "uot_lambda1": ("λ1 (row KL penalty)", "log"),
+    "uot_lambda2": ("λ2 (column KL penalty)", "log"),
+    "lambda_p": ("λp (uniformity penalty)", "symlog"),
+    "batch_size": ("batch size N (images)", "category"),
+    "relaxation": ("coupling set U", "category"),
+    "method": ("method", "category"),
+    "lr": ("learning rate", "log"),
+}
+METRICS = {"test_linear_acc": "test linear-probe accuracy (%)", "test_knn_acc": "test kNN accuracy (%)",
+           "linear_acc": "val linear-probe accuracy (%)", "knn_acc": "val kNN accuracy (%)"}
+MARGINAL_TOL = 1e-3  # a Sinkhorn plan with a larger L1 marginal error is flagged
+
+
+class EmptyStudy(ValueError):
+    pass
+
+
+def _style():
+    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1)
+
+
+def load_study(study_dir: Path):
+    study_dir = Path(study_dir)
+    res_p, hist_p = study_dir / "results.parquet", study_dir / "history.parquet"
+    if not res_p.exists():
+        raise EmptyStudy(f"{study_dir} has no results.parquet; run `otstudy export {study_dir}` first "
+                         f"(or the study has not started)")
+    res = pd.read_parquet(res_p)
+    hist = pd.read_parquet(hist_p) if hist_p.exists() else pd.DataFrame()
+    spec = yaml.safe_load((study_dir / "spec.yaml").read_text()) if (study_dir / "spec.yaml").exists() else {}
+    meta = json.loads((study_dir / "study.json").read_text()) if (study_dir / "study.json").exists() else {}
+    return res, hist, spec or {}, meta
+
+
+def swept_knobs(spec: Dict[str, Any], res: pd.DataFrame) -> List[str]:
+    """Knobs the study varied, in spec order (grid/range keys, then case keys, then method)."""
+    search = spec.get("search") or {}
+    keys = [k for k in search if k != "cases"]
+    for case in search.get("cases") or []:
+        keys += [k for k in case if k not in keys]
+    if "method" in res.columns and res["method"].nunique() > 1 and "method" not in keys:
+        keys.insert(0, "method")
+    return [k for k in keys if k in res.columns]
+
+
+def _config_cols(knobs: List[str]) -> List[str]:
+    return (["method"] if "method" not in knobs else []) + knobs
+
+
+def _label(knob: str) -> str:
+    return KNOBS.get(knob, (knob, "linear"))[0]
+
+
+def _save(fig, out: Path, stem: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}.png", dpi=120)
+    fig.savefig(out / f"{stem}.pdf")
+    plt.close(fig)
+    return f"{stem}.png"
+
+
+def _baseline_mask(df: pd.DataFrame) -> pd.Series:
+    """SimCLR trials, or SinSim with beta = 0 (the same loss), are the baseline."""
+    mask = pd.Series(False, index=df.index)
+    if "method" in df.columns:
+        mask |= df["method"] == "simclr"
+        if "beta" in df.columns:
+            mask |= (df["method"] == "sinsim") & (df["beta"] == 0)
+    return mask
+
+
+def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str]) -> Optional[str]:
+    """Final metric vs the knob, by method: mean and 95% CI over seeds, n annotated."""
+    metrics = [m for m in metrics if m in done.columns and done[m].notna().any()]
+    if not metrics or knob not in done.columns:
+        return None
+    scale = KNOBS.get(knob, (knob, "linear"))[1]
+    methods = sorted(done["method"].dropna().unique()) if "method" in done.columns else [None]
+    base = done[_baseline_mask(done)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        if knob != "method" and len(base):
+            m, lo, hi = base[metric].mean(), *_ci_bounds(base[metric])
+            ax.axhspan(100 * lo, 100 * hi, color="0.85", zorder=0, label=f"SimCLR baseline (n={len(base)})")
+            ax.axhline(100 * m, color="0.5", lw=1, zorder=0)
+        for method in methods:
+            d = done if method is None else done[done["method"] == method]
+            if knob != "method" and d[knob].nunique() < 2 and method != "simclr":
+                continue
+            s = summarise(d, [knob], metric)
+            if scale == "category" or s[knob].dtype == object:
+                s = s.sort_values(knob)
+                x = np.arange(len(s))
+                ax.set_xticks(x, [str(v) for v in s[knob]])
+            else:
+                x = s[knob].astype(float).values
+            ax.errorbar(x, 100 * s["mean"], yerr=100 * s["ci"].fillna(0), marker="o", capsize=3,
+                        label=str(method) if method else None)
+            for xi, yi, n in zip(x, 100 * s["mean"], s["n"]):
+                ax.annotate(f"n={n}", (xi, yi), textcoords="offset points", xytext=(0, 6), fontsize=7,
+                            ha="center")
+        if scale == "log":
+            ax.set_xscale("log")
+        elif scale == "symlog":
+            ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlabel(_label(knob))
+        ax.set_ylabel(METRICS.get(metric, metric))
+        ax.set_title(f"{METRICS.get(metric, metric)} vs {knob}", fontsize=10)
+        ax.legend(fontsize=7, loc="best")
+    return _save(fig, out, f"sensitivity_{knob}")
+
+
+def _ci_bounds(x: pd.Series):
+    from .stats import mean_ci
+
+    m, h, n = mean_ci(x.tolist())
+    return (m - h, m + h) if n > 1 else (m, m)
+
+
+def heatmap(done: pd.DataFrame, a: str, b: str, metric: str, out: Path) -> Optional[str]:
+    if metric not in done.columns:
+        return None
+    pivot = done.groupby([a, b])[metric].mean().unstack(b) * 100
+    fig, ax = plt.subplots(figsize=(5, 4))
+    sns.heatmap(pivot, annot=True, fmt=".1f", cmap="viridis", ax=ax, cbar_kws={"label": METRICS.get(metric, metric)})
+    ax.set_xlabel(_label(b))
+    ax.set_ylabel(_label(a))
+    return _save(fig, out, f"heatmap_{a}_{b}")
+
+
+def learning_curves(hist: pd.DataFrame, res: pd.DataFrame, knobs: List[str], out: Path) -> Optional[str]:
+    """kNN accuracy (val) vs epoch, one line per trial coloured by configuration; pruned dashed."""
+    if hist.empty or "knn_acc" not in hist.columns:
+        return None
+    cols = _config_cols(knobs)
+    cfg = res.set_index("trial_id")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    labels = {}
+    palette = sns.color_palette("colorblind", 12)
+    for tid, g in hist.dropna(subset=["knn_acc"]).groupby("trial_id"):
+        if tid not in cfg.index:
+            continue
+        row = cfg.loc[tid]
+        key = " ".join(f"{c}={row[c]}" for c in cols if c in cfg.columns)
+        color = palette[list(labels).index(key) % 12] if key in labels else palette[len(labels) % 12]
+        status = row["status"]
+        ax.plot(g["epoch"], 100 * g["knn_acc"], color=color, lw=1.2, alpha=0.8,
+                ls="--" if status == "pruned" else (":" if status == "failed" else "-"),
+                label=key if key not in labels else None)
+        labels.setdefault(key, color)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(METRICS["knn_acc"])
+    ax.set_title("learning curves (dashed: pruned, dotted: failed)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out, "learning_curves")
+
+
+def flags(res: pd.DataFrame, hist: pd.DataFrame) -> pd.DataFrame:
+    """Trials whose Sinkhorn did not converge (any epoch) or whose loss diverged / failed."""
+    rows = []
+    if not hist.empty and "ot_marginal_err" in hist.columns:
+        worst = hist.groupby("trial_id")["ot_marginal_err"].max()
+        for tid, err in worst.items():
+            if np.isfinite(err) and err > MARGINAL_TOL:
+                rows.append({"trial_id": tid, "flag": "sinkhorn not converged",
+                             "detail": f"max marginal error {err:.2e} > {MARGINAL_TOL:g}"})
+    for _, r in res[res["status"] == "failed"].iterrows():
+        kind = "loss diverged" if "diverged" in str(r.get("error", "")).lower() or "nan" in str(r.get("error", "")) \
+            else "failed"
+        rows.append({"trial_id": r["trial_id"], "flag": kind, "detail": str(r.get("error", ""))[:200]})
+    return pd.DataFrame(rows, columns=["trial_id", "flag", "detail"])
+
+
+def _fmt_table(df: pd.DataFrame) -> pd.DataFrame:
+    d = df.copy()
+    for c in d.columns:
+        if d[c].dtype.kind == "f":
+            d[c] = d[c].map(lambda v: "" if pd.isna(v) else (f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"))
+    return d
+
+
+def write_report(study_dir: Path, out_dir: Optional[Path] = None) -> Path:
+    """Write ``report/`` for a study directory and return its index.html path."""
+    t0 = time.perf_counter()
+    study_dir = Path(study_dir)
+    res, hist, spec, meta = load_study(study_dir)
+    if res.empty:
+        raise EmptyStudy(f"{study_dir} has no trials yet (results.parquet is empty)")
+    out = Path(out_dir) if out_dir else study_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    _style()
+    knobs = swept_knobs(spec, res)
+    done = res[res["status"] == "completed"].copy()
+    figures: List[tuple[str, str]] = []
+    metrics = ["test_linear_acc", "test_knn_acc"]
+
+    numeric_knobs = [k for k in knobs if k in ("uot_lambda1", "uot_lambda2")]
+    if len(numeric_knobs) == 2 and len(done):
+        f = heatmap(done, "uot_lambda1", "uot_lambda2", "test_linear_acc", out)
+        if f:
+            figures.append((f, "Test linear-probe accuracy over λ1 × λ2 (mean over seeds)."))
+    for knob in knobs:
+        if len(done):
+            f = sensitivity_plot(done, knob, out, metrics)
+            if f:
+                figures.append((f, f"Final accuracy vs {_label(knob)}: mean and 95% CI over seeds (n per point)."))
+    f = learning_curves(hist, res, knobs, out)
+    if f:
+        figures.append((f, "Validation kNN accuracy (the pruning signal) per trial."))
+
+    cfg_cols = [c for c in _config_cols(knobs) if c in res.columns]
+    timed = res[res["n_epochs"] > 0]
+    over = overhead_table(timed, cfg_cols, baseline=_baseline_mask(timed)) if len(timed) else pd.DataFrame()
+    if len(over):
+        over.to_csv(out / "overhead.csv", index=False)
+        (out / "overhead.md").write_text(_fmt_table(over).to_markdown(index=False) if _has_tabulate()
+                                         else _fmt_table(over).to_string(index=False))
+        (out / "overhead.tex").write_text(_fmt_table(over).to_latex(index=False))
+
+    summary_rows = []
+    for keys, g in done.groupby(cfg_cols, dropna=False) if cfg_cols and len(done) else []:
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        row = dict(zip(cfg_cols, keys))
+        for m in metrics + ["knn_acc"]:
+            if m in g.columns:
+                from .stats import mean_ci
+
+                mu, h, n = mean_ci(g[m].tolist())
+                row[m] = f"{100 * mu:.2f} ± {100 * h:.2f}" if n > 1 else f"{100 * mu:.2f}"
+                row["n"] = n
+        summary_rows.append(row)
+    summary = pd.DataFrame(summary_rows)
+    summary.to_csv(out / "summary.csv", index=False)
+    flagged = flags(res, hist)
+    flagged.to_csv(out / "flags.csv", index=False)
+
+    expected = int(meta.get("n_trials", len(res)))
+    counts = res["status"].value_counts().to_dict()
+    finished = sum(counts.get(s, 0) for s in ("completed", "pruned", "failed"))
+    missing = max(0, expected - finished)
+    mlflow_errors = 0
+    err_log = study_dir / "mlflow_errors.log"
+    if err_log.exists():
+        mlflow_errors = len(err_log.read_text().splitlines())
+    page = _html(spec, meta, counts, expected, missing, figures, summary, over, flagged, mlflow_errors,
+                 time.perf_counter() - t0)
+    index = out / "index.html"
+    index.write_text(page)
+    return index
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def _table_html(df: pd.DataFrame) -> str:
+    if df is None or df.empty:
+        return "<p><em>none</em></p>"
+    return _fmt_table(df).to_html(index=False, border=0, classes="t", escape=True)
+
+
+def _html(spec, meta, counts, expected, missing, figures, summary, over, flagged, mlflow_errors, secs) -> str:
+    name = html.escape(str(spec.get("name", "study")))
+    status = ", ".join(f"{v} {html.escape(str(k))}" for k, v in sorted(counts.items()))
+    warn = ""
+    if missing:
+        warn += (f"<p class='warn'>{missing} of {expected} trials have not finished "
+                 f"(the study is running or crashed; resume it with <code>otstudy resume</code>). "
+                 f"The figures show what finished.</p>")
+    if mlflow_errors:
+        warn += (f"<p class='warn'>MLflow logging failed {mlflow_errors} time(s) (see mlflow_errors.log); "
+                 f"these results come from the Parquet export.</p>")
+    figs = "\n".join(f"<figure><img src='{html.escape(f)}' alt='{html.escape(f)}'><figcaption>{html.escape(c)}"
+                     f"</figcaption></figure>" for f, c in figures)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>otstudy report: {name}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table.t {{ border-collapse: collapse; font-size: 0.85em; }}
+table.t td, table.t th {{ padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: right; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
+figcaption {{ font-size: 0.9em; color: #555; }}
+.warn {{ background: #fff3cd; padding: 0.5em 1em; border-left: 4px solid #e0a800; }}
+code {{ background: #f4f4f4; padding: 0 3px; }}
+</style></head><body>
+<h1>otstudy report: {name}</h1>
+<p>{html.escape(str(spec.get('description', '')))}</p>
+<p><b>Trials:</b> {status} (expected {expected}). Method(s): {html.escape(str(spec.get('method')))};
+dataset: {html.escape(str(spec.get('dataset')))}; seeds: {html.escape(str(spec.get('seeds')))};
+metric for search/pruning: {html.escape(str(spec.get('metric')))} (validation split). Accuracies below are on the
+held-out test split, which no selection looked at.</p>
+{warn}
+<h2>Results by configuration</h2>
+<p>Mean ± 95% CI half-width (Student t) over seeds, in %.</p>
+{_table_html(summary)}
+<h2>Figures</h2>
+{figs}
+<h2>Overhead</h2>
+<p>Medians over trials of the per-trial median step time (first epoch excluded), OT share = OT solve / step;
+ratios against the baseline (SimCLR, or SinSim with β = 0) at the same batch size. Also in
+<a href="overhead.csv">overhead.csv</a>, <a href="overhead.md">overhead.md</a>, <a href="overhead.tex">overhead.tex</a>.</p>
+{_table_html(over)}
+<h2>Flags</h2>
+<p>Sinkhorn plans with L1 marginal error above {MARGINAL_TOL:g}, diverged or failed trials.</p>
+{_table_html(flagged)}
+<p style="color:#888;font-size:0.8em">git {html.escape(str(meta.get('git_revision', '?'))[:12])};
+created {html.escape(str(meta.get('created', '?')))}; report written in {secs:.1f} s.</p>
+</body></html>
+"""

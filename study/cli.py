@@ -1,0 +1,246 @@
+"""The ``otstudy`` command line.
+
+    otstudy presets                       list the named studies
+    otstudy run SPEC.yaml | --preset NAME [--storage DIR] [--name NAME] [--address ADDR] [--smoke-test]
+    otstudy resume DIR [--address ADDR] [--restart-errored]
+    otstudy status DIR                    trial states, best so far, time used
+    otstudy export DIR                    results.parquet + history.parquet (also mid-study)
+    otstudy report DIR                    report/index.html with figures and tables
+    otstudy ui DIR [--host H] [--port P]  MLflow UI on that study's store (127.0.0.1 by default)
+
+Bad input prints one line per problem on stderr and exits with status 2,
+before anything is created.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+EXIT_BAD_INPUT = 2
+
+
+class CliError(ValueError):
+    pass
+
+
+def _fail(lines) -> int:
+    for ln in ([lines] if isinstance(lines, str) else lines):
+        print(f"otstudy: error: {ln}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _study_dir(arg: str) -> Path:
+    d = Path(arg)
+    if not d.exists():
+        raise CliError(f"{d}: no such study directory")
+    if not (d / "spec.yaml").is_file():
+        raise CliError(f"{d} is not an otstudy study directory (no spec.yaml)")
+    return d
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_presets(args) -> int:
+    from search_spaces.presets import PRESETS, get_preset
+    from study.spec import parse_spec
+
+    width = max(len(n) for n in PRESETS)
+    for name in PRESETS:
+        spec = parse_spec(get_preset(name))
+        print(f"{name:<{width}}  {spec.n_trials():>3} trials  {PRESETS[name]['description']}")
+    return 0
+
+
+def _load_run_spec(args):
+    from search_spaces.presets import get_preset
+    from study.spec import SpecError, load_spec_file, parse_spec
+
+    if bool(args.spec) == bool(args.preset):
+        raise CliError("give a spec file or --preset NAME (not both)")
+    if args.preset:
+        try:
+            raw = get_preset(args.preset)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        if args.name:
+            raw["name"] = args.name
+        spec = parse_spec(raw)
+    else:
+        spec = load_spec_file(args.spec)
+        if args.name:
+            spec.name = args.name
+    return spec.smoke() if args.smoke_test else spec
+
+
+def cmd_run(args) -> int:
+    from study.runner import StudyExists, run_study, study_dir_for
+    from study.spec import SpecError
+
+    try:
+        spec = _load_run_spec(args)
+    except SpecError as exc:
+        return _fail(exc.problems)
+    target = study_dir_for(spec, args.storage)
+    if target.exists() and any(target.iterdir()):
+        return _fail(f"{target} already exists; resume it with `otstudy resume {target}` or pass "
+                     f"--storage/--name for a new study")
+    if args.dry_run:
+        print(f"[otstudy] spec is valid: {spec.n_trials()} trials would run in {target}")
+        return 0
+    try:
+        run_study(spec, storage=args.storage, address=args.address, smoke=args.smoke_test)
+    except StudyExists as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from study.runner import resume_study
+
+    d = _study_dir(args.dir)
+    if not (d / "ray").is_dir():
+        raise CliError(f"{d} has no Ray Tune experiment state (ray/) to resume")
+    resume_study(d, address=args.address, restart_errored=args.restart_errored)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from study.export import export_study
+
+    d = _study_dir(args.dir)
+    res, hist = export_study(d)
+    print(f"[otstudy] wrote {d / 'results.parquet'} ({len(res)} trials) and "
+          f"{d / 'history.parquet'} ({len(hist)} trial-epochs)")
+    return 0
+
+
+def cmd_status(args) -> int:
+    import json
+
+    import pandas as pd
+
+    from study.export import collect
+
+    d = _study_dir(args.dir)
+    res, hist = collect(d)
+    meta = json.loads((d / "study.json").read_text()) if (d / "study.json").exists() else {}
+    expected = meta.get("n_trials", len(res))
+    if res.empty:
+        print(f"{d}: no trials have started (expected {expected})")
+        return 0
+    from study.spec import parse_spec
+    import yaml
+
+    spec = yaml.safe_load((d / "spec.yaml").read_text())
+    metric = spec.get("metric", "knn_acc")
+    counts = res["status"].value_counts().to_dict()
+    print(f"{d}: {len(res)} of {expected} trials known: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    cols = [c for c in ["trial_id", "status", "method", *[k for k in (spec.get("search") or {}) if k != "cases"],
+                        "seed", "n_epochs", metric, "test_linear_acc", "error"] if c in res.columns]
+    with pd.option_context("display.max_rows", 500, "display.width", 200, "display.max_colwidth", 60):
+        print(res[cols].to_string(index=False))
+    if metric in res.columns and res[metric].notna().any():
+        best = res.loc[res[metric].idxmax() if spec.get("mode", "max") == "max" else res[metric].idxmin()]
+        print(f"best so far: trial {best['trial_id']} {metric}={best[metric]:.4f}")
+    if not hist.empty and "epoch_time_s" in hist.columns:
+        print(f"time used: {hist['epoch_time_s'].sum() / 60:.1f} trial-minutes of training")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from analysis.report import EmptyStudy, write_report
+
+    d = _study_dir(args.dir)
+    if not (d / "results.parquet").exists() and (d / "ray").is_dir():
+        from study.export import export_study
+
+        export_study(d)  # a running or crashed study: export what exists first
+    try:
+        index = write_report(d)
+    except EmptyStudy as exc:
+        raise CliError(str(exc)) from None
+    print(f"[otstudy] report: {index}")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    import json
+    import subprocess
+
+    d = _study_dir(args.dir)
+    meta = json.loads((d / "study.json").read_text()) if (d / "study.json").exists() else {}
+    uri = meta.get("tracking_uri") or f"sqlite:///{(d / 'mlflow.db').resolve()}"
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port)]
+    print(f"[otstudy] MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C to stop)")
+    return subprocess.call(cmd)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="otstudy", description="Hyperparameter and ablation studies of "
+                                "optimal-transport contrastive learning (Ray Tune + Optuna + MLflow).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("presets", help="list the named studies (the papers' ablations)")
+    s.set_defaults(fn=cmd_presets)
+
+    s = sub.add_parser("run", help="validate a spec and run the study")
+    s.add_argument("spec", nargs="?", help="study spec (YAML)")
+    s.add_argument("--preset", help="run a named preset instead of a spec file (see `otstudy presets`)")
+    s.add_argument("--storage", help="parent directory of the study directory (default: ./studies or the spec's storage)")
+    s.add_argument("--name", help="override the study name (its directory name)")
+    s.add_argument("--address", help="Ray cluster to join: 'auto', 'HOST:PORT' or 'ray://HOST:PORT' (default: a local instance)")
+    s.add_argument("--smoke-test", action="store_true", help="3 epochs, <= 2 values per knob, <= 2 seeds: seconds, not minutes")
+    s.add_argument("--dry-run", action="store_true", help="validate the spec and print the trial count, run nothing")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("resume", help="continue a stopped or crashed study; finished trials are not rerun")
+    s.add_argument("dir", help="study directory")
+    s.add_argument("--address", help="Ray cluster to join (default: a local instance)")
+    s.add_argument("--restart-errored", action="store_true", help="restart failed trials from scratch instead of their last checkpoint")
+    s.set_defaults(fn=cmd_resume)
+
+    s = sub.add_parser("status", help="trial states, best so far, time used")
+    s.add_argument("dir", help="study directory")
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("export", help="write results.parquet and history.parquet (works mid-study)")
+    s.add_argument("dir", help="study directory")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("report", help="write report/ (figures, tables, index.html) from the Parquet files")
+    s.add_argument("dir", help="study directory")
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("ui", help="start the MLflow UI on the study's store")
+    s.add_argument("dir", help="study directory")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=5000)
+    s.set_defaults(fn=cmd_ui)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return args.fn(args)
+    except CliError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        print("\n[otstudy] interrupted; finished trials are kept. Continue with `otstudy resume DIR`.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Export a study (finished, running or crashed) to Parquet.
+
+Reads only files: Tune's experiment state (trial statuses, errors) and every
+trial directory's ``params.json`` / ``result.json``. Writes
+
+* ``results.parquet``: one row per trial: ``trial_id``, ``status``
+  (completed | pruned | failed | running | pending), ``error``, ``n_epochs``,
+  the flat config (one column per key, the same names as everywhere),
+  the last reported metrics, and medians over epochs of the timings
+  (``med_step_time_ms``, ``med_ot_time_ms``, ``med_epoch_time_s``,
+  ``med_images_per_s``; the first epoch is left out when there are more, it
+  includes warm-up).
+* ``history.parquet``: one row per trial-epoch with every reported metric.
+
+Both are written atomically (temp file + rename), so a reader never sees a
+half-written table even while the study runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pandas as pd
+
+from .tracking import RAY_KEYS, flat_config
+
+TIMINGS = ("step_time_ms", "ot_time_ms", "epoch_time_s", "images_per_s", "data_time_ms")
+
+
+def _latest_state(exp_dir: Path) -> Dict[str, Dict[str, Any]]:
+    """trial_id -> {status, num_failures, error_file, logdir, config} from Tune's newest state file."""
+    files = sorted(exp_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return {}
+    try:
+        data = json.loads(files[-1].read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    out = {}
+    for entry in data.get("trial_data", []):
+        try:
+            state = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
+            runtime = json.loads(entry[1]) if isinstance(entry[1], str) else entry[1]
+        except (json.JSONDecodeError, IndexError, TypeError):
+            continue
+        out[state["trial_id"]] = {
+            "status": state.get("status"), "logdir": state.get("relative_logdir"),
+            "config": state.get("config") if isinstance(state.get("config"), dict) else None,
+            "num_failures": runtime.get("num_failures", 0), "error_file": runtime.get("error_filename"),
+        }
+    return out
+
+
+def _read_results(path: Path) -> List[Dict[str, Any]]:
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a crash: everything before it is intact
+    return rows
+
+
+def _error_line(trial_dir: Path, error_file) -> str:
+    for cand in ([trial_dir / error_file] if error_file else []) + [trial_dir / "error.txt"]:
+        try:
+            text = cand.read_text()
+        except OSError:
+            continue
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        # the exception line, e.g. "trainables.pretrain_probe.TrialDiverged: train_loss became nan ..."
+        for ln in reversed(lines):
+            if ":" in ln and not ln.startswith("File "):
+                return ln[:1000]
+        return lines[-1][:1000] if lines else ""
+    return ""
+
+
+def collect(study_dir: Path) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    exp_dir = Path(study_dir) / "ray"
+    state = _latest_state(exp_dir)
+    trial_dirs = {p.name[len("trial_"):]: p for p in exp_dir.glob("trial_*") if p.is_dir()}
+    ids = list(dict.fromkeys(list(state) + sorted(trial_dirs)))
+    results, history = [], []
+    for tid in ids:
+        st = state.get(tid, {})
+        tdir = trial_dirs.get(tid, exp_dir / (st.get("logdir") or f"trial_{tid}"))
+        params = {}
+        if (tdir / "params.json").exists():
+            try:
+                params = json.loads((tdir / "params.json").read_text())
+            except json.JSONDecodeError:
+                params = {}
+        config = flat_config(params or st.get("config") or {})
+        rows = _read_results(tdir / "result.json")
+        # a resumed trial re-reports epochs after its checkpoint: keep the last report of each epoch
+        by_epoch: Dict[int, Dict[str, Any]] = {}
+        for r in rows:
+            by_epoch[int(r.get("epoch", r.get("training_iteration", 0)))] = r
+        epochs = [by_epoch[e] for e in sorted(by_epoch)]
+        for r in epochs:
+            history.append({"trial_id": tid, **{k: v for k, v in r.items()
+                                                 if k not in RAY_KEYS and _scalar(v)}})
+        last = epochs[-1] if epochs else {}
+        tune_status = st.get("status") or ("TERMINATED" if last.get("done") else "PENDING")
+        if tune_status == "ERROR":
+            status = "failed"
+        elif last.get("final"):
+            status = "completed"
+        elif tune_status == "TERMINATED":
+            status = "pruned"
+        elif tune_status == "PENDING" and not epochs:
+            status = "pending"
+        else:
+            status = "running"  # RUNNING / PAUSED, or a driver that died mid-trial
+        row: Dict[str, Any] = {"trial_id": tid, "status": status, "tune_status": tune_status,
+                               "error": _error_line(tdir, st.get("error_file")) if status == "failed" else "",
+                               "num_failures": int(st.get("num_failures", 0) or 0), "n_epochs": len(epochs)}
+        row.update({k: v for k, v in config.items() if _scalar(v)})
+        row.update({k: v for k, v in last.items() if k not in RAY_KEYS and _scalar(v) and k not in config})
+        timing_rows = epochs[1:] if len(epochs) > 1 else epochs
+        for k in TIMINGS:
+            vals = [r[k] for r in timing_rows if isinstance(r.get(k), (int, float))]
+            row[f"med_{k}"] = float(pd.Series(vals).median()) if vals else float("nan")
+        results.append(row)
+    return pd.DataFrame(results), pd.DataFrame(history)
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, (int, float, str, bool)) or v is None
+
+
+def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_suffix(".parquet.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def export_study(study_dir: Path) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """Write results.parquet and history.parquet into the study directory; return both frames."""
+    study_dir = Path(study_dir)
+    if not (study_dir / "spec.yaml").is_file():
+        raise ValueError(f"{study_dir} is not an otstudy study directory (no spec.yaml)")
+    res, hist = collect(study_dir)
+    _atomic_parquet(res, study_dir / "results.parquet")
+    _atomic_parquet(hist, study_dir / "history.parquet")
+    return res, hist

@@ -1,0 +1,242 @@
+"""Spec -> Ray Tune (OptunaSearch or grid, ASHA, resources) -> MLflow, and resume.
+
+The only module that talks to Ray Tune's API (besides the small adapters in
+searcher.py and tracking.py), so Ray's API churn touches one place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import yaml
+
+from .spec import Spec, parse_spec
+from .tracking import MLflowTracker, Progress, default_tracking_uri, flat_config, git_revision
+
+EXPERIMENT_DIR = "ray"  # <study>/ray holds Tune's experiment state
+CHECKPOINT_FILE = "state.pt"
+
+
+class StudyExists(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------- the trial, inside a Ray worker
+
+
+def load_checkpoint(path: Path) -> Optional[Dict[str, Any]]:
+    """Load a trial checkpoint with ``weights_only=True``; a corrupt file gives None and a warning."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated / corrupted / foreign file
+        warnings.warn(f"checkpoint {path} could not be loaded ({type(exc).__name__}: {exc}); "
+                      f"the trial restarts from scratch")
+        return None
+
+
+def tune_trainable(config: Dict[str, Any]) -> None:
+    """Ray Tune function trainable: adapts Tune's report/checkpoint API to trainables.run."""
+    import logging
+
+    import torch
+    from ray import tune
+
+    from trainables.pretrain_probe import run
+
+    for name in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" once per epoch is noise
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    restore = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            restore = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+    carried: Dict[str, float] = {}
+
+    def report(metrics: Dict[str, float], checkpoint: Optional[Dict[str, Any]] = None) -> None:
+        m = dict(metrics)
+        # keep the pruning signal in every result, also between probe epochs
+        if "knn_acc" in m:
+            carried["knn_acc"] = m["knn_acc"]
+        elif "knn_acc" in carried:
+            m["knn_acc"] = carried["knn_acc"]
+        if checkpoint is None:
+            tune.report(m)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(checkpoint, Path(d) / CHECKPOINT_FILE)
+            tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
+
+    run(flat_config(config), report=report, restore=restore)
+
+
+# --------------------------------------------------------------------------- building the Tuner
+
+
+def _trainable(spec: Spec):
+    from ray import tune
+
+    res = {"cpu": float(spec.resources.get("cpu", 1)), "gpu": float(spec.resources.get("gpu", 0))}
+    # always book CPUs too: {"gpu": 0.5} alone would book 0 CPUs and oversubscribe the node
+    return tune.with_resources(tune_trainable, res)
+
+
+def _search(spec: Spec):
+    """(param_space, search_alg, num_samples) for the spec's sampler."""
+    from ray import tune
+
+    space: Dict[str, Any] = {**spec.fixed, "dataset": spec.dataset}
+    if spec.sampler == "grid":
+        case_methods = any("method" in c for c in spec.cases)
+        if len(spec.methods) > 1 and not case_methods:
+            space["method"] = tune.grid_search(spec.methods)
+        else:
+            space["method"] = spec.methods[0]
+        for k, vals in spec.grid_knobs.items():
+            space[k] = tune.grid_search(vals)
+        if spec.cases:
+            space["__case__"] = tune.grid_search(spec.cases)
+        space["seed"] = tune.grid_search(spec.seeds)
+        return space, None, spec.num_samples
+
+    import optuna
+
+    from search_spaces.spaces import DefineByRun
+
+    from .searcher import PrunedAwareOptunaSearch, SeedRepeater
+
+    sampler = (optuna.samplers.TPESampler(seed=spec.sampler_seed) if spec.sampler == "tpe"
+               else optuna.samplers.RandomSampler(seed=spec.sampler_seed))
+    inner = PrunedAwareOptunaSearch(space=DefineByRun(spec.search, spec.methods), metric=spec.metric,
+                                    mode=spec.mode, sampler=sampler)
+    return space, SeedRepeater(inner, spec.seeds), spec.num_samples * len(spec.seeds)
+
+
+def _scheduler(spec: Spec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if spec.scheduler.get("type") != "asha":
+        return FIFOScheduler()
+    epochs = int(spec.fixed.get("epochs", 20))
+    return ASHAScheduler(time_attr="epoch", max_t=int(spec.scheduler.get("max_epochs", epochs)),
+                         grace_period=int(spec.scheduler.get("grace_period", 1)),
+                         reduction_factor=float(spec.scheduler.get("reduction_factor", 2)))
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def build_tuner(spec: Spec, study_dir: Path):
+    from ray import tune
+
+    space, search_alg, num_samples = _search(spec)
+    tracker = MLflowTracker(spec.mlflow_uri or default_tracking_uri(study_dir), spec.name, str(study_dir),
+                            spec.to_dict())
+    tune_config = tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search_alg,
+                                  scheduler=_scheduler(spec), num_samples=num_samples,
+                                  max_concurrent_trials=spec.max_concurrent,
+                                  trial_dirname_creator=_trial_dirname)
+    run_config = tune.RunConfig(
+        name=EXPERIMENT_DIR, storage_path=str(study_dir.resolve()),
+        callbacks=[tracker, Progress(spec.n_trials(), spec.metric, spec.mode, spec.to_dict())],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures), verbose=0)
+    return tune.Tuner(_trainable(spec), param_space=space, tune_config=tune_config, run_config=run_config)
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def init_ray(address: Optional[str] = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # per-epoch checkpoints are the point (resume loses at most one epoch): silence Tune's warning about them
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    kwargs: Dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
+                              "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(**kwargs)
+
+
+# --------------------------------------------------------------------------- study lifecycle
+
+
+def study_dir_for(spec: Spec, storage: Optional[str]) -> Path:
+    base = storage or spec.storage or "studies"
+    return Path(base).expanduser() / spec.name
+
+
+def write_study_files(spec: Spec, study_dir: Path, *, smoke: bool) -> None:
+    study_dir.mkdir(parents=True, exist_ok=False)
+    (study_dir / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_revision": git_revision(),
+            "smoke_test": smoke, "n_trials": spec.n_trials(),
+            "tracking_uri": spec.mlflow_uri or default_tracking_uri(study_dir)}
+    (study_dir / "study.json").write_text(json.dumps(meta, indent=2))
+
+
+def read_study(study_dir: Path) -> Spec:
+    """The spec a study ran with; a clear error if ``study_dir`` is not a study."""
+    f = Path(study_dir) / "spec.yaml"
+    if not f.is_file():
+        raise ValueError(f"{study_dir} is not an otstudy study directory (no spec.yaml)")
+    return parse_spec(yaml.safe_load(f.read_text()))
+
+
+def run_study(spec: Spec, *, storage: Optional[str] = None, address: Optional[str] = None,
+              smoke: bool = False) -> Path:
+    """Create the study directory, run every trial, export Parquet. Returns the study dir."""
+    study_dir = study_dir_for(spec, storage)
+    if study_dir.exists() and any(study_dir.iterdir()):
+        raise StudyExists(f"{study_dir} already exists; resume it with `otstudy resume {study_dir}` "
+                          f"or choose another --storage/--name")
+    if study_dir.exists():
+        study_dir.rmdir()
+    write_study_files(spec, study_dir, smoke=smoke)
+    print(f"[otstudy] study {spec.name}: {spec.n_trials()} trials ({spec.n_configs()} configurations x "
+          f"{len(spec.seeds)} seeds), sampler={spec.sampler}, in {study_dir}")
+    init_ray(address)
+    build_tuner(spec, study_dir).fit()
+    return _finish(study_dir)
+
+
+def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_errored: bool = False) -> Path:
+    """Continue a study after Ctrl-C, a crash or kill -9 of the driver.
+
+    Finished trials are not rerun; unfinished ones continue from their last
+    checkpoint; errored ones are resumed from their checkpoint (or restarted
+    from scratch with ``restart_errored``).
+    """
+    from ray import tune
+
+    study_dir = Path(study_dir)
+    spec = read_study(study_dir)
+    exp = study_dir / EXPERIMENT_DIR
+    if not tune.Tuner.can_restore(str(exp.resolve())):
+        raise ValueError(f"{study_dir} has no Ray Tune experiment state to resume (was it started?)")
+    init_ray(address)
+    tuner = tune.Tuner.restore(str(exp.resolve()), trainable=_trainable(spec), resume_unfinished=True,
+                               resume_errored=not restart_errored, restart_errored=restart_errored)
+    tuner.fit()
+    return _finish(study_dir)
+
+
+def _finish(study_dir: Path) -> Path:
+    from .export import export_study
+
+    res, _ = export_study(study_dir)
+    counts = res["status"].value_counts().to_dict() if len(res) else {}
+    print(f"[otstudy] {study_dir}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    return study_dir

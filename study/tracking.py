@@ -1,0 +1,280 @@
+"""MLflow logging from the Ray driver: one parent run per study, one child run per trial.
+
+Why not Ray's MLflowLoggerCallback: it keeps trial -> run in memory, so every
+``Tuner.restore`` creates a second run for each unfinished trial. Here a
+trial's run is found by its tag ``otstudy.trial_id`` (a search in the store),
+so any number of resumes keeps exactly one child run per trial, and epochs an
+earlier driver already logged are not logged twice.
+
+All writes happen in the driver process, in batches (one ``log_batch`` per
+result), so concurrent trials never hammer a SQLite store from several
+processes. A tracking failure never stops the study: it is counted, written to
+``mlflow_errors.log`` in the study directory, and reported by export/report.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ray.tune import Callback
+
+# keys Ray adds to every result; they are bookkeeping, not metrics
+RAY_KEYS = {"timestamp", "done", "training_iteration", "trial_id", "date", "time_this_iter_s", "time_total_s",
+            "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
+            "checkpoint_dir_name", "config", "should_checkpoint", "experiment_tag"}
+TRIAL_TAG = "otstudy.trial_id"
+ROLE_TAG = "otstudy.role"
+
+
+def git_revision(cwd: Optional[str] = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def default_tracking_uri(study_dir: Path) -> str:
+    return f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
+
+
+class MLflowTracker(Callback):
+    """Tune callback that mirrors trials into MLflow (see module docstring)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, study_dir: str, spec: Dict[str, Any]):
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.study_dir = str(study_dir)
+        self.spec = spec
+        self._reset()
+
+    def _reset(self):
+        self._client = None
+        self._experiment_id = None
+        self._parent_id = None
+        self._runs: Dict[str, str] = {}
+        self._last_step: Dict[str, float] = {}
+        self.failures = 0
+
+    def __getstate__(self):
+        # Tune pickles callbacks with the experiment; the client and caches are rebuilt on restore
+        return {k: self.__dict__[k] for k in ("tracking_uri", "experiment", "study_dir", "spec")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    # ------------------------------------------------------------------ plumbing
+    def _guard(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # tracking must never stop training
+            self.failures += 1
+            with open(Path(self.study_dir) / "mlflow_errors.log", "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {what}: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}\n")
+            if self.failures == 1:
+                print(f"[otstudy] MLflow logging failed ({what}: {type(exc).__name__}); training continues, "
+                      f"see {Path(self.study_dir) / 'mlflow_errors.log'}")
+            return None
+
+    def _ensure(self) -> bool:
+        if self._client is not None:
+            return True
+        return bool(self._guard("connect", self._connect))
+
+    def _connect(self) -> bool:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        exp = client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            art = None
+            if self.tracking_uri.startswith("sqlite:"):
+                art = (Path(self.study_dir).resolve() / "mlartifacts").as_uri()
+            exp_id = client.create_experiment(self.experiment, artifact_location=art)
+        else:
+            exp_id = exp.experiment_id
+        parents = client.search_runs([exp_id], filter_string=f"tags.`{ROLE_TAG}` = 'study'", max_results=1)
+        if parents:
+            parent_id = parents[0].info.run_id
+            client.update_run(parent_id, status="RUNNING")
+        else:
+            parent = client.create_run(exp_id, run_name=self.experiment, tags={
+                ROLE_TAG: "study", "otstudy.git_revision": git_revision(),
+                "otstudy.study_dir": self.study_dir})
+            parent_id = parent.info.run_id
+            flat = {k: json.dumps(v) if not isinstance(v, (str, int, float)) else v for k, v in self.spec.items()}
+            client.log_batch(parent_id, params=[mlflow.entities.Param(k, str(v)[:500]) for k, v in flat.items()])
+            spec_file = Path(self.study_dir) / "spec.yaml"
+            if spec_file.exists():
+                client.log_artifact(parent_id, str(spec_file))
+        self._client, self._experiment_id, self._parent_id = client, exp_id, parent_id
+        return True
+
+    def _run_for(self, trial) -> Optional[str]:
+        tid = trial.trial_id
+        if tid in self._runs:
+            return self._runs[tid]
+        if not self._ensure():
+            return None
+
+        def find_or_create():
+            from mlflow.entities import Param
+
+            c = self._client
+            found = c.search_runs([self._experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{tid}'",
+                                  max_results=2)
+            if found:
+                run_id = found[0].info.run_id
+                hist = c.get_metric_history(run_id, "epoch")
+                self._last_step[tid] = max((m.step for m in hist), default=-1)
+                c.update_run(run_id, status="RUNNING")
+            else:
+                cfg = flat_config(trial.config)
+                name = trial_label(cfg, self.spec)
+                run = c.create_run(self._experiment_id, run_name=f"{name} [{tid}]", tags={
+                    "mlflow.parentRunId": self._parent_id, TRIAL_TAG: tid, ROLE_TAG: "trial",
+                    "otstudy.seed": str(cfg.get("seed"))})
+                run_id = run.info.run_id
+                c.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in sorted(cfg.items())])
+                self._last_step[tid] = -1
+            return run_id
+
+        run_id = self._guard(f"create run for trial {tid}", find_or_create)
+        if run_id:
+            self._runs[tid] = run_id
+        return run_id
+
+    # ------------------------------------------------------------------ Tune hooks
+    def setup(self, **info):
+        self._ensure()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_for(trial)
+        if run_id is None:
+            return
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        if step <= self._last_step.get(trial.trial_id, -1):
+            return  # already logged by an earlier driver before a resume
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), ts, step) for k, v in result.items()
+                   if k not in RAY_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(float(v))]
+        self._guard(f"log metrics of trial {trial.trial_id}", self._client.log_batch, run_id, metrics=metrics)
+        self._last_step[trial.trial_id] = step  # a failed batch is not retried: training goes on
+
+    def _finish(self, trial, status: str, outcome: str, error: str = ""):
+        run_id = self._run_for(trial)
+        if run_id is None:
+            return
+
+        def do():
+            self._client.set_tag(run_id, "otstudy.status", outcome)
+            if error:
+                self._client.set_tag(run_id, "otstudy.error", error[:4000])
+            self._client.set_terminated(run_id, status=status)
+            return True
+
+        self._guard(f"finish trial {trial.trial_id}", do)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        outcome = "completed" if last.get("final") else "pruned"
+        self._finish(trial, "FINISHED" if outcome == "completed" else "KILLED", outcome)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, "FAILED", "failed", error=error_summary(trial))
+
+    def on_experiment_end(self, trials, **info):
+        if self._ensure():
+            done = all(t.status in ("TERMINATED", "ERROR") for t in trials)
+            self._guard("finish study run", self._client.set_terminated, self._parent_id,
+                        status="FINISHED" if done else "KILLED")
+
+
+def flat_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The trial's flat config: a grid ``__case__`` dict merged in, Ray's private keys dropped."""
+    out = {k: v for k, v in config.items() if not k.startswith("__")}
+    out.update(config.get("__case__") or {})
+    return out
+
+
+def error_summary(trial) -> str:
+    """The last line of a failed trial's error (e.g. 'TrialDiverged: train_loss became nan ...')."""
+    msg = getattr(trial, "error_msg", None)
+    if not msg:
+        path = getattr(trial, "error_file", None)
+        try:
+            msg = Path(path).read_text() if path else ""
+        except OSError:
+            msg = ""
+    lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def trial_label(config: Dict[str, Any], spec: Dict[str, Any]) -> str:
+    """A short human label: the swept knobs and the seed, e.g. 'beta=0.4 seed=1'."""
+    keys = list((spec.get("search") or {}).keys())
+    parts = []
+    for k in keys:
+        if k == "cases":
+            continue
+        if k in config:
+            parts.append(f"{k}={config[k]}")
+    for case in (spec.get("search") or {}).get("cases", []):
+        parts += [f"{k}={config[k]}" for k in case if k in config and f"{k}={config[k]}" not in parts]
+    if "method" in config and isinstance(spec.get("method"), list) and f"method={config['method']}" not in parts:
+        parts.insert(0, f"method={config['method']}")
+    parts.append(f"seed={config.get('seed')}")
+    return " ".join(parts)
+
+
+class Progress(Callback):
+    """One line per finished trial and a heartbeat every ``every_s`` seconds (Ray's tables are off)."""
+
+    def __init__(self, n_trials: int, metric: str, mode: str, spec: Dict[str, Any], every_s: float = 30.0):
+        self.n_trials, self.metric, self.mode, self.spec, self.every_s = n_trials, metric, mode, spec, every_s
+        self._t0 = time.time()
+        self._last = 0.0
+
+    def _finished(self, trials, current=None) -> int:
+        # Tune calls the hooks before it updates the current trial's status
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        return done + (current is not None and current.status not in ("TERMINATED", "ERROR"))
+
+    def _line(self, msg: str) -> None:
+        print(f"[otstudy {time.time() - self._t0:6.0f}s] {msg}", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if time.time() - self._last < self.every_s:
+            return
+        self._last = time.time()
+        vals = [t.last_result.get(self.metric) for t in trials if t.last_result and self.metric in t.last_result]
+        best = (max(vals) if self.mode == "max" else min(vals)) if vals else float("nan")
+        running = sum(t.status == "RUNNING" for t in trials)
+        self._line(f"{running} running, {self._finished(trials)}/{self.n_trials} finished, "
+                   f"best {self.metric} so far {best:.4f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        outcome = "completed" if r.get("final") else f"pruned at epoch {r.get('epoch')}"
+        extra = f", test_linear_acc={r['test_linear_acc']:.4f}" if "test_linear_acc" in r else ""
+        self._line(f"{trial_label(flat_config(trial.config), self.spec)}: {outcome}, "
+                   f"{self.metric}={r.get(self.metric, float('nan')):.4f}{extra} "
+                   f"({self._finished(trials, trial)}/{self.n_trials} finished)")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(f"{trial_label(flat_config(trial.config), self.spec)}: FAILED: {error_summary(trial)} "
+                   f"({self._finished(trials, trial)}/{self.n_trials} finished)")
