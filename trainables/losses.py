@@ -159,10 +159,10 @@ def feature_cost(x: Tensor, y: Tensor, *, ot_cost: str = "cosine", normalise: bo
     """Cost between two feature clouds, shape (N, M).
 
     ``cosine``: 1 - cos(x_i, y_j) in [0, 2]; ``sqeuclidean``: ||x_i - y_j||^2.
-    ``normalise`` divides by the (detached) maximum entry so the cost lies in
-    [0, 1] whatever the feature scale, which keeps ``eps`` meaningful across
-    encoders (SinSim's "cost normalised"). The maximum is detached: it is a
-    scale, not something to optimise.
+    ``normalise`` divides by the maximum entry so the cost lies in [0, 1]
+    whatever the feature scale, which keeps ``eps`` meaningful across encoders
+    (SinSim's "cost normalised"). The maximum is part of the function and is
+    differentiated (a.e.), so the gradient is the true gradient of the loss.
     """
     if ot_cost == "cosine":
         cost = 1.0 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).T  # (N, M)
@@ -171,7 +171,7 @@ def feature_cost(x: Tensor, y: Tensor, *, ot_cost: str = "cosine", normalise: bo
     else:
         raise ValueError(f"ot_cost must be 'cosine' or 'sqeuclidean', got {ot_cost!r}")
     if normalise:
-        cost = cost / cost.detach().max().clamp_min(1e-12)
+        cost = cost / cost.max().clamp_min(1e-12)
     return cost
 
 
@@ -212,7 +212,7 @@ def sinsim(h1, h2, z1, z2, *, tau: float = 0.5, beta: float = 0.8, eps: float = 
             raw = torch.stack([feature_cost(h1, h2, ot_cost=ot_cost, normalise=False),
                                feature_cost(h1, h1, ot_cost=ot_cost, normalise=False),
                                feature_cost(h2, h2, ot_cost=ot_cost, normalise=False)])  # (3, N, N)
-            cost = raw / raw[0].detach().max().clamp_min(1e-12)
+            cost = raw / raw[0].max().clamp_min(1e-12)
         res, ms = _timed_solve(cost=cost, eps=eps, n_iters=sinkhorn_iters, grad=ot_grad)
         w = res.objective() if ot_grad == "implicit" else res.transport_cost()  # () or (3,)
         ot_term = w if ot_value == "cost" else w[0] - 0.5 * (w[1] + w[2])
@@ -286,11 +286,12 @@ def gca_rince(h1, h2, z1, z2, *, eps: float = 0.5, sinkhorn_iters: int = 5,
         raise ValueError(f"rince_lam must be > 0, got {rince_lam}")
     n = z1.shape[0]
     res, ms = _gca_plan(z1, z2, eps=eps, sinkhorn_iters=sinkhorn_iters)
-    s = 2 * n * res.plan  # (2N, 2N)
-    rows = torch.arange(2 * n, device=s.device)
-    s_pos = s[rows, _positive_index(n, s.device)]  # (2N,)
-    s_all = s.sum(1)  # (2N,) positives + negatives
-    per_row = -(s_pos ** rince_q) / rince_q + (rince_lam * s_all) ** rince_q / rince_q
+    # in logs: s^q = exp(q log s) keeps the gradient finite where the plan underflows to 0
+    log_s = res.log_plan() + math.log(2 * n)  # (2N, 2N), log of s = 2N P
+    rows = torch.arange(2 * n, device=log_s.device)
+    log_pos = log_s[rows, _positive_index(n, log_s.device)]  # (2N,)
+    log_all = torch.logsumexp(log_s, dim=1)  # (2N,) log(s+ + sum s-)
+    per_row = (-torch.exp(rince_q * log_pos) + torch.exp(rince_q * (math.log(rince_lam) + log_all))) / rince_q
     loss = per_row.mean()
     return LossOutput(loss, {"rince": float(loss.detach()), **_ot_parts(res, ms)})
 
@@ -474,4 +475,5 @@ def method_knobs(method: str, config: Dict[str, object]) -> Dict[str, object]:
 def compute_loss(method: str, h1: Tensor, h2: Tensor, z1: Tensor, z2: Tensor,
                  config: Dict[str, object]) -> LossOutput:
     """Dispatch to ``METHODS[method]`` with the knobs taken from a flat config."""
-    return METHODS[method].fn(h1, h2, z1, z2, **method_knobs(method, config))
+    knobs = method_knobs(method, config)
+    return METHODS[method].fn(h1, h2, z1, z2, **knobs)

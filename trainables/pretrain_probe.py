@@ -129,7 +129,7 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
             z1, z2 = z.chunk(2)
             out = compute_loss(cfg.method, h1, h2, z1, z2, cfg.to_dict())
             if not torch.isfinite(out.loss):
-                raise TrialDiverged(f"train_loss became {float(out.loss)} at epoch {epoch + 1}, step {s + 1} "
+                raise TrialDiverged(f"train_loss became {float(out.loss.detach())} at epoch {epoch + 1}, step {s + 1} "
                                     f"(method={cfg.method}, lr={cfg.lr})")
             opt.zero_grad(set_to_none=True)
             out.loss.backward()

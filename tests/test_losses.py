@@ -1,0 +1,224 @@
+"""Every loss: references written from the papers, identities between them, gradients."""
+import math
+
+import numpy as np
+import ot as pot
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainables import losses as L
+from trainables.ot import sinkhorn
+
+
+def views(n=8, d=6, dh=10, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, k, generator=g, dtype=dtype) for k in (dh, dh, d, d)]
+
+
+def nt_xent_naive(z1, z2, tau):
+    """SimCLR's loss, Algorithm 1 of Chen et al. 2020, written as loops."""
+    z = torch.cat([z1, z2])
+    n2 = z.shape[0]
+    n = n2 // 2
+
+    def sim(u, v):
+        return float(u @ v / (u.norm() * v.norm()))
+
+    total = 0.0
+    for i in range(n2):
+        j = (i + n) % n2
+        denom = sum(math.exp(sim(z[i], z[k]) / tau) for k in range(n2) if k != i)
+        total += -math.log(math.exp(sim(z[i], z[j]) / tau) / denom)
+    return total / n2
+
+
+@pytest.mark.parametrize("tau", [0.07, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("n", [2, 5, 16])
+def test_nt_xent_equals_naive_loop(tau, n):
+    _, _, z1, z2 = views(n=n, seed=n)
+    assert L.nt_xent(z1, z2, tau=tau).item() == pytest.approx(nt_xent_naive(z1, z2, tau), rel=1e-10)
+
+
+@pytest.mark.parametrize("n", [2, 4, 32])
+def test_collapsed_embeddings_give_log_2n_minus_1(n):
+    z = torch.ones(n, 4, dtype=torch.float64)
+    assert L.nt_xent(z, z, tau=0.3).item() == pytest.approx(math.log(2 * n - 1), rel=1e-12)
+
+
+def test_nt_xent_symmetric_in_views():
+    _, _, z1, z2 = views()
+    assert L.nt_xent(z1, z2, tau=0.3).item() == pytest.approx(L.nt_xent(z2, z1, tau=0.3).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.5])
+def test_iot_cl_under_ua_equals_simclr(eps):
+    h1, h2, z1, z2 = views(seed=1)
+    iot = L.iot_cl(h1, h2, z1, z2, eps=eps, relaxation="Ua").loss
+    assert iot.item() == pytest.approx(L.nt_xent(z1, z2, tau=eps).item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.5])
+def test_gca_with_one_row_projection_equals_infonce(eps):
+    h1, h2, z1, z2 = views(seed=2)
+    gca = L.gca_ince(h1, h2, z1, z2, eps=eps, sinkhorn_iters=1).loss
+    assert gca.item() == pytest.approx(L.nt_xent(z1, z2, tau=eps).item(), rel=1e-10)
+
+
+def test_sinsim_with_beta_zero_equals_simclr():
+    h1, h2, z1, z2 = views(seed=3)
+    s = L.sinsim(h1, h2, z1, z2, beta=0.0, tau=0.3).loss
+    assert s.item() == L.simclr(h1, h2, z1, z2, tau=0.3).loss.item()
+
+
+def test_sinsim_ot_term_is_the_sinkhorn_plan_cost_and_matches_pot():
+    h1, h2, z1, z2 = views(n=12, seed=4)
+    out = L.sinsim(h1, h2, z1, z2, beta=0.8, tau=0.5, eps=0.05, sinkhorn_iters=2000)
+    cost = L.feature_cost(h1, h2)
+    plan = pot.sinkhorn(np.full(12, 1 / 12), np.full(12, 1 / 12), cost.numpy(), 0.05, numItermax=100000,
+                        stopThr=1e-13)
+    expected_ot = float((plan * cost.numpy()).sum())
+    assert out.parts["ot_loss"] == pytest.approx(expected_ot, rel=1e-6)
+    assert out.loss.item() == pytest.approx(L.nt_xent(z1, z2, tau=0.5).item() + 0.8 * expected_ot, rel=1e-6)
+    # the plan, not the Gibbs kernel, is what enters the loss: the public script's value differs
+    gibbs = L.sinsim_gibbs_kernel(h1, h2, z1, z2, beta=0.8, eps=0.05).parts["ot_loss"]
+    assert abs(gibbs - expected_ot) > 1e-3
+
+
+def test_sinsim_debiased_divergence_is_zero_for_identical_clouds():
+    h1, _, z1, z2 = views(seed=5)
+    out = L.sinsim(h1, h1.clone(), z1, z2, beta=1.0, ot_value="divergence", sinkhorn_iters=200)
+    assert abs(out.parts["ot_loss"]) < 1e-10
+
+
+def test_sinsim_beta_changes_the_encoder_gradient():
+    h1, h2, z1, z2 = [t.requires_grad_(True) for t in views(seed=6)]
+    L.sinsim(h1, h2, z1, z2, beta=1.0).loss.backward()
+    assert h1.grad is not None and h1.grad.abs().sum() > 0  # OT acts on encoder features h
+
+
+def test_iot_cl_uab_converges_to_both_marginals_and_u1_sums_to_one():
+    _, _, z1, z2 = views(n=6, seed=7)
+    cost = L.contrastive_cost(z1, z2)
+    plan = sinkhorn(cost, eps=0.5, n_iters=500).plan
+    assert torch.allclose(plan.sum(1), torch.full((12,), 1 / 12, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(plan.sum(0), torch.full((12,), 1 / 12, dtype=torch.float64), atol=1e-10)
+    from trainables.ot import coupling_u1
+    p1 = coupling_u1(cost, eps=0.5).exp()
+    assert p1.sum().item() == pytest.approx(1.0, abs=1e-12)
+    assert torch.all(p1.diagonal() == 0)
+
+
+def test_iot_cl_uab_equals_algorithm_1():
+    """Algorithm 1 of Shi et al. (row then column normalisation, K rounds) as written in the paper."""
+    _, _, z1, z2 = views(n=5, seed=8)
+    eps, k = 0.5, 3
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    cost = 1 - z @ z.T
+    probs = torch.exp(-cost / eps) * (1 - torch.eye(10, dtype=torch.float64))
+    for _ in range(k):
+        probs = probs / probs.sum(1, keepdim=True)
+        probs = probs / probs.sum(0, keepdim=True)
+    pos = torch.cat([torch.diagonal(probs, 5), torch.diagonal(probs, -5)])
+    # Algorithm 1 returns -sum log(prob+)/2N on a doubly-stochastic-scaled matrix (each column sums to 1,
+    # i.e. 2N times our plan); KL(P~|P) removes that log(2N) offset
+    alg1 = -torch.log(pos).sum() / 10
+    ours = L.iot_cl(None, None, z1, z2, eps=eps, relaxation="Uab", sinkhorn_iters=k).loss
+    assert ours.item() == pytest.approx(alg1.item(), rel=1e-10)
+
+
+def test_iot_cl_uniformity_penalty_by_hand():
+    _, _, z1, z2 = views(n=4, seed=9)
+    out = L.iot_cl(None, None, z1, z2, eps=0.5, relaxation="Ua", lambda_p=2.0)
+    logp = L.contrastive_cost(z1, z2)
+    p = torch.softmax(-logp / 0.5, dim=1) / 8
+    neg = ~torch.eye(8, dtype=torch.bool)
+    idx = torch.arange(8)
+    neg[idx, (idx + 4) % 8] = False
+    m = p[neg].mean()
+    q = torch.where(neg, m, p)
+    q.fill_diagonal_(0)
+    allowed = ~torch.eye(8, dtype=torch.bool)
+    kl = (q[allowed] * torch.log(q[allowed] / p[allowed])).sum()
+    assert out.parts["iot_uniform"] == pytest.approx(kl.item(), rel=1e-10)
+    assert out.loss.item() == pytest.approx(out.parts["iot_align"] + 2.0 * kl.item(), rel=1e-10)
+
+
+def test_gca_rince_with_q_one_is_linear_in_the_plan():
+    _, _, z1, z2 = views(n=4, seed=10)
+    out = L.gca_rince(None, None, z1, z2, eps=0.5, sinkhorn_iters=1, rince_q=1.0, rince_lam=0.1)
+    p = torch.softmax(-L.contrastive_cost(z1, z2) / 0.5, dim=1)  # row-normalised, s = 2N P
+    idx = torch.arange(8)
+    s_pos = p[idx, (idx + 4) % 8]
+    expected = (-s_pos + 0.1 * p.sum(1)).mean()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+def test_gca_uot_tends_to_balanced_gca_for_large_lambdas():
+    h1, h2, z1, z2 = views(seed=11)
+    bal = L.gca_ince(h1, h2, z1, z2, eps=0.5, sinkhorn_iters=200).loss
+    uot = L.gca_uot(h1, h2, z1, z2, eps=0.5, sinkhorn_iters=200, uot_lambda1=1e6, uot_lambda2=1e6).loss
+    assert uot.item() == pytest.approx(bal.item(), rel=1e-4)
+
+
+def test_domain_target_has_unit_mass_and_weights():
+    tgt = L._positive_target(3, torch.zeros(1, dtype=torch.float64), torch.tensor([0, 0, 1]), 0.5, 0.1)
+    assert tgt.sum().item() == pytest.approx(1.0)
+    assert tgt[0, 3] > tgt[0, 1] > tgt[0, 2] > 0 and tgt[0, 0] == 0
+
+
+def test_barlow_twins_and_vicreg_closed_forms():
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(64, 8, generator=g, dtype=torch.float64))
+    z = (q - q.mean(0)) * 8.0  # centred, mutually orthogonal columns
+    bt = L.barlow_twins(None, None, z, z.clone())
+    assert bt.parts["bt_on_diag"] < 1e-2  # identical, whitened-ish views: c_ii ~ 1
+    vic = L.vicreg(None, None, z, z.clone())
+    assert vic.parts["vic_inv"] == 0.0
+    collapsed = torch.ones(16, 8, dtype=torch.float64)
+    v = L.vicreg(None, None, collapsed, collapsed)
+    assert v.parts["vic_var"] == pytest.approx(1.0 - math.sqrt(1e-4), rel=1e-12)  # relu(1 - sqrt(0 + 1e-4))
+
+
+@pytest.mark.parametrize("name", sorted(L.METHODS))
+def test_gradcheck_every_loss_float64(name):
+    h1, h2, z1, z2 = [t.requires_grad_(True) for t in views(n=4, d=3, dh=5, seed=12)]
+    knobs = {"sinkhorn_iters": 3} if "sinkhorn_iters" in L.METHODS[name].knobs else {}
+
+    def f(a, b, c, d):
+        return L.compute_loss(name, a, b, c, d, knobs).loss
+
+    assert torch.autograd.gradcheck(f, (h1, h2, z1, z2), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(L.METHODS))
+@pytest.mark.parametrize("case", ["collapsed", "orthogonal", "tiny_eps"])
+def test_every_loss_finite(name, case):
+    n, d = 8, 16
+    if case == "collapsed":
+        z1 = z2 = torch.ones(n, d)
+        h1 = h2 = torch.ones(n, 2 * d)
+    elif case == "orthogonal":
+        z1 = z2 = torch.eye(d)[:n]
+        h1 = h2 = torch.eye(2 * d)[:n]
+    else:
+        h1, h2, z1, z2 = views(n=n, d=d, dh=2 * d, seed=13, dtype=torch.float32)
+    knobs = {"eps": 1e-3} if ("eps" in L.METHODS[name].knobs and case == "tiny_eps") else {}
+    tensors = [t.clone().requires_grad_(True) for t in (h1, h2, z1, z2)]
+    out = L.compute_loss(name, *tensors, knobs)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    for t in tensors:
+        assert t.grad is None or torch.isfinite(t.grad).all()
+
+
+def test_unknown_method_and_bad_knobs():
+    h1, h2, z1, z2 = views()
+    with pytest.raises(ValueError, match="unknown method 'simclr2'"):
+        L.compute_loss("simclr2", h1, h2, z1, z2, {})
+    with pytest.raises(ValueError, match="relaxation must be one of"):
+        L.iot_cl(h1, h2, z1, z2, relaxation="U2")
+    with pytest.raises(ValueError, match=r"z1 and z2 must both have shape"):
+        L.simclr(h1, h2, z1, z2[:3])
+    with pytest.raises(ValueError, match="N >= 2"):
+        L.simclr(h1, h2, z1[:1], z2[:1])

@@ -1,0 +1,196 @@
+"""trainables.ot against POT, the marginals, masking, stability and gradients."""
+import math
+import warnings
+
+import numpy as np
+import ot as pot
+import pytest
+import torch
+
+from trainables.ot import (SinkhornNotConvergedWarning, coupling_u1, coupling_ua, sinkhorn)
+
+
+def random_cost(n, m, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g, dtype=dtype)
+    y = torch.randn(m, 5, generator=g, dtype=dtype) + 0.3
+    c = torch.cdist(x, y) ** 2
+    return c / c.max()
+
+
+def rel_err(p, q):
+    return float(np.abs(p - q).max() / np.abs(q).max())
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.05, 0.5])
+@pytest.mark.parametrize("n,m", [(8, 8), (33, 20), (64, 64)])
+@pytest.mark.parametrize("domain", ["kernel", "log"])
+def test_balanced_plan_equals_pot(eps, n, m, domain):
+    cost = random_cost(n, m, seed=n + m)
+    a, b = np.full(n, 1 / n), np.full(m, 1 / m)
+    ref = pot.sinkhorn(a, b, cost.numpy(), eps, numItermax=200000, stopThr=1e-13)
+    res = sinkhorn(cost, eps=eps, n_iters=200000, tol=1e-13, domain=domain, warn=False)
+    assert res.domain == domain
+    assert rel_err(res.plan.numpy(), ref) < 1e-5
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.05, 0.5])
+@pytest.mark.parametrize("lams", [(1.0, 0.5), (0.1, 10.0), (math.inf, 0.5)])
+@pytest.mark.parametrize("domain", ["kernel", "log"])
+def test_unbalanced_plan_equals_pot(eps, lams, domain):
+    cost = random_cost(30, 25, seed=3) + 2.0  # a cost offset matters for UOT: exercises the shift fix
+    a, b = np.full(30, 1 / 30), np.full(25, 1 / 25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # POT warns that reg_type='entropy' ignores its c argument
+        ref = pot.unbalanced.sinkhorn_unbalanced(a, b, cost.numpy(), eps, lams, reg_type="entropy",
+                                                 numItermax=200000, stopThr=1e-14)
+    res = sinkhorn(cost, eps=eps, n_iters=200000, tol=1e-13, domain=domain, uot_lambda1=lams[0],
+                   uot_lambda2=lams[1], warn=False)
+    assert rel_err(res.plan.numpy(), ref) < 1e-5
+
+
+def test_custom_marginals_are_met():
+    cost = random_cost(20, 30, seed=1)
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(20, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(30, generator=g, dtype=torch.float64) + 0.1
+    a, b = a / a.sum(), b / b.sum()
+    res = sinkhorn(cost, eps=0.05, n_iters=5000, a=a, b=b, tol=1e-12)
+    assert torch.allclose(res.plan.sum(1), a, atol=1e-10)
+    assert torch.allclose(res.plan.sum(0), b, atol=1e-10)
+    assert res.marginal_error < 1e-12
+
+
+def test_batched_problems_equal_separate_solves():
+    costs = torch.stack([random_cost(12, 12, seed=s) for s in range(3)])  # (3, 12, 12)
+    batched = sinkhorn(costs, eps=0.1, n_iters=50)
+    for i in range(3):
+        single = sinkhorn(costs[i], eps=0.1, n_iters=50)
+        assert torch.allclose(batched.plan[i], single.plan, atol=1e-12)
+
+
+def test_masked_pairs_get_exactly_zero_mass():
+    n = 10
+    cost = random_cost(n, n, seed=2)
+    mask = ~torch.eye(n, dtype=torch.bool)
+    for domain in ("kernel", "log"):
+        res = sinkhorn(cost, eps=0.05, n_iters=500, mask=mask, domain=domain)
+        assert torch.all(res.plan.diagonal() == 0.0)
+        assert torch.allclose(res.plan.sum(1), torch.full((n,), 1 / n, dtype=torch.float64), atol=1e-8)
+    inf_cost = cost.masked_fill(~mask, math.inf)
+    res = sinkhorn(inf_cost, eps=0.05, n_iters=500)
+    assert torch.all(res.plan.diagonal() == 0.0)
+    assert torch.isfinite(res.transport_cost())
+
+
+def test_masked_plan_equals_pot_with_forbidden_entries():
+    # POT has no mask; a zero kernel entry is the same thing: compare on the kernel domain
+    n = 12
+    cost = random_cost(n, n, seed=5)
+    mask = ~torch.eye(n, dtype=torch.bool)
+    res = sinkhorn(cost, eps=0.1, n_iters=100000, mask=mask, tol=1e-13, warn=False)
+    k = np.exp(-cost.numpy() / 0.1) * mask.numpy()
+    u, v = np.ones(n), np.ones(n)
+    for _ in range(100000):
+        u = (1 / n) / (k @ v)
+        v = (1 / n) / (k.T @ u)
+    ref = u[:, None] * k * v[None, :]
+    assert rel_err(res.plan.numpy(), ref) < 1e-6
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-2])
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_stable_for_small_eps_and_large_costs(eps, scale):
+    cost = (random_cost(64, 64, seed=7, dtype=torch.float32) * scale).requires_grad_(True)
+    res = sinkhorn(cost, eps=eps, n_iters=50)
+    assert res.domain == "log"  # exp(-C/eps) would underflow: auto picks the log domain
+    assert torch.isfinite(res.plan).all()
+    value = res.transport_cost()
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(cost.grad).all()
+
+
+def test_auto_picks_kernel_when_safe():
+    res = sinkhorn(random_cost(16, 16, seed=0, dtype=torch.float32), eps=0.5, n_iters=10)
+    assert res.domain == "kernel"
+
+
+@pytest.mark.parametrize("lams", [(None, None), (1.0, 2.0)])
+def test_implicit_gradient_matches_unrolled_at_convergence(lams):
+    cost = random_cost(15, 15, seed=9)
+    grads = {}
+    for mode in ("unrolled", "implicit"):
+        c = cost.clone().requires_grad_(True)
+        res = sinkhorn(c, eps=0.1, n_iters=3000, tol=1e-13, grad=mode, uot_lambda1=lams[0],
+                       uot_lambda2=lams[1], warn=False)
+        res.objective().backward()
+        grads[mode] = c.grad
+    # envelope theorem: d OT_eps / dC = P*
+    assert torch.allclose(grads["implicit"], grads["unrolled"], rtol=1e-6, atol=1e-9)
+    plan = sinkhorn(cost, eps=0.1, n_iters=3000, tol=1e-13, uot_lambda1=lams[0], uot_lambda2=lams[1],
+                    warn=False).plan
+    assert torch.allclose(grads["implicit"], plan, rtol=1e-6, atol=1e-10)
+
+
+def test_implicit_keeps_no_graph_through_iterations():
+    c = random_cost(20, 20, seed=4).requires_grad_(True)
+    res = sinkhorn(c, eps=0.1, n_iters=100, grad="implicit")
+    assert not res.f.requires_grad and not res.g.requires_grad
+    assert res.plan.requires_grad  # one exp((f + g - C)/eps) carries the gradient
+
+
+def test_gradcheck_unrolled_float64():
+    c = random_cost(5, 4, seed=1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: sinkhorn(x, eps=0.2, n_iters=10).transport_cost(), (c,))
+    assert torch.autograd.gradcheck(
+        lambda x: sinkhorn(x, eps=0.2, n_iters=10, uot_lambda1=1.0, uot_lambda2=0.5).objective(), (c,))
+
+
+def test_tol_stops_early_and_warns_when_not_reached():
+    cost = random_cost(30, 30, seed=3)
+    res = sinkhorn(cost, eps=0.5, n_iters=1000, tol=1e-6)
+    assert res.n_iters < 1000 and res.marginal_error < 1e-6
+    with pytest.warns(SinkhornNotConvergedWarning, match="marginal error"):
+        sinkhorn(cost, eps=0.01, n_iters=2, tol=1e-9)
+
+
+def test_projections_count_rows_first():
+    cost = random_cost(10, 10, seed=8)
+    one = sinkhorn(cost, eps=0.1, n_projections=1)
+    assert torch.allclose(one.plan.sum(1), torch.full((10,), 0.1, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(one.plan, coupling_ua(cost, eps=0.1).exp(), atol=1e-12)
+    four = sinkhorn(cost, eps=0.1, n_projections=4)
+    two = sinkhorn(cost, eps=0.1, n_iters=2)
+    assert torch.allclose(four.plan, two.plan)
+
+
+def test_closed_form_couplings():
+    cost = random_cost(7, 9, seed=6)
+    p1 = coupling_u1(cost, eps=0.2).exp()
+    assert torch.isclose(p1.sum(), torch.tensor(1.0, dtype=torch.float64))
+    ref = torch.softmax((-cost / 0.2).flatten(), 0).view(7, 9)
+    assert torch.allclose(p1, ref)
+    pa = coupling_ua(cost, eps=0.2).exp()
+    assert torch.allclose(pa.sum(1), torch.full((7,), 1 / 7, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"eps": 0.0, "n_iters": 5}, "eps must be"),
+    ({"eps": -1.0, "n_iters": 5}, "eps must be"),
+    ({"eps": 0.1}, "exactly one of n_iters"),
+    ({"eps": 0.1, "n_iters": 5, "n_projections": 3}, "exactly one of n_iters"),
+    ({"eps": 0.1, "n_iters": 0}, "n_iters must be"),
+    ({"eps": 0.1, "n_iters": 5, "uot_lambda1": -1.0}, "uot_lambda1 must be > 0"),
+    ({"eps": 0.1, "n_iters": 5, "domain": "fast"}, "domain must be"),
+    ({"eps": 0.1, "n_iters": 5, "grad": "magic"}, "grad must be"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sinkhorn(random_cost(4, 4, seed=0), **kwargs)
+
+
+def test_row_without_allowed_entry_is_an_error():
+    cost = random_cost(3, 3, seed=0)
+    cost[1, :] = math.inf
+    with pytest.raises(ValueError, match="at least one allowed"):
+        sinkhorn(cost, eps=0.1, n_iters=3)
