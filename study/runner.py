@@ -94,8 +94,7 @@ def _search(spec: Spec):
 
     space: Dict[str, Any] = {**spec.fixed, "dataset": spec.dataset}
     if spec.sampler == "grid":
-        case_methods = any("method" in c for c in spec.cases)
-        if len(spec.methods) > 1 and not case_methods:
+        if len(spec.methods) > 1 and not spec.cases_set_method:
             space["method"] = tune.grid_search(spec.methods)
         else:
             space["method"] = spec.methods[0]

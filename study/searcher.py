@@ -8,16 +8,14 @@ Two fixes over the stock integration:
 * :class:`SeedRepeater` runs each suggested configuration once per seed and
   tells the inner searcher the mean over seeds only when every seed has
   finished; a configuration with any pruned seed is pruned, any failed seed
-  fails it. Unlike Ray's ``Repeater``, its own bookkeeping is saved with the
-  experiment, so a resumed study keeps its groups.
+  fails it. Its bookkeeping is saved with the experiment (get_state), so a
+  resumed study keeps its groups; a seed that only finishes after a resume
+  still completes its group.
 """
 from __future__ import annotations
 
 import copy
 import math
-import os
-import pickle
-import tempfile
 from typing import Dict, List, Optional
 
 from ray.tune.search import Searcher
@@ -86,22 +84,17 @@ class SeedRepeater(Searcher):
             else:
                 self.searcher.on_trial_complete(gid, result={self.metric: mean, FINAL_KEY: 1.0})
 
-    def save(self, checkpoint_path: str) -> None:
-        with tempfile.TemporaryDirectory() as d:
-            inner_path = os.path.join(d, "inner.pkl")
-            self.searcher.save(inner_path)
-            with open(inner_path, "rb") as f:
-                inner = f.read()
+    # Tune saves a wrapper's own state with get_state() next to the base searcher's
+    # save_to_dir(), and restores both: the seed groups survive a resume.
+    def get_state(self) -> Dict:
         state = {k: v for k, v in self.__dict__.items() if k != "searcher"}
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump({"state": state, "inner": inner}, f)
+        return copy.deepcopy(state)
+
+    def set_state(self, state: Dict) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            saved = pickle.load(f)
-        with tempfile.TemporaryDirectory() as d:
-            inner_path = os.path.join(d, "inner.pkl")
-            with open(inner_path, "wb") as f:
-                f.write(saved["inner"])
-            self.searcher.restore(inner_path)
-        self.__dict__.update(saved["state"])
+        self.searcher.restore(checkpoint_path)

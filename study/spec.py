@@ -70,7 +70,11 @@ class Spec:
     @property
     def grid_knobs(self) -> Dict[str, List[Any]]:
         return {k: list(v["grid"] if "grid" in v else v["choices"])
-                for k, v in self.search.items() if k != "cases"}
+                for k, v in self.search.items() if k != "cases" and ("grid" in v or "choices" in v)}
+
+    @property
+    def cases_set_method(self) -> bool:
+        return any("method" in c for c in self.cases)
 
     @property
     def cases(self) -> List[Dict[str, Any]]:
@@ -88,7 +92,7 @@ class Spec:
 
     def n_configs(self) -> int:
         if self.sampler == "grid":
-            n = len(self.methods) * max(1, len(self.cases))
+            n = (1 if self.cases_set_method else len(self.methods)) * max(1, len(self.cases))
             for values in self.grid_knobs.values():
                 n *= len(values)
             return n

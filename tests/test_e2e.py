@@ -1,0 +1,94 @@
+"""End to end: `otstudy run --smoke-test`, export, MLflow, report, resume; Ray in a subprocess."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+OTSTUDY = str(Path(sys.executable).parent / "otstudy")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def otstudy(*args, timeout=600):
+    proc = subprocess.run([OTSTUDY, *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"otstudy {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def mlflow_runs(study: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(study.name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return client, [r for r in runs if r.data.tags.get("otstudy.role") == "trial"], \
+        [r for r in runs if r.data.tags.get("otstudy.role") == "study"]
+
+
+def result_lines(study: Path):
+    return {p.parent.name: len(p.read_text().splitlines()) for p in (study / "ray").glob("trial_*/result.json")}
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("studies")
+    otstudy("run", "--preset", "sinsim_beta", "--smoke-test", "--storage", str(storage))
+    return storage / "sinsim_beta"
+
+
+def test_smoke_study_exports_one_row_per_trial(smoke_study):
+    meta = json.loads((smoke_study / "study.json").read_text())
+    res = pd.read_parquet(smoke_study / "results.parquet")
+    hist = pd.read_parquet(smoke_study / "history.parquet")
+    assert meta["n_trials"] == 4 and len(res) == 4
+    assert (res["status"] == "completed").all()
+    assert sorted(zip(res["beta"], res["seed"])) == [(0.0, 0), (0.0, 1), (0.4, 0), (0.4, 1)]
+    for col in ("linear_acc", "test_linear_acc", "knn_acc"):
+        assert res[col].map(math.isfinite).all() and res[col].between(0, 1).all()
+    assert len(hist) == 4 * 3 and set(hist.groupby("trial_id")["epoch"].max()) == {3}
+    assert (res.loc[res["beta"] > 0, "med_ot_time_ms"] > 0).all()
+
+
+def test_mlflow_has_one_parent_and_one_child_run_per_trial(smoke_study):
+    client, trials, parents = mlflow_runs(smoke_study)
+    assert len(parents) == 1 and len(trials) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
+    for r in trials:
+        assert r.info.status == "FINISHED" and r.data.tags["otstudy.status"] == "completed"
+        assert r.data.params["method"] == "sinsim" and "beta" in r.data.params
+        hist = client.get_metric_history(r.info.run_id, "knn_acc")
+        assert sorted(m.step for m in hist) == [1, 2, 3]  # per-epoch metrics, epoch as step
+        assert "test_linear_acc" in r.data.metrics
+
+
+def test_report_writes_plot_table_and_page(smoke_study):
+    otstudy("report", str(smoke_study))
+    rep = smoke_study / "report"
+    png = rep / "sensitivity_beta.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
+    assert (rep / "sensitivity_beta.pdf").stat().st_size > 1000
+    over = pd.read_csv(rep / "overhead.csv")
+    assert set(over["beta"]) == {0.0, 0.4}
+    assert over.loc[over["beta"] == 0.0, "med_step_time_ms_ratio"].iloc[0] == pytest.approx(1.0)
+    page = (rep / "index.html").read_text()
+    assert "sensitivity_beta.png" in page and "Overhead" in page and "4 completed" in page
+
+
+def test_resume_of_a_finished_study_reruns_nothing(smoke_study):
+    before = result_lines(smoke_study)
+    otstudy("resume", str(smoke_study))
+    assert result_lines(smoke_study) == before
+    _, trials, parents = mlflow_runs(smoke_study)
+    assert len(trials) == 4 and len(parents) == 1
+
+
+def test_tpe_study_repeats_each_configuration_per_seed(tmp_path):
+    otstudy("run", "--preset", "sinsim_eps_tpe", "--smoke-test", "--storage", str(tmp_path))
+    res = pd.read_parquet(tmp_path / "sinsim_eps_tpe" / "results.parquet")
+    assert len(res) == 4 and (res["status"] == "completed").all()
+    groups = res.groupby(["beta", "eps"])["seed"].apply(sorted).tolist()
+    assert groups == [[0, 1], [0, 1]]  # 2 sampled configurations, each with both seeds

@@ -1,0 +1,203 @@
+"""Spec validation and CLI input errors: one line per problem, exit 2, nothing created."""
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from search_spaces.presets import PRESETS, get_preset
+from search_spaces.spaces import DefineByRun
+from study.cli import main
+from study.spec import SpecError, load_spec_file, parse_spec
+
+GOOD = {
+    "name": "t",
+    "method": "sinsim",
+    "dataset": "digits",
+    "fixed": {"epochs": 2, "batch_size": 64, "eps": 0.05, "sinkhorn_iters": 40},
+    "search": {"beta": {"grid": [0.0, 0.4, 0.8, 1.2]}},
+    "sampler": "grid",
+    "seeds": [0, 1, 2],
+    "metric": "knn_acc",
+    "mode": "max",
+    "resources": {"cpu": 1, "gpu": 0.5},
+    "max_concurrent": 2,
+}
+
+
+def with_(**changes):
+    d = copy.deepcopy(GOOD)
+    for k, v in changes.items():
+        if v is None:
+            d.pop(k, None)
+        else:
+            d[k] = v
+    return d
+
+
+def test_good_spec_counts_trials():
+    spec = parse_spec(GOOD)
+    assert spec.n_configs() == 4 and spec.n_trials() == 12
+    assert spec.resources == {"cpu": 1, "gpu": 0.5}
+
+
+def test_issue_example_spec_parses():
+    raw = yaml.safe_load("""
+name: sinsim-beta-cifar10
+method: sinsim
+dataset: digits
+fixed: {epochs: 500, batch_size: 512, eps: 0.05, sinkhorn_iters: 40}
+search:
+  beta: {grid: [0.0, 0.4, 0.8, 1.2]}
+  eps: {low: 0.01, high: 1.0, log: true}
+sampler: tpe
+num_samples: 16
+seeds: [0, 1, 2]
+scheduler: {type: asha, grace_period: 10}
+metric: knn_acc
+mode: max
+resources: {cpu: 4, gpu: 0.5}
+max_concurrent: 8
+""")
+    spec = parse_spec(raw)
+    assert spec.n_trials() == 48 and spec.scheduler["type"] == "asha"
+
+
+BAD = [
+    (with_(method="simclr2"), "method: unknown method 'simclr2'"),
+    (with_(method=None), "method: required"),
+    (with_(dataset="imagenet"), "dataset: unknown dataset 'imagenet'"),
+    (with_(fixed={"eps": -0.05}), "fixed: eps=-0.05: must be > 0"),
+    (with_(search={"eps": {"grid": [0.05, -1.0]}}), "search.eps.grid[1]: eps=-1.0: must be > 0"),
+    (with_(fixed={"uot_lambda1": 1.0}), "fixed.uot_lambda1: only used by gca_uot; this study runs sinsim"),
+    (with_(search={"lambda_p": {"grid": [0.1]}}), "search.lambda_p: only used by iot_cl"),
+    (with_(fixed={"batch_size": 4096}), "batch_size: 4096 is larger than the digits training split (1212 images)"),
+    (with_(sampler="bayes"), "sampler: 'bayes' is not a sampler (allowed: grid, random, tpe)"),
+    (with_(search={"eps": {"low": 0.01, "high": 1.0}}), "search.eps: a range needs sampler random or tpe"),
+    (with_(search={"eps": {"low": 0.0, "high": 1.0, "log": True}}, sampler="tpe"), "search.eps: a log range needs low > 0"),
+    (with_(search={"eps": {"low": 1.0, "high": 0.1}}, sampler="tpe"), "search.eps: low and high must be numbers with low < high"),
+    (with_(seeds="zero"), "seeds: must be a non-empty list of integers"),
+    (with_(seeds=[0, 0]), "seeds: contains duplicates"),
+    (with_(metric="accuracy"), "metric: 'accuracy' is not reported by the trainable"),
+    (with_(mode="maximize"), "mode: must be 'max' or 'min'"),
+    (with_(resources={"cpu": 0, "gpu": 1}), "resources.cpu: must be a number > 0"),
+    (with_(resources={"cpu": 1, "tpu": 1}), "resources.tpu: unknown resource"),
+    (with_(scheduler={"type": "hyperband"}), "scheduler.type: 'hyperband' is not a scheduler"),
+    (with_(scheduler={"type": "asha", "grace_period": 0}), "scheduler.grace_period: must be an integer >= 1"),
+    (with_(scheduler={"type": "asha"}, metric="test_linear_acc"), "metric: ASHA prunes on a per-epoch metric"),
+    (with_(storage="ftp://host/studies"), "storage: unsupported URI scheme 'ftp'"),
+    (with_(mlflow_uri="mlruns"), "mlflow_uri: 'mlruns' is not a tracking URI"),
+    (with_(fixed={"epochs": "ten"}), "fixed: epochs must be int"),
+    (with_(fixed={"seed": 1}), "fixed.seed: use the top-level 'seeds' list"),
+    (with_(fixed={"learning_rate": 0.1}), "fixed.learning_rate: unknown config key"),
+    (with_(name="my study!"), "name: must be a non-empty string"),
+    (with_(max_concurrent=0), "max_concurrent: must be an integer >= 1"),
+    (with_(colour="blue"), "colour: unknown field"),
+    (with_(search={"beta": [0.1, 0.2]}), "search.beta: must be {grid: [...]}"),
+]
+
+
+@pytest.mark.parametrize("raw,expected", BAD, ids=[e[:40] for _, e in BAD])
+def test_bad_spec_names_the_problem(raw, expected):
+    with pytest.raises(SpecError) as info:
+        parse_spec(raw)
+    assert any(line.startswith(expected) for line in info.value.problems), info.value.problems
+    assert all("\n" not in line for line in info.value.problems)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(SpecError) as info:
+        parse_spec(with_(method="x", mode="up", sampler="y"))
+    assert len(info.value.problems) >= 3
+
+
+@pytest.mark.parametrize("raw,expected", BAD[:12], ids=[e[:40] for _, e in BAD[:12]])
+def test_cli_exits_2_and_creates_nothing(tmp_path, capsys, raw, expected):
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    storage = tmp_path / "studies"
+    code = main(["run", str(spec_file), "--storage", str(storage)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err
+    assert not storage.exists()
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("name: [unclosed\n", "malformed YAML at line"),
+    ("- just\n- a list\n", "a spec must be a YAML mapping"),
+    ("name: x\nmethod: !!python/object/apply:os.system ['echo pwned']\n", "malformed YAML"),
+])
+def test_malformed_yaml_and_code_in_yaml(tmp_path, content, expected):
+    f = tmp_path / "s.yaml"
+    f.write_text(content)
+    with pytest.raises(SpecError) as info:
+        load_spec_file(f)
+    assert expected in info.value.problems[0]
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["run", "--preset", "nope"], "unknown preset 'nope'"),
+    (["run", "/no/such/spec.yaml"], "no such spec file"),
+    (["run"], "give a spec file or --preset NAME"),
+    (["resume", "/tmp"], "is not an otstudy study directory"),
+    (["resume", "/no/such/dir"], "no such study directory"),
+    (["report", "/tmp"], "is not an otstudy study directory"),
+    (["status", "/no/such/dir"], "no such study directory"),
+])
+def test_cli_argument_errors(capsys, argv, expected):
+    assert main(argv) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_report_of_an_empty_study(tmp_path, capsys):
+    d = tmp_path / "empty"
+    d.mkdir()
+    (d / "spec.yaml").write_text(yaml.safe_dump(GOOD))
+    assert main(["report", str(d)]) == 2
+    assert "has no results.parquet" in capsys.readouterr().err
+
+
+def test_existing_study_is_not_overwritten(tmp_path, capsys):
+    d = tmp_path / "sinsim_beta"
+    d.mkdir()
+    (d / "keep.txt").write_text("finished work")
+    assert main(["run", "--preset", "sinsim_beta", "--storage", str(tmp_path)]) == 2
+    assert "already exists; resume it" in capsys.readouterr().err
+    assert (d / "keep.txt").read_text() == "finished work"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_a_valid_spec(name):
+    spec = parse_spec(get_preset(name))
+    assert spec.n_trials() >= 1
+    smoke = spec.smoke()
+    assert smoke.n_trials() <= spec.n_trials() and smoke.fixed["epochs"] <= 3
+
+
+def test_presets_command_lists_each(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in PRESETS)
+
+
+def test_define_by_run_space_is_conditional():
+    import optuna
+
+    space = DefineByRun({"uot_lambda1": {"low": 0.1, "high": 10.0, "log": True},
+                         "lambda_p": {"grid": [0.0, 1.0]}, "eps": {"low": 0.01, "high": 1.0}},
+                        ["gca_uot", "iot_cl"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        space(trial)
+        params = trial.params
+        seen.add(params["method"])
+        if params["method"] == "gca_uot":
+            assert "uot_lambda1" in params and "lambda_p" not in params
+        else:
+            assert "lambda_p" in params and "uot_lambda1" not in params
+        assert "eps" in params
+        study.tell(trial, 0.0)
+    assert seen == {"gca_uot", "iot_cl"}
