@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, get_type_hints
 
 from .data import DATASETS
@@ -21,7 +21,13 @@ class TrialConfig:
     method: str = "simclr"  # a name in trainables.losses.METHODS
     dataset: str = "digits"  # embedded default
     data_root: Optional[str] = None  # where torchvision datasets live
+    download: bool = False  # let torchvision fetch a missing dataset (needs internet)
+    verify_data: bool = True  # torchvision's MD5 checks; false accepts files by presence and format
+    image_size: int = 64  # image_folder only: images are resized to image_size x image_size
+    augment: str = "auto"  # auto | digits | simclr | simclr_blur | gca_harsh (trainables.data.AUGMENTS)
+    crop_min_scale: Optional[float] = None  # override the set's random-resized-crop area floor
     encoder: str = "small_cnn"
+    cifar_stem: bool = True  # ResNet: 3x3 stride-1 first conv, no max-pool (32x32 inputs)
     proj_hidden: int = 256  # projector width D_h -> proj_hidden -> proj_dim
     proj_dim: int = 64
     # optimisation
@@ -32,11 +38,14 @@ class TrialConfig:
     weight_decay: float = 1e-6
     warmup_epochs: int = 1  # linear warm-up, then cosine decay to 0 (per step)
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda (the GPU Ray assigned through CUDA_VISIBLE_DEVICES)
+    amp: bool = True  # bf16 autocast of the encoder/projector on CUDA; losses and OT stay float32
+    compile: bool = False  # torch.compile the model
     # evaluation
     probe_every: int = 1  # epochs between kNN probes (the pruning signal)
     knn_k: int = 200
     knn_t: float = 0.1
+    mlp_probe: bool = False  # also fit an MLP probe on the frozen features at the end
     # method knobs (None = method default, see METHODS[...].defaults)
     tau: Optional[float] = None
     beta: Optional[float] = None
@@ -86,6 +95,14 @@ class TrialConfig:
             bad("encoder", f"choose one of {list(ENCODERS)}")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"choose one of {list(OPTIMIZERS)}")
+        from .data import AUGMENTS
+
+        if self.augment != "auto" and self.augment not in AUGMENTS:
+            bad("augment", f"choose auto or one of {sorted(AUGMENTS)}")
+        if self.crop_min_scale is not None and not 0 < self.crop_min_scale <= 1:
+            bad("crop_min_scale", "must be in (0, 1]")
+        if self.image_size < 8:
+            bad("image_size", "must be >= 8")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "choose auto, cpu or cuda")
         for key in ("epochs", "batch_size", "probe_every", "knn_k", "proj_hidden", "proj_dim"):
@@ -135,6 +152,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         raise ValueError(f"{key} must not be null")
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
         value = value.item()  # numpy / torch scalar
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key} must be true or false, got {type(value).__name__} {value!r}")
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if base is int and isinstance(value, int) and not isinstance(value, bool):

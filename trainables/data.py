@@ -8,23 +8,33 @@ never selected on).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DATASETS = ("digits",)
+from .datasets import TORCHVISION_DATASETS, check_available, load_torchvision
+
+DATASETS = ("digits",) + TORCHVISION_DATASETS
 SPLIT_SEED = 0  # fixed: every trial of every study sees the same split
-# size of the pretraining split, for validating batch sizes before a study starts
-DATASET_TRAIN_SIZES = {"digits": 1212}
+VAL_FRACTION = 0.1  # of train, stratified
+# images available for pretraining (train minus val, plus STL-10's unlabeled split),
+# for validating batch sizes before a study starts
+DATASET_TRAIN_SIZES = {"digits": 1212, "mnist": 54000, "fashion_mnist": 54000, "cifar10": 45000,
+                       "cifar100": 45000, "svhn": 65931, "stl10": 104500}
 
 
 @dataclass
 class Splits:
-    """Images in [0, 1], shape (N, C, H, W) float32; labels int64 (N,)."""
+    """Images (N, C, H, W), float32 in [0, 1] or uint8 in [0, 255] (see :func:`to_float`); labels int64 (N,).
+
+    ``extra_x`` holds unlabeled images used for pretraining only (STL-10).
+    """
 
     name: str
     train_x: Tensor
@@ -34,6 +44,11 @@ class Splits:
     test_x: Tensor
     test_y: Tensor
     n_classes: int
+    extra_x: Optional[Tensor] = None
+
+    @property
+    def pretrain_x(self) -> Tensor:
+        return self.train_x if self.extra_x is None else torch.cat([self.extra_x, self.train_x])
 
     @property
     def channels(self) -> int:
@@ -48,7 +63,11 @@ def _stratified_split(y, fraction: float, seed: int):
     from sklearn.model_selection import train_test_split
 
     idx = list(range(len(y)))
-    keep, held = train_test_split(idx, test_size=fraction, stratify=y, random_state=seed)
+    n_held = math.ceil(fraction * len(y))
+    classes, counts = np.unique(np.asarray(y), return_counts=True)
+    # stratify when every class can appear on both sides (always for real datasets; tiny test files may not)
+    strat = y if n_held >= len(classes) and len(y) - n_held >= len(classes) and counts.min() >= 2 else None
+    keep, held = train_test_split(idx, test_size=n_held, stratify=strat, random_state=seed)
     return sorted(keep), sorted(held)
 
 
@@ -67,10 +86,23 @@ def load_digits_splits(test_fraction: float = 0.25, val_fraction: float = 0.1) -
     return Splits("digits", x[train], y[train], x[val], y[val], x[test], y[test], 10)
 
 
-def load_splits(name: str, data_root: Optional[str] = None) -> Splits:
+def load_splits(name: str, data_root: Optional[str] = None, *, download: bool = False,
+                verify_data: bool = True, image_size: int = 64) -> Splits:
+    """The dataset's train / val / test splits; val is carved from train (stratified, fixed seed)."""
     if name == "digits":
         return load_digits_splits()
-    raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    trx, try_, tex, tey, extra = load_torchvision(name, data_root, download=download, verify_data=verify_data,
+                                                  image_size=image_size)
+    keep, val = _stratified_split(try_.numpy(), VAL_FRACTION, SPLIT_SEED)
+    n_classes = int(max(int(try_.max()), int(tey.max())) + 1)
+    return Splits(name, trx[keep], try_[keep], trx[val], try_[val], tex, tey, n_classes, extra)
+
+
+def to_float(x: Tensor) -> Tensor:
+    """uint8 images in [0, 255] -> float32 in [0, 1]; float images unchanged."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -84,28 +116,114 @@ class AugmentConfig:
     ratio: Tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio range
     max_rotation_deg: float = 10.0  # uniform in [-r, r]
     hflip_p: float = 0.0  # digits are not mirror-symmetric: off by default
+    jitter_p: float = 0.0  # probability of colour jitter (SimCLR: 0.8)
+    jitter: Tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    gray_p: float = 0.0  # probability of converting to grayscale (SimCLR: 0.2)
+    blur_p: float = 0.0  # probability of Gaussian blur, sigma in blur_sigma (pixels)
+    blur_sigma: Tuple[float, float] = (0.1, 2.0)
     noise_std: float = 0.05  # additive Gaussian noise, in [0, 1] intensity units
     erase_p: float = 0.25  # probability of erasing one random rectangle
     erase_scale: Tuple[float, float] = (0.05, 0.2)  # erased area fraction
+
+
+# Named augmentation sets. "simclr" is Chen et al.'s CIFAR set (crop 0.08-1, flip, jitter
+# 0.4/0.4/0.4/0.1 with p=0.8, grayscale p=0.2); "gca_harsh" is GCA's noisy-view study
+# (a strong crop and a large erase on every view).
+AUGMENTS = {
+    "digits": AugmentConfig(),
+    "simclr": AugmentConfig(crop_scale=(0.08, 1.0), max_rotation_deg=0.0, hflip_p=0.5, jitter_p=0.8,
+                            gray_p=0.2, noise_std=0.0, erase_p=0.0),
+    "simclr_blur": AugmentConfig(crop_scale=(0.08, 1.0), max_rotation_deg=0.0, hflip_p=0.5, jitter_p=0.8,
+                                 gray_p=0.2, blur_p=0.5, noise_std=0.0, erase_p=0.0),
+    "gca_harsh": AugmentConfig(crop_scale=(0.05, 0.5), max_rotation_deg=0.0, hflip_p=0.5, jitter_p=0.8,
+                               gray_p=0.2, noise_std=0.0, erase_p=1.0, erase_scale=(0.2, 0.5)),
+}
+
+
+def augment_config(name: str, dataset: str, crop_min_scale: Optional[float] = None) -> AugmentConfig:
+    """The named set (``auto``: digits for the 8x8 digits, simclr otherwise), optionally with another crop floor."""
+    if name == "auto":
+        name = "digits" if dataset == "digits" else "simclr"
+    if name not in AUGMENTS:
+        raise ValueError(f"augment must be 'auto' or one of {sorted(AUGMENTS)}, got {name!r}")
+    cfg = AUGMENTS[name]
+    if crop_min_scale is not None:
+        cfg = dataclasses.replace(cfg, crop_scale=(crop_min_scale, cfg.crop_scale[1]))
+    return cfg
 
 
 def _uniform(n: int, low: float, high: float, gen: torch.Generator, device) -> Tensor:
     return low + (high - low) * torch.rand(n, generator=gen, device=device)
 
 
+def _gray(x: Tensor) -> Tensor:
+    """Luma (B, 1, H, W) of RGB (ITU-R 601 weights); a 1-channel image is its own luma."""
+    if x.shape[1] == 1:
+        return x
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _colour_jitter(x: Tensor, cfg: AugmentConfig, gen, dev) -> Tensor:
+    """Brightness, contrast, saturation, hue with per-sample factors, applied with probability jitter_p.
+
+    Hue is a rotation of the chroma plane in YIQ space (a batched stand-in for
+    torchvision's HSV hue shift; identical on the gray axis).
+    """
+    b = x.shape[0]
+    bj, cj, sj, hj = cfg.jitter
+    fb = _uniform(b, max(0.0, 1 - bj), 1 + bj, gen, dev)[:, None, None, None]
+    fc = _uniform(b, max(0.0, 1 - cj), 1 + cj, gen, dev)[:, None, None, None]
+    fs = _uniform(b, max(0.0, 1 - sj), 1 + sj, gen, dev)[:, None, None, None]
+    fh = _uniform(b, -hj, hj, gen, dev)
+    do = (torch.rand(b, generator=gen, device=dev) < cfg.jitter_p)[:, None, None, None]
+    y = (x * fb).clamp(0, 1)
+    m = _gray(y).mean((1, 2, 3), keepdim=True)
+    y = ((y - m) * fc + m).clamp(0, 1)
+    if x.shape[1] == 3:
+        g = _gray(y)
+        y = ((y - g) * fs + g).clamp(0, 1)
+        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                              device=dev, dtype=x.dtype)
+        yiq = torch.einsum("ij,bjhw->bihw", to_yiq, y)  # (B, 3, H, W): Y, I, Q
+        ang = 2 * math.pi * fh
+        cos, sin = torch.cos(ang)[:, None, None], torch.sin(ang)[:, None, None]
+        i, q = yiq[:, 1] * cos - yiq[:, 2] * sin, yiq[:, 1] * sin + yiq[:, 2] * cos
+        yiq = torch.stack([yiq[:, 0], i, q], dim=1)
+        y = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_yiq), yiq).clamp(0, 1)
+    return torch.where(do, y, x)
+
+
+def _blur(x: Tensor, cfg: AugmentConfig, gen, dev) -> Tensor:
+    """Per-sample Gaussian blur (separable, grouped conv), applied with probability blur_p."""
+    b, c, h, w = x.shape
+    sigma = _uniform(b, *cfg.blur_sigma, gen, dev)
+    do = (torch.rand(b, generator=gen, device=dev) < cfg.blur_p)[:, None, None, None]
+    k = max(3, (min(h, w) // 10) | 1)  # odd kernel, ~10% of the image side
+    t = torch.arange(k, device=dev, dtype=x.dtype) - k // 2
+    ker = torch.exp(-t[None, :] ** 2 / (2 * sigma[:, None] ** 2))
+    ker = ker / ker.sum(1, keepdim=True)  # (B, k)
+    ker = ker.repeat_interleave(c, 0)  # (B*C, k): one kernel per sample and channel
+    y = x.reshape(1, b * c, h, w)
+    y = F.conv2d(F.pad(y, (k // 2, k // 2, 0, 0), mode="reflect"), ker[:, None, None, :], groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode="reflect"), ker[:, None, :, None], groups=b * c)
+    return torch.where(do, y.reshape(b, c, h, w), x)
+
+
 def augment(x: Tensor, gen: torch.Generator, cfg: AugmentConfig = AugmentConfig()) -> Tensor:
     """One random view of every image, as batched tensor ops on ``x.device``.
 
     Random resized crop + rotation + optional flip as one affine warp per
-    sample (``affine_grid`` + ``grid_sample``), then Gaussian noise and random
-    erasing. All randomness comes from ``gen`` (a generator on ``x.device``),
-    so a seeded generator gives the same views.
+    sample (``affine_grid`` + ``grid_sample``), then colour jitter, grayscale,
+    blur, Gaussian noise and random erasing, each with per-sample randomness.
+    All randomness comes from ``gen`` (a generator on ``x.device``), so a
+    seeded generator gives the same views.
 
     Args:
-        x: (B, C, H, W) images in [0, 1].
+        x: (B, C, H, W) images, float in [0, 1] or uint8.
     Returns:
-        (B, C, H, W) augmented images.
+        (B, C, H, W) float augmented images in [0, 1].
     """
+    x = to_float(x)
     b, c, h, w = x.shape
     dev = x.device
     area = _uniform(b, *cfg.crop_scale, gen, dev)
@@ -124,6 +242,13 @@ def augment(x: Tensor, gen: torch.Generator, cfg: AugmentConfig = AugmentConfig(
     ], dim=1)  # (B, 2, 3): output grid -> input coordinates
     grid = F.affine_grid(theta, (b, c, h, w), align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if cfg.jitter_p > 0:
+        out = _colour_jitter(out, cfg, gen, dev)
+    if cfg.gray_p > 0 and c == 3:
+        do = (torch.rand(b, generator=gen, device=dev) < cfg.gray_p)[:, None, None, None]
+        out = torch.where(do, _gray(out).expand(-1, 3, -1, -1), out)
+    if cfg.blur_p > 0:
+        out = _blur(out, cfg, gen, dev)
     if cfg.noise_std > 0:
         out = out + cfg.noise_std * torch.randn(out.shape, generator=gen, device=dev)
     if cfg.erase_p > 0:

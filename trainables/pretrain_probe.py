@@ -18,7 +18,7 @@ every ``probe_every`` epochs and at the last one. The last epoch adds
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import resource
 import statistics
 import time
@@ -27,10 +27,11 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from .config import TrialConfig
-from .data import AugmentConfig, augment, load_splits
+from .data import augment, augment_config, load_splits
 from .losses import compute_loss
 from .models import build_model
-from .probes import align_uniform, extract_features, knn_accuracy, linear_probe
+from .optim import build_optimizer, lr_lambda
+from .probes import align_uniform, extract_features, knn_accuracy, linear_probe, mlp_probe
 
 Report = Callable[..., None]
 
@@ -49,26 +50,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def build_optimizer(cfg: TrialConfig, params):
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer {cfg.optimizer!r} is not available yet")
-
-
-def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """Linear warm-up to 1, then cosine decay to 0, per step."""
-
-    def f(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    return f
-
-
 def _peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -84,22 +65,31 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
     """Pretrain and probe; returns the last epoch's metrics."""
     cfg = TrialConfig.from_dict(config)
     device = pick_device(cfg.device)
-    data = load_splits(cfg.dataset, cfg.data_root)
-    n_train = len(data.train_x)
+    data = load_splits(cfg.dataset, cfg.data_root, download=cfg.download, verify_data=cfg.verify_data,
+                       image_size=cfg.image_size)
+    pool = data.pretrain_x  # (N, C, H, W): train (+ unlabeled for STL-10), never val or test
+    n_train = len(pool)
     if cfg.batch_size > n_train:
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the {cfg.dataset} training split "
                          f"({n_train} images)")
+    print(f"[otstudy trial] {cfg.method} on {cfg.dataset} ({n_train} images), device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.encoder, data.channels, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim).to(device)
-    opt = build_optimizer(cfg, model.parameters())
+    model = build_model(cfg.encoder, data.channels, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
+                        cifar_stem=cfg.cifar_stem).to(device)
+    opt = build_optimizer(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    forward = torch.compile(model) if cfg.compile else model
+    # bf16 autocast on CUDA only; the loss (and every OT solve) runs on float32 features
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cfg.amp and device.type == "cuda") \
+        else contextlib.nullcontext
     steps_per_epoch = n_train // cfg.batch_size  # drop the last partial batch: 2N is fixed
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch))
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
     aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    aug_cfg = AugmentConfig()
-    train_x = data.train_x.to(device)
+    aug_cfg = augment_config(cfg.augment, cfg.dataset, cfg.crop_min_scale)
+    train_x = pool.to(device)  # uint8 stays uint8 on the device; views are made float per batch
 
     start_epoch = 0
     if restore is not None:
@@ -124,7 +114,9 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
             views = torch.cat([augment(x, aug_gen, aug_cfg), augment(x, aug_gen, aug_cfg)])  # (2N, C, H, W)
             _sync(device)
             t1 = time.perf_counter()
-            h, z = model(views)  # (2N, D_h), (2N, D_z)
+            with autocast():
+                h, z = forward(views)  # (2N, D_h), (2N, D_z)
+            h, z = h.float(), z.float()
             h1, h2 = h.chunk(2)
             z1, z2 = z.chunk(2)
             out = compute_loss(cfg.method, h1, h2, z1, z2, cfg.to_dict())
@@ -157,7 +149,7 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
             "images_per_s": steps_per_epoch * cfg.batch_size / epoch_time,
             "peak_mem_mb": _peak_mem_mb(device),
             "lr": sched.get_last_lr()[0],
-            "device": 1.0 if device.type == "cuda" else 0.0,
+            "on_gpu": 1.0 if device.type == "cuda" else 0.0,
         }
         last = epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.probe_every == 0 or last:
@@ -196,6 +188,9 @@ def _probe(model, data, cfg: TrialConfig, device, *, final: bool, aug_gen, aug_c
                                         k=5, weighted=False)
     out.update(linear_probe(train_f, data.train_y, val_f, data.val_y, test_f, data.test_y,
                             n_classes=data.n_classes))
+    if cfg.mlp_probe:
+        out.update(mlp_probe(train_f, data.train_y, val_f, data.val_y, test_f, data.test_y,
+                             n_classes=data.n_classes, seed=cfg.seed))
     # alignment / uniformity of two fresh augmentations of the validation images
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
     vx = data.val_x.to(device)

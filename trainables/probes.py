@@ -21,9 +21,11 @@ def extract_features(encoder: nn.Module, x: Tensor, *, batch_size: int = 512,
 
     The encoder's train/eval mode is restored afterwards.
     """
+    from .data import to_float
+
     was_training = encoder.training
     encoder.eval()
-    out = [encoder(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    out = [encoder(to_float(x[i:i + batch_size].to(device))).float().cpu() for i in range(0, len(x), batch_size)]
     encoder.train(was_training)
     return torch.cat(out)
 
@@ -100,6 +102,35 @@ def linear_probe(train_f: Tensor, train_y: Tensor, val_f: Tensor, val_y: Tensor,
         with torch.no_grad():
             test_acc = float((lin(te).argmax(1) == test_y).double().mean())
     return {"linear_acc": acc, "test_linear_acc": test_acc, "probe_wd": wd}
+
+
+def mlp_probe(train_f: Tensor, train_y: Tensor, val_f: Tensor, val_y: Tensor, test_f: Tensor, test_y: Tensor,
+              *, n_classes: int, hidden: int = 512, steps: int = 300, seed: int = 0,
+              weight_decays: Sequence[float] = (1e-4, 1e-2)) -> Dict[str, float]:
+    """A one-hidden-layer MLP on frozen, standardised features (SinSim's "MLP classifier").
+
+    Full-batch Adam for ``steps`` steps; weight decay chosen on val, test scored once.
+    Returns ``mlp_acc`` (val) and ``test_mlp_acc``.
+    """
+    tr, va, te = _standardise(train_f, val_f, test_f)
+    best = None
+    with torch.enable_grad():
+        for wd in weight_decays:
+            torch.manual_seed(seed)
+            net = nn.Sequential(nn.Linear(tr.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+            opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=wd)
+            for _ in range(steps):
+                opt.zero_grad()
+                F.cross_entropy(net(tr), train_y).backward()
+                opt.step()
+            with torch.no_grad():
+                acc = float((net(va).argmax(1) == val_y).float().mean())
+            if best is None or acc > best[0]:
+                best = (acc, net)
+    acc, net = best
+    with torch.no_grad():
+        test_acc = float((net(te).argmax(1) == test_y).float().mean())
+    return {"mlp_acc": acc, "test_mlp_acc": test_acc}
 
 
 @torch.no_grad()
