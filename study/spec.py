@@ -20,6 +20,7 @@ import yaml
 from search_spaces.spaces import knob_owners
 from trainables.config import TrialConfig
 from trainables.data import DATASETS, DATASET_TRAIN_SIZES
+from trainables.datasets import DatasetMissing, check_available
 from trainables.losses import METHODS
 
 SAMPLERS = ("grid", "random", "tpe")
@@ -192,6 +193,12 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
     # every grid value and range end must make a valid trial config
     if methods:
         _check_values(methods, base, search, p)
+
+    if dataset in DATASETS and dataset != "digits" and isinstance(fixed.get("data_root", ""), (str, type(None))):
+        try:
+            check_available(dataset, fixed.get("data_root"), bool(fixed.get("download", False)))
+        except (DatasetMissing, ValueError) as exc:
+            p(f"fixed.data_root: {exc}")
 
     num_samples = raw.get("num_samples", 1)
     if not _is_int(num_samples) or num_samples < 1:
