@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -83,9 +84,47 @@ def _error_line(trial_dir: Path, error_file) -> str:
     return ""
 
 
+def _newest(exp_dir: Path, pattern: str):
+    files = sorted(exp_dir.glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return None
+    try:
+        with open(files[-1], "rb") as f:
+            return pickle.load(f)  # written by this study's own driver (Ray's searcher checkpoints)
+    except Exception:  # a half-written or foreign file: the column is just left empty
+        return None
+
+
+def searcher_states(exp_dir: Path) -> Dict[str, str]:
+    """Tune trial id -> the state Optuna recorded for it (COMPLETE, PRUNED, FAIL, RUNNING).
+
+    Read from Ray's searcher checkpoint (OptunaSearch's pickled Optuna study)
+    and the SeedRepeater's groups (every seed of a configuration maps to the
+    one Optuna trial of that configuration). Empty for grid studies.
+    """
+    inner = _newest(exp_dir, "searcher-state-*.pkl")
+    if not isinstance(inner, dict) or "_ot_trials" not in inner:
+        return {}
+    study = inner.get("_ot_study")
+    by_group = {}
+    for gid, trial in inner["_ot_trials"].items():
+        try:
+            by_group[gid] = study._storage.get_trial(trial._trial_id).state.name
+        except Exception:
+            continue
+    gen = _newest(exp_dir, "search_gen_state-*.json") or {}
+    repeater = gen.get("name:SeedRepeater", {}) if isinstance(gen, dict) else {}
+    groups = repeater.get("_trial_group", {})
+    out = {tid: by_group[g] for tid, g in groups.items() if g in by_group}
+    for gid, state in by_group.items():
+        out.setdefault(gid, state)
+    return out
+
+
 def collect(study_dir: Path) -> Tuple[pd.DataFrame, pd.DataFrame]:
     exp_dir = Path(study_dir) / "ray"
     state = _latest_state(exp_dir)
+    searcher = searcher_states(exp_dir)
     trial_dirs = {p.name[len("trial_"):]: p for p in exp_dir.glob("trial_*") if p.is_dir()}
     ids = list(dict.fromkeys(list(state) + sorted(trial_dirs)))
     results, history = [], []
@@ -122,7 +161,8 @@ def collect(study_dir: Path) -> Tuple[pd.DataFrame, pd.DataFrame]:
             status = "running"  # RUNNING / PAUSED, or a driver that died mid-trial
         row: Dict[str, Any] = {"trial_id": tid, "status": status, "tune_status": tune_status,
                                "error": _error_line(tdir, st.get("error_file")) if status == "failed" else "",
-                               "num_failures": int(st.get("num_failures", 0) or 0), "n_epochs": len(epochs)}
+                               "num_failures": int(st.get("num_failures", 0) or 0), "n_epochs": len(epochs),
+                               "searcher_state": searcher.get(tid, "")}
         row.update({k: v for k, v in config.items() if _scalar(v)})
         row.update({k: v for k, v in last.items() if k not in RAY_KEYS and _scalar(v) and k not in config})
         timing_rows = epochs[1:] if len(epochs) > 1 else epochs

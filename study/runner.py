@@ -45,6 +45,7 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     """Ray Tune function trainable: adapts Tune's report/checkpoint API to trainables.run."""
     import logging
 
+    import ray
     import torch
     from ray import tune
 
@@ -59,9 +60,10 @@ def tune_trainable(config: Dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             restore = load_checkpoint(Path(d) / CHECKPOINT_FILE)
     carried: Dict[str, float] = {}
+    node_id = ray.get_runtime_context().get_node_id()  # which cluster node ran the trial
 
     def report(metrics: Dict[str, float], checkpoint: Optional[Dict[str, Any]] = None) -> None:
-        m = dict(metrics)
+        m = {**metrics, "node_id": node_id}
         # keep the pruning signal in every result, also between probe epochs
         if "knn_acc" in m:
             carried["knn_acc"] = m["knn_acc"]
@@ -118,13 +120,16 @@ def _search(spec: Spec):
     return space, SeedRepeater(inner, spec.seeds), spec.num_samples * len(spec.seeds)
 
 
-def _scheduler(spec: Spec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def _scheduler(spec: Spec, study_dir: Path):
+    from ray.tune.schedulers import FIFOScheduler
+
+    from .scheduler import ReplayASHA
 
     if spec.scheduler.get("type") != "asha":
         return FIFOScheduler()
     epochs = int(spec.fixed.get("epochs", 20))
-    return ASHAScheduler(time_attr="epoch", max_t=int(spec.scheduler.get("max_epochs", epochs)),
+    return ReplayASHA(experiment_dir=str((study_dir / EXPERIMENT_DIR).resolve()), time_attr="epoch",
+                      max_t=int(spec.scheduler.get("max_epochs", epochs)),
                          grace_period=int(spec.scheduler.get("grace_period", 1)),
                          reduction_factor=float(spec.scheduler.get("reduction_factor", 2)))
 
@@ -140,7 +145,7 @@ def build_tuner(spec: Spec, study_dir: Path):
     tracker = MLflowTracker(spec.mlflow_uri or default_tracking_uri(study_dir), spec.name, str(study_dir),
                             spec.to_dict())
     tune_config = tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search_alg,
-                                  scheduler=_scheduler(spec), num_samples=num_samples,
+                                  scheduler=_scheduler(spec, study_dir), num_samples=num_samples,
                                   max_concurrent_trials=spec.max_concurrent,
                                   trial_dirname_creator=_trial_dirname)
     run_config = tune.RunConfig(
@@ -174,6 +179,8 @@ def init_ray(address: Optional[str] = None) -> None:
 
 def study_dir_for(spec: Spec, storage: Optional[str]) -> Path:
     base = storage or spec.storage or "studies"
+    if base.startswith("file://"):
+        base = base[len("file://"):]
     return Path(base).expanduser() / spec.name
 
 

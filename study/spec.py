@@ -29,7 +29,6 @@ SCHEDULERS = ("none", "asha")
 EPOCH_METRICS = ("knn_acc", "train_loss")
 FINAL_METRICS = ("linear_acc", "test_linear_acc", "test_knn_acc", "test_knn5_acc", "align", "uniform")
 TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
-STORAGE_SCHEMES = ("", "file", "s3", "gs", "gcs", "hdfs", "abfs", "az")
 TOP_KEYS = ("name", "description", "method", "dataset", "fixed", "search", "sampler", "sampler_seed",
             "num_samples", "seeds", "scheduler", "metric", "mode", "resources", "max_concurrent",
             "storage", "mlflow_uri", "max_failures")
@@ -253,9 +252,9 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
     if storage is not None:
         if not isinstance(storage, str) or not storage:
             p(f"storage: must be a path or URI string (got {storage!r})")
-        elif urlparse(storage).scheme not in STORAGE_SCHEMES and not re.match(r"^[A-Za-z]:\\", storage):
-            p(f"storage: unsupported URI scheme {urlparse(storage).scheme!r} "
-              f"(allowed: a local path, or {', '.join(s + '://' for s in STORAGE_SCHEMES if s)})")
+        elif urlparse(storage).scheme not in ("", "file"):
+            p(f"storage: unsupported URI scheme {urlparse(storage).scheme!r} (allowed: a local or shared-"
+              f"filesystem path, or file://; mount object storage as a filesystem path)")
     mlflow_uri = raw.get("mlflow_uri")
     if mlflow_uri is not None:
         if not isinstance(mlflow_uri, str) or urlparse(mlflow_uri).scheme not in TRACKING_SCHEMES:

@@ -1,36 +1,13 @@
 """End to end: `otstudy run --smoke-test`, export, MLflow, report, resume; Ray in a subprocess."""
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import mlflow_runs, otstudy, result_lines
 
 pytestmark = pytest.mark.slow
-OTSTUDY = str(Path(sys.executable).parent / "otstudy")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def otstudy(*args, timeout=600):
-    proc = subprocess.run([OTSTUDY, *args], capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"otstudy {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def mlflow_runs(study: Path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{study / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(study.name)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    return client, [r for r in runs if r.data.tags.get("otstudy.role") == "trial"], \
-        [r for r in runs if r.data.tags.get("otstudy.role") == "study"]
-
-
-def result_lines(study: Path):
-    return {p.parent.name: len(p.read_text().splitlines()) for p in (study / "ray").glob("trial_*/result.json")}
 
 
 @pytest.fixture(scope="module")

@@ -148,3 +148,11 @@ def test_config_rejects_bad_values(cfg, match):
 def test_batch_larger_than_dataset_is_an_error():
     with pytest.raises(ValueError, match="batch_size=5000 is larger than the digits training split"):
         run(small(batch_size=5000), lambda m, c=None: None)
+
+
+def test_restoring_a_finished_trial_reports_its_final_metrics_without_training():
+    rec = Recorder()
+    run(small(epochs=1), rec)
+    again = Recorder()
+    out = run(small(epochs=1), again, restore=rec.checkpoints[-1])
+    assert again.metrics == rec.metrics and out["final"] == 1.0

@@ -100,6 +100,10 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
         aug_gen.set_state(restore["aug_rng"])
         torch.set_rng_state(restore["torch_rng"])
         start_epoch = int(restore["epoch"])
+        if start_epoch >= cfg.epochs and restore.get("metrics"):
+            # finished before the runner recorded it (e.g. the driver died): report, do not retrain
+            report(dict(restore["metrics"]), restore)
+            return dict(restore["metrics"])
 
     metrics: Dict[str, float] = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -162,6 +166,7 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
             "shuffle_rng": shuffle_gen.get_state(),
             "aug_rng": aug_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "metrics": {k: float(v) for k, v in metrics.items()},
         }
         report(metrics, checkpoint)
     return metrics

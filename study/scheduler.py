@@ -1,0 +1,60 @@
+"""ASHA whose rungs survive a resume.
+
+Ray's ASHA keeps its rungs (the metric each trial reached at each milestone)
+in memory; ``Tuner.restore`` starts it empty, so after a resume the first
+trials to reach a rung are compared against nothing and never pruned, while
+earlier trials were. :class:`ReplayASHA` rebuilds the rungs from the recorded
+history: when Tune re-adds a trial on restore, the results it already
+reported (its ``result.json``) are replayed into its bracket, exactly as they
+were seen the first time. Pruning decisions after a resume are then the ones
+an uninterrupted study would make.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from ray.tune.schedulers import ASHAScheduler
+
+
+def _result_file(trial, experiment_dir: Optional[str]) -> Optional[Path]:
+    candidates = []
+    try:  # a new trial has no directory yet: Ray raises instead of returning None
+        path = trial.storage.trial_fs_path
+        candidates.append(Path(path) / "result.json")
+    except (AttributeError, RuntimeError):
+        pass
+    if experiment_dir:
+        candidates.append(Path(experiment_dir) / f"trial_{trial.trial_id}" / "result.json")
+    for c in candidates:
+        if c.exists():
+            return c
+    return None
+
+
+class ReplayASHA(ASHAScheduler):
+    def __init__(self, *, experiment_dir: Optional[str] = None, **kwargs):
+        super().__init__(**kwargs)
+        self._experiment_dir = experiment_dir
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        self.replay(trial)
+
+    def replay(self, trial) -> int:
+        """Feed the trial's recorded results to its bracket; returns how many were replayed."""
+        f = _result_file(trial, self._experiment_dir)
+        if f is None or self._metric is None:
+            return 0
+        bracket = self._trial_info[trial.trial_id]
+        n = 0
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if self._time_attr in r and self._metric in r and r[self._time_attr] < self._max_t:
+                bracket.on_result(trial, r[self._time_attr], self._metric_op * r[self._metric])
+                n += 1
+        return n

@@ -1,0 +1,203 @@
+"""The study platform under pruning, kill -9 and resume, a remote MLflow server and a 2-node cluster."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import yaml
+
+from helpers import OTSTUDY, mlflow_runs, otstudy, result_lines
+
+pytestmark = pytest.mark.slow
+
+
+def write_spec(tmp_path, **overrides):
+    spec = {"name": "p", "method": "sinsim", "dataset": "digits",
+            "fixed": {"epochs": 4, "batch_size": 256, "proj_hidden": 64, "proj_dim": 32},
+            "search": {"beta": {"grid": [0.0, 0.8]}}, "sampler": "grid", "seeds": [0, 1],
+            "metric": "knn_acc", "mode": "max", "resources": {"cpu": 1}, "max_concurrent": 2}
+    spec.update(overrides)
+    f = tmp_path / f"{spec['name']}.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    return f, tmp_path / "studies" / spec["name"]
+
+
+def test_replay_asha_rebuilds_rungs_from_history(tmp_path):
+    from study.scheduler import ReplayASHA
+
+    exp = tmp_path / "ray"
+    values = {"a": [0.9, 0.95, 0.97], "b": [0.5, 0.6, 0.7]}
+    for tid, accs in values.items():
+        (exp / f"trial_{tid}").mkdir(parents=True)
+        (exp / f"trial_{tid}" / "result.json").write_text(
+            "\n".join(json.dumps({"epoch": e + 1, "knn_acc": a}) for e, a in enumerate(accs)))
+    fresh = ReplayASHA(experiment_dir=str(exp), time_attr="epoch", metric="knn_acc", mode="max", max_t=8,
+                       grace_period=1, reduction_factor=2)
+    for tid in values:
+        fresh.on_trial_add(None, SimpleNamespace(trial_id=tid))
+    rungs = {milestone: dict(rec) for milestone, rec in fresh._brackets[0]._rungs}
+    assert rungs[1] == {"a": 0.9, "b": 0.5} and rungs[2] == {"a": 0.95, "b": 0.6}
+    # a new trial below the rebuilt cutoff is pruned at its first rung, as without the resume
+    new = SimpleNamespace(trial_id="c")
+    fresh.on_trial_add(None, new)
+    assert fresh.on_trial_result(None, new, {"epoch": 1, "knn_acc": 0.4}) == "STOP"
+
+
+def test_asha_records_pruned_trials_as_pruned_everywhere(tmp_path):
+    # lr 1e-7 cannot lower the loss: ASHA (train_loss, min) stops those trials at the first rung
+    spec, study = write_spec(tmp_path, name="asha", method="simclr", search={"lr": {"grid": [1e-2, 1e-7]}},
+                             scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                             metric="train_loss", mode="min", max_concurrent=1, seeds=[0, 1])
+    spec_dict = yaml.safe_load(spec.read_text())
+    spec_dict["fixed"]["epochs"] = 4
+    spec.write_text(yaml.safe_dump(spec_dict))
+    otstudy("run", str(spec), "--storage", str(tmp_path / "studies"))
+    res = pd.read_parquet(study / "results.parquet")
+    assert len(res) == 4
+    assert (res.loc[res["lr"] == 1e-2, "status"] == "completed").all()
+    pruned = res[res["status"] == "pruned"]
+    assert len(pruned) >= 1 and (pruned["lr"] == 1e-7).all() and (pruned["n_epochs"] < 4).all()
+    _, trials, _ = mlflow_runs(study)
+    tags = {r.data.tags["otstudy.trial_id"]: r.data.tags["otstudy.status"] for r in trials}
+    assert tags == dict(zip(res["trial_id"], res["status"]))
+
+
+def test_tpe_with_asha_keeps_optuna_in_step_with_tune(tmp_path):
+    spec, study = write_spec(tmp_path, name="tpe", method="simclr", sampler="tpe", num_samples=4,
+                             search={"lr": {"low": 1e-7, "high": 1e-2, "log": True}}, seeds=[0],
+                             scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+                             metric="train_loss", mode="min", max_concurrent=1)
+    otstudy("run", str(spec), "--storage", str(tmp_path / "studies"))
+    res = pd.read_parquet(study / "results.parquet")
+    assert len(res) == 4 and set(res["status"]) <= {"completed", "pruned"}
+    expected = {"completed": "COMPLETE", "pruned": "PRUNED"}
+    assert (res["searcher_state"] == res["status"].map(expected)).all(), res[["status", "searcher_state"]]
+
+
+def _wait_for(cond, timeout, what):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if cond():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _finished_trials(study: Path):
+    done = set()
+    for f in (study / "ray").glob("trial_*/result.json"):
+        if '"final": 1.0' in f.read_text():
+            done.add(f.parent.name)
+    return done
+
+
+def test_kill_9_of_the_driver_then_resume(tmp_path):
+    spec, study = write_spec(tmp_path, name="killed", fixed={"epochs": 6, "batch_size": 256, "proj_hidden": 64,
+                                                            "proj_dim": 32},
+                             search={"beta": {"grid": [0.0, 0.4, 0.8]}}, seeds=[0, 1])
+    proc = subprocess.Popen([OTSTUDY, "run", str(spec), "--storage", str(tmp_path / "studies")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: len(_finished_trials(study)) >= 2, 300, "two finished trials")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    finished_before = _finished_trials(study)
+    lines_before = {k: v for k, v in result_lines(study).items() if k in finished_before}
+    assert len(finished_before) < 6
+    otstudy("resume", str(study))
+    res = pd.read_parquet(study / "results.parquet")
+    assert len(res) == 6 and (res["status"] == "completed").all()
+    # none of the finished trials trained again (a trial that finished after Tune's last
+    # snapshot re-reports its final metrics from its checkpoint: at most one line, same epoch)
+    after = result_lines(study)
+    for name, n in lines_before.items():
+        assert after[name] - n <= 1, name
+    hist = pd.read_parquet(study / "history.parquet")
+    assert sorted(hist.groupby("trial_id")["epoch"].apply(sorted).map(tuple).unique()) == [tuple(range(1, 7))]
+    _, trials, parents = mlflow_runs(study)
+    assert len(trials) == 6 and len(parents) == 1
+    assert all(r.info.status == "FINISHED" for r in trials)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_remote_mlflow_server_receives_the_study(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--default-artifact-root", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        import urllib.request
+
+        def up():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        _wait_for(up, 120, "mlflow server")
+        uri = f"http://127.0.0.1:{port}"
+        spec, study = write_spec(tmp_path, name="remote", mlflow_uri=uri,
+                                 fixed={"epochs": 2, "batch_size": 256, "proj_hidden": 32, "proj_dim": 16})
+        otstudy("run", str(spec), "--storage", str(tmp_path / "studies"))
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name("remote")
+        runs = client.search_runs([exp.experiment_id])
+        trials = [r for r in runs if r.data.tags.get("otstudy.role") == "trial"]
+        parents = [r for r in runs if r.data.tags.get("otstudy.role") == "study"]
+        assert len(parents) == 1 and len(trials) == 4
+        for r in trials:
+            assert [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")] == [1, 2]
+        assert not (study / "mlflow.db").exists()  # everything went to the server
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
+    # loopback only; Ray 2.60's token auth would refuse the second `ray start` (RAY_AUTH_MODE=disabled)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    port = _free_port()
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay under 107 characters
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    try:
+        subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                        "--num-cpus=1", "--include-dashboard=false", "--resources", '{"head_node": 1}',
+                        f"--temp-dir={temp}", "--disable-usage-stats"],
+                       check=True, env=env, capture_output=True, timeout=120)
+        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
+                        "--num-cpus=1", "--resources", '{"worker_node": 1}', "--disable-usage-stats"],
+                       check=True, env=env, capture_output=True, timeout=120)
+        spec, study = write_spec(tmp_path, name="cluster",
+                                 fixed={"epochs": 2, "batch_size": 256, "proj_hidden": 32, "proj_dim": 16})
+        proc = subprocess.run([OTSTUDY, "run", str(spec), "--storage", str(tmp_path / "studies"),
+                               "--address", f"127.0.0.1:{port}"], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = pd.read_parquet(study / "results.parquet")
+        assert len(res) == 4 and (res["status"] == "completed").all()
+        assert res["node_id"].nunique() == 2  # trials ran on the head and on the second node
+        nodes = subprocess.run([ray_bin, "status", f"--address=127.0.0.1:{port}"], env=env,
+                               capture_output=True, text=True, timeout=60).stdout
+        assert "head_node" in nodes and "worker_node" in nodes
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
