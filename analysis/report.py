@@ -23,7 +23,11 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 import yaml  # noqa: E402
 
-from .stats import OVERHEAD_COLS, overhead_table, summarise  # noqa: E402
+from .importance import param_importances  # noqa: E402
+from .sources import EmptyStudy, from_mlflow, from_study_dir  # noqa: E402
+from .stats import mean_ci, overhead_table, summarise  # noqa: E402
+
+__all__ = ["write_report", "EmptyStudy"]
 
 # how each knob is named on an axis, and whether it is drawn on a log axis or as categories
 KNOBS = {
@@ -44,25 +48,8 @@ METRICS = {"test_linear_acc": "test linear-probe accuracy (%)", "test_knn_acc": 
 MARGINAL_TOL = 1e-3  # a Sinkhorn plan with a larger L1 marginal error is flagged
 
 
-class EmptyStudy(ValueError):
-    pass
-
-
 def _style():
     sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1)
-
-
-def load_study(study_dir: Path):
-    study_dir = Path(study_dir)
-    res_p, hist_p = study_dir / "results.parquet", study_dir / "history.parquet"
-    if not res_p.exists():
-        raise EmptyStudy(f"{study_dir} has no results.parquet; run `otstudy export {study_dir}` first "
-                         f"(or the study has not started)")
-    res = pd.read_parquet(res_p)
-    hist = pd.read_parquet(hist_p) if hist_p.exists() else pd.DataFrame()
-    spec = yaml.safe_load((study_dir / "spec.yaml").read_text()) if (study_dir / "spec.yaml").exists() else {}
-    meta = json.loads((study_dir / "study.json").read_text()) if (study_dir / "study.json").exists() else {}
-    return res, hist, spec or {}, meta
 
 
 def swept_knobs(spec: Dict[str, Any], res: pd.DataFrame) -> List[str]:
@@ -144,8 +131,6 @@ def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str
 
 
 def _ci_bounds(x: pd.Series):
-    from .stats import mean_ci
-
     m, h, n = mean_ci(x.tolist())
     return (m - h, m + h) if n > 1 else (m, m)
 
@@ -188,6 +173,73 @@ def learning_curves(hist: pd.DataFrame, res: pd.DataFrame, knobs: List[str], out
     return _save(fig, out, "learning_curves")
 
 
+def importance_plot(imp: Dict[str, float], metric: str, out: Path) -> Optional[str]:
+    if not imp:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 0.9 + 0.45 * len(imp)))
+    keys = sorted(imp, key=imp.get)
+    ax.barh([_label(k) for k in keys], [imp[k] for k in keys], color=sns.color_palette("colorblind")[0])
+    ax.set_xlabel(f"PED-ANOVA importance for {METRICS.get(metric, metric)}")
+    ax.set_xlim(0, 1)
+    return _save(fig, out, "importance")
+
+
+def _embed_2d(x: np.ndarray, seed: int = 0) -> tuple:
+    try:
+        import umap  # optional: umap-learn
+
+        return umap.UMAP(random_state=seed).fit_transform(x), "UMAP"
+    except ImportError:
+        from sklearn.decomposition import PCA
+        from sklearn.manifold import TSNE
+
+        x50 = PCA(n_components=min(50, x.shape[1], len(x) - 1), random_state=seed).fit_transform(x)
+        return TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(x50), "t-SNE"
+
+
+def _describe(row, cols) -> str:
+    return " ".join(f"{c}={row[c]}" for c in cols)
+
+
+def embedding_plot(res: pd.DataFrame, study_dir: Optional[Path], knobs: List[str], out: Path,
+                   max_points: int = 1000) -> Optional[tuple]:
+    """2-D picture of the frozen test features: best configuration (by validation accuracy) vs the baseline."""
+    if study_dir is None or "linear_acc" not in res.columns:
+        return None
+    done = res[res["status"] == "completed"]
+    is_base = _baseline_mask(done)
+    base, rest = done[is_base], done[~is_base]
+    if base.empty or rest.empty:
+        return None
+    cols = [c for c in _config_cols(knobs) if c in done.columns]
+    best_key = rest.groupby(cols, dropna=False)["linear_acc"].mean().idxmax()
+    best_key = best_key if isinstance(best_key, tuple) else (best_key,)
+    best = rest[np.logical_and.reduce([rest[c] == v for c, v in zip(cols, best_key)])]
+    picks = []
+    for kind, rows in (("baseline", base), ("best", best)):
+        row = rows.sort_values("seed").iloc[0] if "seed" in rows.columns else rows.iloc[0]
+        f = Path(study_dir) / "ray" / f"trial_{row['trial_id']}" / "embeddings.npz"
+        if not f.exists():
+            return None
+        with np.load(f) as z:
+            feats, labels = z["features"][:max_points], z["labels"][:max_points]
+        picks.append((f"{kind}: {_describe(row, cols)} (seed {row.get('seed')})", feats, labels))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    method = ""
+    for ax, (title, feats, labels) in zip(axes, picks):
+        xy, method = _embed_2d(feats.astype(np.float64))
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=6, alpha=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(sc, ax=list(axes), label="class", fraction=0.03)
+    fig.suptitle(f"{method} of the frozen encoder features of the test split", fontsize=10)
+    fig.savefig(out / "embeddings.png", dpi=120)
+    fig.savefig(out / "embeddings.pdf")
+    plt.close(fig)
+    return "embeddings.png", method
+
+
 def flags(res: pd.DataFrame, hist: pd.DataFrame) -> pd.DataFrame:
     """Trials whose Sinkhorn did not converge (any epoch) or whose loss diverged / failed."""
     rows = []
@@ -212,13 +264,20 @@ def _fmt_table(df: pd.DataFrame) -> pd.DataFrame:
     return d
 
 
-def write_report(study_dir: Path, out_dir: Optional[Path] = None) -> Path:
-    """Write ``report/`` for a study directory and return its index.html path."""
+def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = None, *,
+                 mlflow_uri: Optional[str] = None, experiment: Optional[str] = None) -> Path:
+    """Write ``report/`` for a study directory (or an MLflow experiment) and return its index.html path."""
     t0 = time.perf_counter()
-    study_dir = Path(study_dir)
-    res, hist, spec, meta = load_study(study_dir)
+    if mlflow_uri:
+        if not experiment or out_dir is None:
+            raise ValueError("a report from MLflow needs the experiment name and an output directory")
+        res, hist, spec, meta = from_mlflow(mlflow_uri, experiment)
+        study_dir = None
+    else:
+        study_dir = Path(study_dir)
+        res, hist, spec, meta = from_study_dir(study_dir)
     if res.empty:
-        raise EmptyStudy(f"{study_dir} has no trials yet (results.parquet is empty)")
+        raise EmptyStudy(f"{study_dir or experiment} has no trials yet")
     out = Path(out_dir) if out_dir else study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     _style()
@@ -240,6 +299,14 @@ def write_report(study_dir: Path, out_dir: Optional[Path] = None) -> Path:
     f = learning_curves(hist, res, knobs, out)
     if f:
         figures.append((f, "Validation kNN accuracy (the pruning signal) per trial."))
+    importance = param_importances(res, knobs, "test_linear_acc") if "test_linear_acc" in res.columns else {}
+    f = importance_plot(importance, "test_linear_acc", out)
+    if f:
+        figures.append((f, "Which knob moves the final accuracy most: Optuna's PED-ANOVA over completed trials."))
+    emb = embedding_plot(res, study_dir, knobs, out)
+    if emb:
+        figures.append((emb[0], f"{emb[1]} of the frozen test features: the best configuration (by validation "
+                                f"linear accuracy) next to the baseline, coloured by class."))
 
     cfg_cols = [c for c in _config_cols(knobs) if c in res.columns]
     timed = res[res["n_epochs"] > 0]
@@ -256,8 +323,6 @@ def write_report(study_dir: Path, out_dir: Optional[Path] = None) -> Path:
         row = dict(zip(cfg_cols, keys))
         for m in metrics + ["knn_acc"]:
             if m in g.columns:
-                from .stats import mean_ci
-
                 mu, h, n = mean_ci(g[m].tolist())
                 row[m] = f"{100 * mu:.2f} ± {100 * h:.2f}" if n > 1 else f"{100 * mu:.2f}"
                 row["n"] = n
@@ -271,10 +336,9 @@ def write_report(study_dir: Path, out_dir: Optional[Path] = None) -> Path:
     counts = res["status"].value_counts().to_dict()
     finished = sum(counts.get(s, 0) for s in ("completed", "pruned", "failed"))
     missing = max(0, expected - finished)
-    mlflow_errors = 0
-    err_log = study_dir / "mlflow_errors.log"
-    if err_log.exists():
-        mlflow_errors = len(err_log.read_text().splitlines())
+    mlflow_errors = int(meta.get("mlflow_errors", 0))
+    pd.DataFrame(sorted(importance.items(), key=lambda kv: -kv[1]),
+                 columns=["knob", "importance"]).to_csv(out / "importance.csv", index=False)
     page = _html(spec, meta, counts, expected, missing, figures, summary, over, flagged, mlflow_errors,
                  time.perf_counter() - t0)
     index = out / "index.html"

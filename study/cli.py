@@ -153,13 +153,24 @@ def cmd_status(args) -> int:
 def cmd_report(args) -> int:
     from analysis.report import EmptyStudy, write_report
 
+    if args.mlflow:
+        if not args.experiment or not args.out:
+            raise CliError("--mlflow needs --experiment NAME and --out DIR")
+        try:
+            index = write_report(None, Path(args.out), mlflow_uri=args.mlflow, experiment=args.experiment)
+        except EmptyStudy as exc:
+            raise CliError(str(exc)) from None
+        print(f"[otstudy] report: {index}")
+        return 0
+    if not args.dir:
+        raise CliError("give a study directory, or --mlflow URI --experiment NAME --out DIR")
     d = _study_dir(args.dir)
-    if not (d / "results.parquet").exists() and (d / "ray").is_dir():
+    if (d / "ray").is_dir():
         from study.export import export_study
 
-        export_study(d)  # a running or crashed study: export what exists first
+        export_study(d)  # refresh: a running or crashed study reports what exists now
     try:
-        index = write_report(d)
+        index = write_report(d, Path(args.out) if args.out else None)
     except EmptyStudy as exc:
         raise CliError(str(exc)) from None
     print(f"[otstudy] report: {index}")
@@ -215,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("report", help="write report/ (figures, tables, index.html) from the Parquet files")
-    s.add_argument("dir", help="study directory")
+    s.add_argument("dir", nargs="?", help="study directory")
+    s.add_argument("--mlflow", metavar="URI", help="read the trials from this MLflow tracking URI instead")
+    s.add_argument("--experiment", help="MLflow experiment name (with --mlflow)")
+    s.add_argument("--out", help="output directory (default DIR/report; required with --mlflow)")
     s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("ui", help="start the MLflow UI on the study's store")

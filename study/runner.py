@@ -20,6 +20,7 @@ from .tracking import MLflowTracker, Progress, default_tracking_uri, flat_config
 
 EXPERIMENT_DIR = "ray"  # <study>/ray holds Tune's experiment state
 CHECKPOINT_FILE = "state.pt"
+EMBEDDINGS_FILE = "embeddings.npz"  # in the trial directory: the final frozen test features
 
 
 class StudyExists(ValueError):
@@ -72,6 +73,12 @@ def tune_trainable(config: Dict[str, Any]) -> None:
         if checkpoint is None:
             tune.report(m)
             return
+        emb = checkpoint.pop("embeddings", None) if isinstance(checkpoint, dict) else None
+        if emb is not None:
+            import numpy as np
+
+            np.savez_compressed(Path(tune.get_context().get_trial_dir()) / EMBEDDINGS_FILE,
+                                features=emb["features"].numpy(), labels=emb["labels"].numpy())
         with tempfile.TemporaryDirectory() as d:
             torch.save(checkpoint, Path(d) / CHECKPOINT_FILE)
             tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
@@ -143,7 +150,7 @@ def build_tuner(spec: Spec, study_dir: Path):
 
     space, search_alg, num_samples = _search(spec)
     tracker = MLflowTracker(spec.mlflow_uri or default_tracking_uri(study_dir), spec.name, str(study_dir),
-                            spec.to_dict())
+                            {**spec.to_dict(), "n_trials": spec.n_trials()})
     tune_config = tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search_alg,
                                   scheduler=_scheduler(spec, study_dir), num_samples=num_samples,
                                   max_concurrent_trials=spec.max_concurrent,

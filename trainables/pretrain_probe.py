@@ -14,7 +14,9 @@ Metrics, every epoch: ``epoch``, ``train_loss`` and the loss parts,
 ``images_per_s``, ``peak_mem_mb``, ``lr``; ``knn_acc`` (validation split)
 every ``probe_every`` epochs and at the last one. The last epoch adds
 ``linear_acc`` (val), ``test_linear_acc``, ``test_knn_acc``, ``test_knn5_acc``,
-``align``, ``uniform`` and ``final: 1``.
+``align``, ``uniform`` and ``final: 1``; its checkpoint also carries
+``embeddings`` (frozen test features and labels, at most 2,000) for the
+report's embedding picture.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from .optim import build_optimizer, lr_lambda
 from .probes import align_uniform, extract_features, knn_accuracy, linear_probe, mlp_probe
 
 Report = Callable[..., None]
+EMBED_MAX = 2000  # test images whose frozen features are kept for the embedding picture
 
 
 class TrialDiverged(RuntimeError):
@@ -156,8 +159,11 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
             "on_gpu": 1.0 if device.type == "cuda" else 0.0,
         }
         last = epoch + 1 == cfg.epochs
+        embeddings = None
         if (epoch + 1) % cfg.probe_every == 0 or last:
-            metrics.update(_probe(model, data, cfg, device, final=last, aug_gen=aug_gen, aug_cfg=aug_cfg))
+            probe_out = _probe(model, data, cfg, device, final=last, aug_gen=aug_gen, aug_cfg=aug_cfg)
+            embeddings = probe_out.pop("_embeddings", None)
+            metrics.update(probe_out)
         checkpoint = {
             "epoch": epoch + 1,
             "model": model.state_dict(),
@@ -168,6 +174,9 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
             "torch_rng": torch.get_rng_state(),
             "metrics": {k: float(v) for k, v in metrics.items()},
         }
+        if embeddings is not None:
+            # frozen test features for the report's embedding picture; a runner may store them apart
+            checkpoint["embeddings"] = embeddings
         report(metrics, checkpoint)
     return metrics
 
@@ -203,4 +212,6 @@ def _probe(model, data, cfg: TrialConfig, device, *, final: bool, aug_gen, aug_c
     f2 = extract_features(enc, augment(vx, gen, aug_cfg), device=device)
     out.update(align_uniform(f1, f2))
     out["final"] = 1.0
+    n = min(len(test_f), EMBED_MAX)
+    out["_embeddings"] = {"features": test_f[:n].clone(), "labels": data.test_y[:n].clone()}
     return out

@@ -1,0 +1,175 @@
+"""Analysis from synthetic tables with known answers, partial studies, and the page in a real browser."""
+import http.server
+import json
+import math
+import shutil
+import socketserver
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from analysis.importance import param_importances
+from analysis.report import flags, write_report
+from analysis.stats import mean_ci, overhead_table, summarise
+
+
+def test_mean_ci_matches_student_t_by_hand():
+    m, h, n = mean_ci([0.8, 0.9, 1.0])
+    assert (m, n) == (pytest.approx(0.9), 3)
+    assert h == pytest.approx(4.302652729911275 * 0.1 / math.sqrt(3), rel=1e-9)  # t_{0.975, 2} s / sqrt(n)
+    assert math.isnan(mean_ci([0.5])[1]) and mean_ci([])[2] == 0
+    s = summarise(pd.DataFrame({"beta": [0, 0, 0, 1, 1], "acc": [0.8, 0.9, 1.0, 0.5, 0.7]}), ["beta"], "acc")
+    assert s["n"].tolist() == [3, 2] and s.loc[1, "mean"] == pytest.approx(0.6)
+    assert s.loc[1, "ci"] == pytest.approx(12.706204736174698 * math.sqrt(0.02) / math.sqrt(2), rel=1e-9)
+
+
+def test_overhead_ratios_against_simclr_at_the_same_batch_size():
+    df = pd.DataFrame({
+        "method": ["simclr", "simclr", "sinsim", "sinsim", "simclr", "sinsim"],
+        "batch_size": [64, 64, 64, 64, 256, 256],
+        "med_step_time_ms": [10.0, 12.0, 15.0, 18.0, 40.0, 50.0],
+        "med_ot_time_ms": [0.0, 0.0, 3.0, 3.0, 0.0, 10.0],
+        "med_epoch_time_s": [1.0, 1.0, 2.0, 2.0, 4.0, 5.0],
+        "med_images_per_s": [100.0, 100.0, 50.0, 50.0, 80.0, 64.0],
+        "peak_mem_mb": [100.0, 100.0, 120.0, 120.0, 200.0, 260.0],
+    })
+    t = overhead_table(df, ["method"], baseline=df["method"] == "simclr").set_index(["batch_size", "method"])
+    assert t.loc[(64, "sinsim"), "med_step_time_ms_ratio"] == pytest.approx(16.5 / 11.0)  # medians 16.5 / 11
+    assert t.loc[(256, "sinsim"), "med_step_time_ms_ratio"] == pytest.approx(1.25)
+    assert t.loc[(256, "sinsim"), "peak_mem_mb_ratio"] == pytest.approx(1.3)
+    assert t.loc[(64, "sinsim"), "ot_share"] == pytest.approx(np.median([3 / 15, 3 / 18]))
+    assert t.loc[(64, "simclr"), "n"] == 2
+
+
+def test_importance_ranks_the_knob_that_matters_first():
+    rng = np.random.default_rng(0)
+    rows = [{"status": "completed", "beta": rng.uniform(0, 1.2), "eps": 10 ** rng.uniform(-2, 0),
+             "sinkhorn_iters": int(rng.choice([1, 5, 40]))} for _ in range(40)]
+    df = pd.DataFrame(rows)
+    df["test_linear_acc"] = 0.9 - 0.2 * df["beta"] + 0.001 * rng.normal(size=len(df))
+    df.loc[0, "status"] = "pruned"  # ignored
+    imp = param_importances(df, ["beta", "eps", "sinkhorn_iters"], "test_linear_acc")
+    assert max(imp, key=imp.get) == "beta" and imp["beta"] > 0.8
+    assert sum(imp.values()) == pytest.approx(1.0)
+
+
+def synthetic_study(d: Path, *, n_expected=12, with_running=False, mlflow_errors=0):
+    """A study directory with known results: sinsim, beta in {0, 0.4, 0.8} x 3 seeds."""
+    d.mkdir(parents=True)
+    rows, hist = [], []
+    i = 0
+    for beta in (0.0, 0.4, 0.8):
+        for seed in range(3):
+            tid = f"t{i}"
+            acc = 0.95 - 0.1 * beta + 0.01 * seed
+            rows.append({"trial_id": tid, "status": "completed", "method": "sinsim", "beta": beta, "seed": seed,
+                         "batch_size": 256, "n_epochs": 3, "linear_acc": acc, "test_linear_acc": acc,
+                         "test_knn_acc": acc - 0.05, "knn_acc": acc - 0.05, "med_step_time_ms": 10 + 10 * beta,
+                         "med_ot_time_ms": 2.0 * (beta > 0), "med_epoch_time_s": 1.0, "med_images_per_s": 100.0,
+                         "peak_mem_mb": 500.0, "error": ""})
+            for e in (1, 2, 3):
+                hist.append({"trial_id": tid, "epoch": e, "knn_acc": acc - 0.1 / e,
+                             "ot_marginal_err": 0.5 if (beta == 0.8 and seed == 0) else 1e-6})
+            i += 1
+    if with_running:
+        rows.append({**rows[0], "trial_id": "t9", "status": "running", "n_epochs": 1, "test_linear_acc": np.nan})
+        rows.append({**rows[0], "trial_id": "t10", "status": "failed", "n_epochs": 1, "test_linear_acc": np.nan,
+                     "error": "TrialDiverged: train_loss became nan at epoch 1"})
+    pd.DataFrame(rows).to_parquet(d / "results.parquet")
+    pd.DataFrame(hist).to_parquet(d / "history.parquet")
+    (d / "spec.yaml").write_text(yaml.safe_dump({"name": "syn", "method": "sinsim", "dataset": "digits",
+                                                 "search": {"beta": {"grid": [0.0, 0.4, 0.8]}},
+                                                 "seeds": [0, 1, 2], "metric": "knn_acc"}))
+    (d / "study.json").write_text(json.dumps({"n_trials": n_expected}))
+    if mlflow_errors:
+        (d / "mlflow_errors.log").write_text("x\n" * mlflow_errors)
+    return d
+
+
+def test_report_of_a_synthetic_study(tmp_path):
+    d = synthetic_study(tmp_path / "syn", n_expected=9)
+    index = write_report(d)
+    rep = index.parent
+    summary = pd.read_csv(rep / "summary.csv")
+    row = summary[summary["beta"] == 0.4].iloc[0]
+    m, h, _ = mean_ci([0.91, 0.92, 0.93])
+    assert row["test_linear_acc"] == f"{100 * m:.2f} ± {100 * h:.2f}" and row["n"] == 3
+    over = pd.read_csv(rep / "overhead.csv").set_index("beta")
+    assert over.loc[0.8, "med_step_time_ms_ratio"] == pytest.approx(1.8)
+    fl = pd.read_csv(rep / "flags.csv")
+    assert fl["trial_id"].tolist() == ["t6"] and fl["flag"].iloc[0] == "sinkhorn not converged"
+    page = index.read_text()
+    assert "have not finished" not in page
+    for f in ("sensitivity_beta.png", "sensitivity_beta.pdf", "learning_curves.png", "importance.png",
+              "overhead.tex", "overhead.md"):
+        assert (rep / f).stat().st_size > 0, f
+
+
+def test_report_of_a_crashed_study_says_what_is_missing(tmp_path):
+    d = synthetic_study(tmp_path / "crashed", n_expected=14, with_running=True, mlflow_errors=3)
+    page = write_report(d).read_text()
+    # 9 completed + 1 failed finished; 14 expected -> 4 missing (the running one included)
+    assert "4 of 14 trials have not finished" in page
+    assert "9 completed" in page and "1 failed" in page and "1 running" in page
+    assert "MLflow logging failed 3 time(s)" in page
+    fl = pd.read_csv(d / "report" / "flags.csv")
+    assert "loss diverged" in fl["flag"].tolist()
+
+
+def test_flags_threshold():
+    res = pd.DataFrame({"trial_id": ["a"], "status": ["completed"], "error": [""]})
+    hist = pd.DataFrame({"trial_id": ["a", "a"], "ot_marginal_err": [1e-4, 9e-4]})
+    assert flags(res, hist).empty
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    if shutil.which("apt-get"):
+        subprocess.run(["apt-get", "update"], capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=900)
+    return shutil.which("chromium")
+
+
+def test_index_html_loads_every_image_in_headless_chromium(tmp_path):
+    browser = _chromium()
+    if not browser:
+        pytest.skip("chromium is not installed and `apt-get install -y chromium` did not provide it")
+    d = synthetic_study(tmp_path / "browse", n_expected=9)
+    rep = write_report(d).parent
+    (rep / "check.html").write_text("""<!doctype html><html><body><pre id="out">pending</pre>
+<iframe id="f" src="index.html" style="width:1200px;height:800px"></iframe>
+<script>
+document.getElementById('f').onload = () => {
+  const imgs = [...document.getElementById('f').contentDocument.images];
+  const wait = () => {
+    if (!imgs.every(i => i.complete)) { setTimeout(wait, 50); return; }
+    document.getElementById('out').textContent =
+      'IMAGES ' + imgs.length + ' LOADED ' + imgs.filter(i => i.naturalWidth > 0).length;
+  };
+  wait();
+};
+</script></body></html>""")
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(rep), **k)  # noqa: E731
+    with socketserver.TCPServer(("127.0.0.1", 0), handler) as httpd:
+        port = httpd.server_address[1]
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        try:
+            with tempfile.TemporaryDirectory() as profile:
+                out = subprocess.run(
+                    [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom",
+                     f"http://127.0.0.1:{port}/check.html"], capture_output=True, text=True, timeout=120).stdout
+        finally:
+            httpd.shutdown()
+    n_images = len(list(rep.glob("*.png")))
+    assert f"IMAGES {n_images} LOADED {n_images}" in out, out[-2000:]
