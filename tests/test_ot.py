@@ -194,3 +194,31 @@ def test_row_without_allowed_entry_is_an_error():
     cost[1, :] = math.inf
     with pytest.raises(ValueError, match="at least one allowed"):
         sinkhorn(cost, eps=0.1, n_iters=3)
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.05])
+def test_sns_plan_equals_pot(eps):
+    cost = random_cost(64, 64, seed=11)
+    a = np.full(64, 1 / 64)
+    ref = pot.sinkhorn(a, a, cost.numpy(), eps, numItermax=500000, stopThr=1e-12)
+    res = sinkhorn(cost, eps=eps, method="sns", tol=1e-10)
+    assert res.marginal_error < 1e-10
+    assert rel_err(res.plan.numpy(), ref) < 1e-5
+
+
+def test_sns_needs_ten_times_fewer_iterations_at_small_eps():
+    cost = random_cost(64, 64, seed=11)
+    sns = sinkhorn(cost, eps=0.003, method="sns", tol=1e-6)
+    plain = sinkhorn(cost, eps=0.003, n_iters=200000, tol=1e-6, warn=False)
+    assert sns.marginal_error < 1e-6 and plain.marginal_error < 1e-6
+    assert sns.n_iters * 10 <= plain.n_iters  # the SNS paper's claim (Sinkhorn warm-up + Newton steps)
+    assert torch.allclose(sns.plan, plain.plan, atol=1e-6)
+
+
+def test_sns_respects_masks_and_rejects_unbalanced():
+    cost = random_cost(12, 12, seed=1)
+    mask = ~torch.eye(12, dtype=torch.bool)
+    res = sinkhorn(cost, eps=0.05, method="sns", mask=mask, tol=1e-9)
+    assert torch.all(res.plan.diagonal() == 0) and res.marginal_error < 1e-9
+    with pytest.raises(ValueError, match="balanced problem only"):
+        sinkhorn(cost, eps=0.05, method="sns", uot_lambda1=1.0)
