@@ -103,7 +103,7 @@ def test_masked_plan_equals_pot_with_forbidden_entries():
 def test_stable_for_small_eps_and_large_costs(eps, scale):
     cost = (random_cost(64, 64, seed=7, dtype=torch.float32) * scale).requires_grad_(True)
     res = sinkhorn(cost, eps=eps, n_iters=50)
-    assert res.domain == "log"  # exp(-C/eps) would underflow: auto picks the log domain
+    assert res.domain in ("log", "kernel64")  # float32 exp(-C/eps) would underflow: never the f32 kernel
     assert torch.isfinite(res.plan).all()
     value = res.transport_cost()
     value.backward()

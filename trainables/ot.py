@@ -76,7 +76,7 @@ class OTResult:
             ``max |f_new - f_old| / eps`` of the row potential.
         n_iters: full (row + column) iterations run; projections / 2 when
             the solver was called with ``n_projections``.
-        domain: ``"kernel"`` or ``"log"``.
+        domain: ``"kernel"``, ``"kernel64"`` or ``"log"``.
         grad: ``"unrolled"`` or ``"implicit"``.
     """
 
@@ -229,7 +229,8 @@ def sinkhorn(
         uot_lambda1, uot_lambda2: KL penalties of the row / column marginals;
             None = hard constraint, ``inf`` = hard (semi-relaxed when only one is).
         mask: bool (..., n, m), False = forbidden pair (same as +inf cost).
-        domain: ``"auto"`` | ``"kernel"`` | ``"log"``.
+        domain: ``"auto"`` | ``"kernel"`` | ``"kernel64"`` (kernel updates in float64 for a
+            float32 cost whose kernel would underflow in float32) | ``"log"``.
         grad: ``"unrolled"`` | ``"implicit"`` (see module docstring).
         warn: emit the non-convergence warning when ``tol`` is not reached.
         method: ``"sinkhorn"`` or ``"sns"`` (:func:`sinkhorn_newton_sparse`: balanced,
@@ -264,46 +265,56 @@ def sinkhorn(
         n_half = int(n_projections)
     if tol is not None and not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
-    if domain not in ("auto", "kernel", "log"):
-        raise ValueError(f"domain must be 'auto', 'kernel' or 'log', got {domain!r}")
+    if domain not in ("auto", "kernel", "kernel64", "log"):
+        raise ValueError(f"domain must be 'auto', 'kernel', 'kernel64' or 'log', got {domain!r}")
     if grad not in ("unrolled", "implicit"):
         raise ValueError(f"grad must be 'unrolled' or 'implicit', got {grad!r}")
     lam1 = _check_lambda("uot_lambda1", uot_lambda1)
     lam2 = _check_lambda("uot_lambda2", uot_lambda2)
 
     cost = masked_cost(cost, mask)
-    if torch.isnan(cost).any():
-        raise ValueError("cost contains NaN")
-    if (cost == -math.inf).any():
-        raise ValueError("cost contains -inf")
     *batch, n, m = cost.shape
     a = _marginal(a, batch, n, cost, "a")
     b = _marginal(b, batch, m, cost, "b")
-    finite = torch.isfinite(cost)
-    if not finite.any(-1).all() or not finite.any(-2).all():
-        raise ValueError("every row and column of cost needs at least one allowed (finite) entry")
-
     with torch.no_grad():
-        cmin = cost.masked_fill(~finite, math.inf).amin((-2, -1), keepdim=True)
-        cmax = cost.masked_fill(~finite, -math.inf).amax((-2, -1), keepdim=True)
+        # two passes over C in the common case (no forbidden pairs): min and max carry NaN and +-inf
+        cmin = cost.amin((-2, -1), keepdim=True)
+        cmax = cost.amax((-2, -1), keepdim=True)
+        if torch.isnan(cmin).any() or torch.isnan(cmax).any():
+            raise ValueError("cost contains NaN")
+        if (cmin == -math.inf).any():
+            raise ValueError("cost contains -inf")
+        if (cmax == math.inf).any():
+            finite = torch.isfinite(cost)
+            if not finite.any(-1).all() or not finite.any(-2).all():
+                raise ValueError("every row and column of cost needs at least one allowed (finite) entry")
+            cmax = cost.masked_fill(~finite, -math.inf).amax((-2, -1), keepdim=True)
         span = float(((cmax - cmin) / eps).max())
     fi1, fi2 = _fi(lam1, eps), _fi(lam2, eps)
     if domain == "auto":
-        limit = _kernel_limit(cost.dtype)
         shift = float(((1.0 - fi1) * cmin.abs() / eps).max())
-        domain = "kernel" if span <= limit and shift <= limit else "log"
+        need = max(span, shift)
+        if need <= _kernel_limit(cost.dtype):
+            domain = "kernel"
+        elif cost.dtype in (torch.float32, torch.float16, torch.bfloat16) and need <= _kernel_limit(torch.float64):
+            # float32's exponent range is too small for this kernel, float64's is not: a float64
+            # matrix-vector product is still several times cheaper than a log-sum-exp update
+            domain = "kernel64"
+        else:
+            domain = "log"
 
     balanced_rows = fi1 == 1.0
     if grad == "implicit":
         with torch.no_grad():
-            f, g, err, used = _iterate(cost.detach(), a, b, eps, n_half, fi1, fi2, tol, domain,
-                                       cmin.detach(), balanced_rows)
+            f, g, err, used, _ = _iterate(cost.detach(), a, b, eps, n_half, fi1, fi2, tol, domain,
+                                          cmin.detach(), balanced_rows)
         f, g = f.detach(), g.detach()
+        plan = None
     else:
-        f, g, err, used = _iterate(cost, a, b, eps, n_half, fi1, fi2, tol, domain, cmin.detach(),
-                                   balanced_rows)
-
-    plan = torch.exp((f[..., :, None] + g[..., None, :] - cost) / eps)  # (..., n, m), 0 where C=+inf
+        f, g, err, used, plan = _iterate(cost, a, b, eps, n_half, fi1, fi2, tol, domain, cmin.detach(),
+                                         balanced_rows)
+    if plan is None:
+        plan = torch.exp((f[..., :, None] + g[..., None, :] - cost) / eps)  # (..., n, m), 0 where C=+inf
     if balanced_rows:
         with torch.no_grad():
             err_t = (plan.sum(-1) - a).abs().sum(-1)
@@ -335,7 +346,11 @@ def _marginal(w: Optional[Tensor], batch, size: int, like: Tensor, name: str) ->
 def _iterate(cost, a, b, eps, n_half, fi1, fi2, tol, domain, cmin, balanced_rows):
     """Run ``n_half`` alternating updates (rows first). Returns f, g, error, updates used."""
     if domain == "log":
-        return _iterate_log(cost, a, b, eps, n_half, fi1, fi2, tol, balanced_rows)
+        return (*_iterate_log(cost, a, b, eps, n_half, fi1, fi2, tol, balanced_rows), None)
+    if domain == "kernel64":
+        f, g, err, used, plan = _iterate_kernel(cost.double(), a.double(), b.double(), eps, n_half, fi1, fi2,
+                                                tol, cmin.double(), balanced_rows)
+        return f.to(cost.dtype), g.to(cost.dtype), err, used, plan.to(cost.dtype)
     return _iterate_kernel(cost, a, b, eps, n_half, fi1, fi2, tol, cmin, balanced_rows)
 
 
@@ -372,7 +387,10 @@ def _iterate_log(cost, a, b, eps, n_half, fi1, fi2, tol, balanced_rows):
 
 def _iterate_kernel(cost, a, b, eps, n_half, fi1, fi2, tol, cmin, balanced_rows):
     # K = exp(-(C - cmin)/eps) has max entry 1; f = eps log u + cmin, g = eps log v.
-    kernel = torch.exp(-(cost - cmin) / eps)  # (..., n, m), 0 on masked pairs
+    if cost.requires_grad and torch.is_grad_enabled():
+        kernel = torch.exp((cost - cmin) * (-1.0 / eps))  # (..., n, m), 0 on masked pairs
+    else:  # one n x m buffer instead of three temporaries
+        kernel = torch.sub(cost, cmin).mul_(-1.0 / eps).exp_()
     u = torch.ones_like(a)
     v = torch.ones_like(b)
     row_fix = torch.exp((fi1 - 1.0) * cmin[..., 0] / eps)  # (..., 1)
@@ -402,7 +420,8 @@ def _iterate_kernel(cost, a, b, eps, n_half, fi1, fi2, tol, cmin, balanced_rows)
             break
     f = eps * torch.log(u) + cmin[..., 0]
     g = eps * torch.log(v)
-    return f, g, err, used
+    plan = u[..., :, None] * kernel * v[..., None, :]  # = exp((f + g - C)/eps), two products
+    return f, g, err, used, plan
 
 
 def coupling_u1(cost: Tensor, *, eps: float, mask: Optional[Tensor] = None) -> Tensor:

@@ -1,0 +1,68 @@
+"""Shared helpers: repeat timing, the machine line, and appending a table to BENCHMARKS.md."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List
+
+ROOT = Path(__file__).resolve().parents[1]
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def ensure_malloc_env() -> None:
+    """Re-exec with MALLOC_MMAP_THRESHOLD_ set high.
+
+    Without it glibc maps and zeroes fresh pages for every large temporary
+    (each n x n matrix), which made n = 1024 solves ~2.7x slower on this
+    machine for every solver alike; the setting keeps freed blocks for reuse.
+    """
+    if os.environ.get(MMAP_ENV) is None:
+        os.environ[MMAP_ENV] = str(1 << 30)
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        target = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+        os.execv(sys.executable, [sys.executable, *target, *sys.argv[1:]])
+
+
+def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time in seconds over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+
+
+def markdown_table(header: List[str], rows: List[List[object]]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return "n/a" if v != v else (f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}")
+        return str(v)
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def record(title: str, body: str) -> None:
+    """Print the section and append it, with the command that produced it, to BENCHMARKS.md."""
+    cmd = "MALLOC_MMAP_THRESHOLD_=1073741824 " if os.environ.get(MMAP_ENV) else ""
+    cmd += ".venv/bin/python -m benchmarks." + Path(sys.argv[0]).stem + " " + " ".join(sys.argv[1:])
+    text = (f"\n## {title}\n\nCommand: `{cmd.strip()}`  \nMachine: {machine()}  \n"
+            f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{body}\n")
+    print(text)
+    with open(ROOT / "BENCHMARKS.md", "a") as f:
+        f.write(text)

@@ -1,0 +1,190 @@
+"""otstudy's Sinkhorn vs POT and GeomLoss on the same problems, measured side by side in one run.
+
+Problems: two clouds of n Gaussian points in d dimensions, cosine cost
+C = 1 - cos (for GeomLoss the points are L2-normalised, so its p=2 cost
+|x - y|^2 / 2 is the same C, and blur = sqrt(eps)). Tables:
+
+1. a fixed 40 iterations (float32 torch for otstudy; POT on numpy float64, its
+   default, and POT on float32 torch tensors): median time and L1 marginal error;
+2. time to reach L1 marginal error 1e-6 (float64 for everyone; SNS included);
+3. forward + backward at n = 2048, d = 512: time and bytes kept for backward.
+
+    .venv/bin/python -m benchmarks.ot_solvers [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import ensure_malloc_env, markdown_table, record, timeit
+from trainables.ot import sinkhorn
+
+warnings.filterwarnings("ignore")
+
+
+def problem(n, d, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    y = torch.randn(n, d, generator=g, dtype=dtype)
+    return x, y, 1.0 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+
+
+def l1_marginal_error(plan, a, b):
+    plan = np.asarray(plan)
+    return float(np.abs(plan.sum(1) - a).sum() + np.abs(plan.sum(0) - b).sum())
+
+
+def saved_bytes(fn):
+    """Bytes of distinct storages autograd keeps for backward while ``fn`` builds its graph."""
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def geomloss_fn(x, y, eps):
+    from geomloss import SamplesLoss
+
+    loss = SamplesLoss("sinkhorn", p=2, blur=math.sqrt(eps), debias=False, scaling=0.5, backend="tensorized")
+    xn, yn = F.normalize(x, dim=1), F.normalize(y, dim=1)
+    return lambda: loss(xn, yn)
+
+
+def fixed_iterations(sizes, dims, epss, iters=40):
+    import ot
+
+    rows = []
+    for n in sizes:
+        for d in dims:
+            x, y, c = problem(n, d)
+            c64 = c.double().numpy()
+            a = np.full(n, 1.0 / n)
+            a_t = torch.full((n,), 1.0 / n)
+            reps = 5 if n <= 512 else 3
+            for eps in epss:
+                ours = sinkhorn(c, eps=eps, n_iters=iters)
+                t_ours = timeit(lambda: sinkhorn(c, eps=eps, n_iters=iters), reps)
+                t_ours_log = timeit(lambda: sinkhorn(c, eps=eps, n_iters=iters, domain="log"), reps)
+                p_pot = ot.sinkhorn(a, a, c64, eps, numItermax=iters, stopThr=0.0)
+                t_pot = timeit(lambda: ot.sinkhorn(a, a, c64, eps, numItermax=iters, stopThr=0.0), reps)
+                t_pot_t = timeit(lambda: ot.sinkhorn(a_t, a_t, c, eps, numItermax=iters, stopThr=0.0), reps)
+                p_log = ot.sinkhorn(a, a, c64, eps, method="sinkhorn_log", numItermax=iters, stopThr=0.0)
+                t_pot_log = timeit(lambda: ot.sinkhorn(a, a, c64, eps, method="sinkhorn_log", numItermax=iters,
+                                                       stopThr=0.0), reps)
+                try:
+                    gl = geomloss_fn(x, y, eps)
+                    t_gl = timeit(gl, reps)
+                except ImportError:
+                    t_gl = float("nan")
+                fastest_peer = min(t_pot, t_pot_t, t_pot_log, t_gl if t_gl == t_gl else math.inf)
+                rows.append([n, d, eps, ours.domain, 1e3 * t_ours, 1e3 * t_ours_log, 1e3 * t_pot, 1e3 * t_pot_t,
+                             1e3 * t_pot_log, 1e3 * t_gl, t_ours / fastest_peer, ours.marginal_error,
+                             l1_marginal_error(p_pot, a, a), l1_marginal_error(p_log, a, a)])
+                print(rows[-1], flush=True)
+    header = ["n", "d", "eps", "otstudy domain", "otstudy ms", "otstudy log ms", "POT np64 ms", "POT torch32 ms",
+              "POT log ms", "GeomLoss ms", "otstudy / fastest peer", "otstudy err", "POT err", "POT log err"]
+    return markdown_table(header, rows)
+
+
+def to_tolerance(sizes, epss, tol=1e-6, cap=5000):
+    import ot
+
+    rows = []
+    for n in sizes:
+        _, _, c = problem(n, 128, dtype=torch.float64)
+        c64 = c.numpy()
+        a = np.full(n, 1.0 / n)
+        for eps in epss:
+            t0 = time.perf_counter()
+            ours = sinkhorn(c, eps=eps, n_iters=cap, tol=tol, warn=False)
+            t_ours = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            sns = sinkhorn(c, eps=eps, method="sns", tol=tol, warn=False)
+            t_sns = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            p_pot, log = ot.sinkhorn(a, a, c64, eps, numItermax=cap, stopThr=tol / 10, log=True)
+            t_pot = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            p_log, log2 = ot.sinkhorn(a, a, c64, eps, method="sinkhorn_log", numItermax=cap, stopThr=tol / 10,
+                                      log=True)
+            t_pot_log = time.perf_counter() - t0
+            rows.append([n, eps, 1e3 * t_ours, ours.n_iters, ours.marginal_error, 1e3 * t_sns, sns.n_iters,
+                         sns.marginal_error, 1e3 * t_pot, log.get("niter", float("nan")),
+                         l1_marginal_error(p_pot, a, a), 1e3 * t_pot_log, log2.get("niter", float("nan")),
+                         l1_marginal_error(p_log, a, a)])
+            print(rows[-1], flush=True)
+    header = ["n", "eps", "otstudy ms", "iters", "err", "SNS ms", "SNS iters", "SNS err", "POT ms", "POT iters",
+              "POT err", "POT log ms", "POT log iters", "POT log err"]
+    return markdown_table(header, rows)
+
+
+def backward(n=2048, d=512, eps=0.05, iters=40):
+    rows = []
+    x, y, _ = problem(n, d)
+
+    def run(mode):
+        xr = x.clone().requires_grad_(True)
+        cost = 1.0 - F.normalize(xr, dim=1) @ F.normalize(y, dim=1).T
+        res = sinkhorn(cost, eps=eps, n_iters=iters, grad=mode)
+        return xr, (res.objective() if mode == "implicit" else res.transport_cost())
+
+    for mode in ("unrolled", "implicit"):
+        _, mem = saved_bytes(lambda: run(mode))
+
+        def fb():
+            xr, v = run(mode)
+            v.backward()
+
+        rows.append([f"otstudy {mode}", 1e3 * timeit(fb, 3), mem / 2**20, mem / (n * n * 4)])
+    try:
+        from geomloss import SamplesLoss
+
+        loss = SamplesLoss("sinkhorn", p=2, blur=math.sqrt(eps), debias=False, scaling=0.5, backend="tensorized")
+
+        def gl():
+            xr = x.clone().requires_grad_(True)
+            return xr, loss(F.normalize(xr, dim=1), F.normalize(y, dim=1))
+
+        _, mem = saved_bytes(gl)
+
+        def fb_gl():
+            xr, v = gl()
+            v.backward()
+
+        rows.append(["GeomLoss (eps-scaling)", 1e3 * timeit(fb_gl, 3), mem / 2**20, mem / (n * n * 4)])
+    except ImportError:
+        pass
+    return markdown_table(["solver", "forward+backward ms", "kept for backward (MiB)", "x n*n float32"], rows)
+
+
+def main():
+    ensure_malloc_env()
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="n in {128, 512}, d = 128 only")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    sizes = [128, 512] if args.quick else [128, 512, 1024, 2048]
+    dims = [128] if args.quick else [128, 512]
+    body = "### Fixed 40 iterations (median ms; err = L1 marginal error after 40 iterations)\n\n"
+    body += fixed_iterations(sizes, dims, [0.01, 0.05, 0.5])
+    body += "\n\n### Time to L1 marginal error 1e-6 (float64, capped at 5000 iterations)\n\n"
+    body += to_tolerance([128, 512] if args.quick else [128, 512, 1024], [0.01, 0.05, 0.5])
+    body += "\n\n### Forward + backward, n = 2048, d = 512, eps = 0.05, 40 iterations (float32)\n\n"
+    body += backward()
+    record("ot_solvers: otstudy Sinkhorn vs POT and GeomLoss", body)
+
+
+if __name__ == "__main__":
+    main()
