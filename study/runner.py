@@ -11,7 +11,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 
@@ -21,6 +21,7 @@ from .tracking import MLflowTracker, Progress, default_tracking_uri, flat_config
 EXPERIMENT_DIR = "ray"  # <study>/ray holds Tune's experiment state
 CHECKPOINT_FILE = "state.pt"
 EMBEDDINGS_FILE = "embeddings.npz"  # in the trial directory: the final frozen test features
+DIVERGED_FILE = "diverged.txt"  # in the trial directory: why the loss diverged (retries fail at once)
 
 
 class StudyExists(ValueError):
@@ -31,15 +32,38 @@ class StudyExists(ValueError):
 
 
 def load_checkpoint(path: Path) -> Optional[Dict[str, Any]]:
-    """Load a trial checkpoint with ``weights_only=True``; a corrupt file gives None and a warning."""
+    """Load a trial checkpoint with ``weights_only=True``; a corrupt or foreign file gives None and a warning."""
     import torch
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated / corrupted / foreign file
-        warnings.warn(f"checkpoint {path} could not be loaded ({type(exc).__name__}: {exc}); "
-                      f"the trial restarts from scratch")
+    except Exception as exc:  # truncated / corrupted / not a plain state dict
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        warnings.warn(f"checkpoint {path} could not be loaded ({type(exc).__name__}: {msg[:200]})")
         return None
+
+
+def restore_state(candidates: List[Path]) -> Optional[Dict[str, Any]]:
+    """The newest loadable checkpoint of ``candidates`` (newest first), with a warning per bad one.
+
+    A truncated or corrupted last checkpoint falls back to the previous good
+    one (Tune keeps two), and to a fresh start when none loads.
+    """
+    for i, path in enumerate(candidates):
+        state = load_checkpoint(path)
+        if state is not None:
+            if i:
+                warnings.warn(f"resuming from the older checkpoint {path} (epoch {state.get('epoch')})")
+            return state
+    if candidates:
+        warnings.warn("no loadable checkpoint: the trial restarts from scratch")
+    return None
+
+
+def _checkpoint_candidates(ckpt, trial_dir: Path) -> List[Path]:
+    found = sorted(trial_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True)
+    latest = Path(ckpt.path) / CHECKPOINT_FILE
+    return [latest] + [p for p in found if p != latest] if latest.exists() else found
 
 
 def tune_trainable(config: Dict[str, Any]) -> None:
@@ -50,16 +74,24 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from trainables.pretrain_probe import run
+    from trainables.pretrain_probe import TrialDiverged, run
 
     for name in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" once per epoch is noise
         logging.getLogger(name).setLevel(logging.WARNING)
 
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    marker = trial_dir / DIVERGED_FILE
+    if marker.exists():  # a retry of a diverged trial would diverge again: fail at once, train nothing
+        raise TrialDiverged(marker.read_text())
     restore = None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            restore = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+        candidates = _checkpoint_candidates(ckpt, trial_dir)
+        if candidates:
+            restore = restore_state(candidates)
+        else:  # remote storage: only the latest is at hand
+            with ckpt.as_directory() as d:
+                restore = restore_state([Path(d) / CHECKPOINT_FILE])
     carried: Dict[str, float] = {}
     node_id = ray.get_runtime_context().get_node_id()  # which cluster node ran the trial
 
@@ -83,7 +115,11 @@ def tune_trainable(config: Dict[str, Any]) -> None:
             torch.save(checkpoint, Path(d) / CHECKPOINT_FILE)
             tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
 
-    run(flat_config(config), report=report, restore=restore)
+    try:
+        run(flat_config(config), report=report, restore=restore)
+    except TrialDiverged as exc:
+        marker.write_text(str(exc))
+        raise
 
 
 # --------------------------------------------------------------------------- building the Tuner
@@ -173,6 +209,9 @@ def init_ray(address: Optional[str] = None) -> None:
         return
     # per-epoch checkpoints are the point (resume loses at most one epoch): silence Tune's warning about them
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # an unreachable tracking server must not stall the driver for minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     kwargs: Dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
                               "log_to_driver": True}
     if address:

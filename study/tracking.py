@@ -59,6 +59,7 @@ class MLflowTracker(Callback):
         self._parent_id = None
         self._runs: Dict[str, str] = {}
         self._last_step: Dict[str, float] = {}
+        self._unreachable = False
         self.failures = 0
 
     def __getstate__(self):
@@ -86,7 +87,12 @@ class MLflowTracker(Callback):
     def _ensure(self) -> bool:
         if self._client is not None:
             return True
-        return bool(self._guard("connect", self._connect))
+        if self._unreachable:
+            return False
+        ok = bool(self._guard("connect", self._connect))
+        # one failed connection is enough: do not stall every result on a dead server
+        self._unreachable = not ok
+        return ok
 
     def _connect(self) -> bool:
         import mlflow

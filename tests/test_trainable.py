@@ -8,7 +8,7 @@ from trainables import data as D
 from trainables.config import TrialConfig
 from trainables.models import build_model
 from trainables.pretrain_probe import TrialDiverged, run
-from trainables.probes import extract_features, knn_accuracy, linear_probe
+from trainables.probes import align_uniform, extract_features, knn_accuracy, linear_probe, mlp_probe
 
 EPOCH_KEYS = {"epoch", "train_loss", "epoch_time_s", "step_time_ms", "ot_time_ms", "data_time_ms",
               "images_per_s", "peak_mem_mb", "knn_acc"}
@@ -96,6 +96,22 @@ def test_linear_probe_learns_separable_features_and_selects_on_val():
     x = torch.randn(300, 5, generator=g) + 4.0 * torch.nn.functional.one_hot(y, 5).float()
     out = linear_probe(x[:200], y[:200], x[200:250], y[200:250], x[250:], y[250:], n_classes=3)
     assert out["linear_acc"] > 0.95 and out["test_linear_acc"] > 0.95
+
+
+def test_mlp_probe_learns_a_nonlinear_boundary_the_linear_probe_cannot():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(600, 2, generator=g) * 2 - 1
+    y = ((x[:, 0] * x[:, 1]) > 0).long()  # XOR quadrants: not linearly separable
+    lin = linear_probe(x[:400], y[:400], x[400:500], y[400:500], x[500:], y[500:], n_classes=2)
+    mlp = mlp_probe(x[:400], y[:400], x[400:500], y[400:500], x[500:], y[500:], n_classes=2)
+    assert lin["test_linear_acc"] < 0.7 and mlp["test_mlp_acc"] > 0.9
+
+
+def test_align_uniform_closed_forms():
+    f = torch.nn.functional.normalize(torch.randn(50, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    assert align_uniform(f, f)["align"] == 0.0  # identical views are perfectly aligned
+    same = torch.ones(10, 4)
+    assert align_uniform(same, same)["uniform"] == pytest.approx(0.0, abs=1e-7)  # collapse: log E exp(0) = 0
 
 
 def test_knn_accuracy_reference():
