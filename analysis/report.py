@@ -8,8 +8,6 @@ for a finished, running or crashed study.
 from __future__ import annotations
 
 import html
-import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -21,7 +19,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
-import yaml  # noqa: E402
 
 from .importance import param_importances  # noqa: E402
 from .sources import EmptyStudy, from_mlflow, from_study_dir  # noqa: E402
@@ -313,8 +310,7 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
     over = overhead_table(timed, cfg_cols, baseline=_baseline_mask(timed)) if len(timed) else pd.DataFrame()
     if len(over):
         over.to_csv(out / "overhead.csv", index=False)
-        (out / "overhead.md").write_text(_fmt_table(over).to_markdown(index=False) if _has_tabulate()
-                                         else _fmt_table(over).to_string(index=False))
+        (out / "overhead.md").write_text(_fmt_table(over).to_markdown(index=False))
         (out / "overhead.tex").write_text(_fmt_table(over).to_latex(index=False))
 
     summary_rows = []
@@ -344,15 +340,6 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
     index = out / "index.html"
     index.write_text(page)
     return index
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
 
 
 def _table_html(df: pd.DataFrame) -> str:

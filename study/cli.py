@@ -56,7 +56,7 @@ def cmd_presets(args) -> int:
 
 def _load_run_spec(args):
     from search_spaces.presets import get_preset
-    from study.spec import SpecError, load_spec_file, parse_spec
+    from study.spec import load_spec_file, parse_spec
 
     if bool(args.spec) == bool(args.preset):
         raise CliError("give a spec file or --preset NAME (not both)")
@@ -131,7 +131,6 @@ def cmd_status(args) -> int:
     if res.empty:
         print(f"{d}: no trials have started (expected {expected})")
         return 0
-    from study.spec import parse_spec
     import yaml
 
     spec = yaml.safe_load((d / "spec.yaml").read_text())

@@ -190,7 +190,10 @@ def build_tuner(spec: Spec, study_dir: Path):
     tune_config = tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search_alg,
                                   scheduler=_scheduler(spec, study_dir), num_samples=num_samples,
                                   max_concurrent_trials=spec.max_concurrent,
-                                  trial_dirname_creator=_trial_dirname)
+                                  trial_dirname_creator=_trial_dirname,
+                                  # a trial process is reused for the next trial: no new Python + torch
+                                  # import per trial (measured in benchmarks/platform_overhead)
+                                  reuse_actors=True)
     run_config = tune.RunConfig(
         name=EXPERIMENT_DIR, storage_path=str(study_dir.resolve()),
         callbacks=[tracker, Progress(spec.n_trials(), spec.metric, spec.mode, spec.to_dict())],

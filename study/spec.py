@@ -7,7 +7,6 @@ YAML is read with ``yaml.safe_load``; nothing in a spec is evaluated as code.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import re
 from dataclasses import dataclass, field

@@ -17,7 +17,6 @@ import json
 import math
 import subprocess
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Dict, Optional
 

@@ -38,3 +38,30 @@ def record(fault, test, outcome):
     data = json.loads(OUTCOMES.read_text()) if OUTCOMES.exists() else {}
     data[fault] = {"test": test, "outcome": outcome}
     OUTCOMES.write_text(json.dumps(data, indent=2))
+
+
+def spec_file(tmp_path, name, **overrides):
+    """A small digits study spec written to tmp_path; returns (spec path, study directory)."""
+    import yaml
+
+    spec = {"name": name, "method": "sinsim", "dataset": "digits",
+            "fixed": {"epochs": 3, "batch_size": 256, "proj_hidden": 64, "proj_dim": 32},
+            "search": {"beta": {"grid": [0.0, 0.8]}}, "sampler": "grid", "seeds": [0, 1],
+            "metric": "knn_acc", "mode": "max", "resources": {"cpu": 1}, "max_concurrent": 2}
+    spec.update(overrides)
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(yaml.safe_dump(spec))
+    return f, tmp_path / "studies" / name
+
+
+def wait_for(cond, timeout, what):
+    """Poll ``cond`` until it returns something truthy (returned) or fail after ``timeout`` seconds."""
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,20 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import OTSTUDY, mlflow_runs, otstudy, result_lines
+from helpers import OTSTUDY, mlflow_runs, otstudy, result_lines, spec_file, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def write_spec(tmp_path, **overrides):
-    spec = {"name": "p", "method": "sinsim", "dataset": "digits",
-            "fixed": {"epochs": 4, "batch_size": 256, "proj_hidden": 64, "proj_dim": 32},
-            "search": {"beta": {"grid": [0.0, 0.8]}}, "sampler": "grid", "seeds": [0, 1],
-            "metric": "knn_acc", "mode": "max", "resources": {"cpu": 1}, "max_concurrent": 2}
-    spec.update(overrides)
-    f = tmp_path / f"{spec['name']}.yaml"
-    f.write_text(yaml.safe_dump(spec))
-    return f, tmp_path / "studies" / spec["name"]
 
 
 def test_replay_asha_rebuilds_rungs_from_history(tmp_path):
@@ -54,7 +42,7 @@ def test_replay_asha_rebuilds_rungs_from_history(tmp_path):
 
 def test_asha_records_pruned_trials_as_pruned_everywhere(tmp_path):
     # lr 1e-7 cannot lower the loss: ASHA (train_loss, min) stops those trials at the first rung
-    spec, study = write_spec(tmp_path, name="asha", method="simclr", search={"lr": {"grid": [1e-2, 1e-7]}},
+    spec, study = spec_file(tmp_path, "asha", method="simclr", search={"lr": {"grid": [1e-2, 1e-7]}},
                              scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
                              metric="train_loss", mode="min", max_concurrent=1, seeds=[0, 1])
     spec_dict = yaml.safe_load(spec.read_text())
@@ -72,7 +60,7 @@ def test_asha_records_pruned_trials_as_pruned_everywhere(tmp_path):
 
 
 def test_tpe_with_asha_keeps_optuna_in_step_with_tune(tmp_path):
-    spec, study = write_spec(tmp_path, name="tpe", method="simclr", sampler="tpe", num_samples=4,
+    spec, study = spec_file(tmp_path, "tpe", method="simclr", sampler="tpe", num_samples=4,
                              search={"lr": {"low": 1e-7, "high": 1e-2, "log": True}}, seeds=[0],
                              scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
                              metric="train_loss", mode="min", max_concurrent=1)
@@ -81,15 +69,6 @@ def test_tpe_with_asha_keeps_optuna_in_step_with_tune(tmp_path):
     assert len(res) == 4 and set(res["status"]) <= {"completed", "pruned"}
     expected = {"completed": "COMPLETE", "pruned": "PRUNED"}
     assert (res["searcher_state"] == res["status"].map(expected)).all(), res[["status", "searcher_state"]]
-
-
-def _wait_for(cond, timeout, what):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if cond():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _finished_trials(study: Path):
@@ -101,13 +80,13 @@ def _finished_trials(study: Path):
 
 
 def test_kill_9_of_the_driver_then_resume(tmp_path):
-    spec, study = write_spec(tmp_path, name="killed", fixed={"epochs": 6, "batch_size": 256, "proj_hidden": 64,
+    spec, study = spec_file(tmp_path, "killed", fixed={"epochs": 6, "batch_size": 256, "proj_hidden": 64,
                                                             "proj_dim": 32},
                              search={"beta": {"grid": [0.0, 0.4, 0.8]}}, seeds=[0, 1])
     proc = subprocess.Popen([OTSTUDY, "run", str(spec), "--storage", str(tmp_path / "studies")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_for(lambda: len(_finished_trials(study)) >= 2, 300, "two finished trials")
+        wait_for(lambda: len(_finished_trials(study)) >= 2, 300, "two finished trials")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
@@ -151,9 +130,9 @@ def test_remote_mlflow_server_receives_the_study(tmp_path):
             except OSError:
                 return False
 
-        _wait_for(up, 120, "mlflow server")
+        wait_for(up, 120, "mlflow server")
         uri = f"http://127.0.0.1:{port}"
-        spec, study = write_spec(tmp_path, name="remote", mlflow_uri=uri,
+        spec, study = spec_file(tmp_path, "remote", mlflow_uri=uri,
                                  fixed={"epochs": 2, "batch_size": 256, "proj_hidden": 32, "proj_dim": 16})
         otstudy("run", str(spec), "--storage", str(tmp_path / "studies"))
         from mlflow.tracking import MlflowClient
@@ -186,7 +165,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
         subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
                         "--num-cpus=1", "--resources", '{"worker_node": 1}', "--disable-usage-stats"],
                        check=True, env=env, capture_output=True, timeout=120)
-        spec, study = write_spec(tmp_path, name="cluster",
+        spec, study = spec_file(tmp_path, "cluster",
                                  fixed={"epochs": 2, "batch_size": 256, "proj_hidden": 32, "proj_dim": 16})
         proc = subprocess.run([OTSTUDY, "run", str(spec), "--storage", str(tmp_path / "studies"),
                                "--address", f"127.0.0.1:{port}"], env=env, capture_output=True, text=True,

@@ -5,36 +5,21 @@ docs/reliability.md can be regenerated from a test run
 (`.venv/bin/python -m tests.reliability_table`).
 """
 import json
-import math
 import os
 import signal
 import socket
 import subprocess
 import time
-import warnings
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-import yaml
-from helpers import OTSTUDY, mlflow_runs, otstudy, record, result_lines
+from helpers import OTSTUDY, mlflow_runs, otstudy, record, result_lines, spec_file, wait_for
 
 from study.cli import build_parser
 from study.runner import load_checkpoint, restore_state
 from trainables.losses import METHODS, compute_loss
 from trainables.ot import sinkhorn
-
-def spec_file(tmp_path, name, **overrides):
-    spec = {"name": name, "method": "sinsim", "dataset": "digits",
-            "fixed": {"epochs": 3, "batch_size": 256, "proj_hidden": 64, "proj_dim": 32},
-            "search": {"beta": {"grid": [0.0, 0.8]}}, "sampler": "grid", "seeds": [0, 1],
-            "metric": "knn_acc", "mode": "max", "resources": {"cpu": 1}, "max_concurrent": 2}
-    spec.update(overrides)
-    f = tmp_path / f"{name}.yaml"
-    f.write_text(yaml.safe_dump(spec))
-    return f, tmp_path / "studies" / name
-
 
 # --------------------------------------------------------------------------- checkpoints
 
@@ -130,16 +115,6 @@ def test_diverging_trial_fails_alone_and_everyone_is_told(tmp_path):
            f"retry failed at once; {len(good)} other trial(s) completed")
 
 
-def _wait_for(cond, timeout, what):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.slow
 def test_killed_worker_is_retried_from_its_checkpoint(tmp_path):
     spec, study = spec_file(tmp_path, "workerkill", seeds=[0], search={"beta": {"grid": [0.0, 0.8]}},
@@ -155,7 +130,7 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path):
         return None
 
     try:
-        name, pid, epochs_before = _wait_for(victim, 300, "a trial at epoch 3")
+        name, pid, epochs_before = wait_for(victim, 300, "a trial at epoch 3")
         os.kill(pid, signal.SIGKILL)
         assert proc.wait(timeout=600) == 0
     finally:
@@ -226,7 +201,7 @@ def test_three_driver_kills_in_one_study(tmp_path):
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         target = len(_finished(study)) + 2 if study.exists() else 2
         try:
-            _wait_for(lambda: len(_finished(study)) >= target, 600, f"kill {kill + 1}")
+            wait_for(lambda: len(_finished(study)) >= target, 600, f"kill {kill + 1}")
             time.sleep((kill * 1.7) % 3)  # a different moment each time
         finally:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .datasets import TORCHVISION_DATASETS, check_available, load_torchvision
+from .datasets import TORCHVISION_DATASETS, load_torchvision
 
 DATASETS = ("digits",) + TORCHVISION_DATASETS
 SPLIT_SEED = 0  # fixed: every trial of every study sees the same split

@@ -78,7 +78,6 @@ def check_available(name: str, data_root: Optional[str], download: bool = False)
 
 def _presence_only(cls, files_attr: str = "lists"):
     """A torchvision dataset class whose integrity check is presence, not MD5 (verify_data: false)."""
-    import torchvision.datasets as tvd  # noqa: F401
 
     class Unverified(cls):
         def _check_integrity(self) -> bool:
@@ -99,8 +98,6 @@ def _presence_only(cls, files_attr: str = "lists"):
 
 def load_torchvision(name: str, data_root: str, *, download: bool = False, verify_data: bool = True,
                      image_size: int = 64) -> Loaded:
-    import torchvision.datasets as tvd
-
     check_available(name, data_root, download)
     root = str(Path(data_root).expanduser())
 

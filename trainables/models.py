@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 
 ENCODERS = ("small_cnn", "resnet18", "resnet50")
