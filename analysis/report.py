@@ -22,7 +22,7 @@ import seaborn as sns  # noqa: E402
 
 from .importance import param_importances  # noqa: E402
 from .sources import EmptyStudy, from_mlflow, from_study_dir  # noqa: E402
-from .stats import mean_ci, overhead_table, summarise  # noqa: E402
+from .stats import OVERHEAD_COLS, mean_ci, overhead_table, summarise  # noqa: E402
 
 __all__ = ["write_report", "EmptyStudy"]
 
@@ -296,7 +296,9 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
     f = learning_curves(hist, res, knobs, out)
     if f:
         figures.append((f, "Validation kNN accuracy (the pruning signal) per trial."))
-    importance = param_importances(res, knobs, "test_linear_acc") if "test_linear_acc" in res.columns else {}
+    # importance needs at least two knobs to rank (with one, it is trivially 1)
+    importance = param_importances(res, knobs, "test_linear_acc") \
+        if "test_linear_acc" in res.columns and len(knobs) >= 2 else {}
     f = importance_plot(importance, "test_linear_acc", out)
     if f:
         figures.append((f, "Which knob moves the final accuracy most: Optuna's PED-ANOVA over completed trials."))
@@ -342,10 +344,20 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
     return index
 
 
+def _readable(df: pd.DataFrame) -> pd.DataFrame:
+    """Column names with units for the page (the CSV/Markdown/LaTeX files keep the data names)."""
+    names = {}
+    for c in df.columns:
+        base = c[:-len("_ratio")] if c.endswith("_ratio") else c
+        if base in OVERHEAD_COLS:
+            names[c] = OVERHEAD_COLS[base] + (" × baseline" if c.endswith("_ratio") else "")
+    return df.rename(columns=names)
+
+
 def _table_html(df: pd.DataFrame) -> str:
     if df is None or df.empty:
         return "<p><em>none</em></p>"
-    return _fmt_table(df).to_html(index=False, border=0, classes="t", escape=True)
+    return _fmt_table(_readable(df)).to_html(index=False, border=0, classes="t", escape=True)
 
 
 def _html(spec, meta, counts, expected, missing, figures, summary, over, flagged, mlflow_errors, secs) -> str:

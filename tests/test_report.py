@@ -106,7 +106,8 @@ def test_report_of_a_synthetic_study(tmp_path):
     assert fl["trial_id"].tolist() == ["t6"] and fl["flag"].iloc[0] == "sinkhorn not converged"
     page = index.read_text()
     assert "have not finished" not in page
-    for f in ("sensitivity_beta.png", "sensitivity_beta.pdf", "learning_curves.png", "importance.png",
+    assert "step time (ms) × baseline" in page
+    for f in ("sensitivity_beta.png", "sensitivity_beta.pdf", "learning_curves.png",
               "overhead.tex", "overhead.md"):
         assert (rep / f).stat().st_size > 0, f
 
