@@ -215,9 +215,10 @@ def embedding_plot(res: pd.DataFrame, study_dir: Optional[Path], knobs: List[str
     picks = []
     for kind, rows in (("baseline", base), ("best", best)):
         row = rows.sort_values("seed").iloc[0] if "seed" in rows.columns else rows.iloc[0]
-        f = Path(study_dir) / "ray" / f"trial_{row['trial_id']}" / "embeddings.npz"
-        if not f.exists():
+        found = sorted((Path(study_dir) / "ray" / f"trial_{row['trial_id']}").glob("checkpoint_*/embeddings.npz"))
+        if not found:
             return None
+        f = found[-1]
         with np.load(f) as z:
             feats, labels = z["features"][:max_points], z["labels"][:max_points]
         picks.append((f"{kind}: {_describe(row, cols)} (seed {row.get('seed')})", feats, labels))

@@ -20,7 +20,7 @@ from .tracking import MLflowTracker, Progress, default_tracking_uri, flat_config
 
 EXPERIMENT_DIR = "ray"  # <study>/ray holds Tune's experiment state
 CHECKPOINT_FILE = "state.pt"
-EMBEDDINGS_FILE = "embeddings.npz"  # in the trial directory: the final frozen test features
+EMBEDDINGS_FILE = "embeddings.npz"  # in the final checkpoint directory: the frozen test features
 DIVERGED_FILE = "diverged.txt"  # in the trial directory: why the loss diverged (retries fail at once)
 
 
@@ -106,13 +106,13 @@ def tune_trainable(config: Dict[str, Any]) -> None:
             tune.report(m)
             return
         emb = checkpoint.pop("embeddings", None) if isinstance(checkpoint, dict) else None
-        if emb is not None:
-            import numpy as np
-
-            np.savez_compressed(Path(tune.get_context().get_trial_dir()) / EMBEDDINGS_FILE,
-                                features=emb["features"].numpy(), labels=emb["labels"].numpy())
         with tempfile.TemporaryDirectory() as d:
             torch.save(checkpoint, Path(d) / CHECKPOINT_FILE)
+            if emb is not None:  # travels with the final checkpoint to the study's storage
+                import numpy as np
+
+                np.savez_compressed(Path(d) / EMBEDDINGS_FILE, features=emb["features"].numpy(),
+                                    labels=emb["labels"].numpy())
             tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
 
     try:

@@ -51,6 +51,7 @@ def test_report_writes_plot_table_and_page(smoke_study):
     over = pd.read_csv(rep / "overhead.csv")
     assert set(over["beta"]) == {0.0, 0.4}
     assert over.loc[over["beta"] == 0.0, "med_step_time_ms_ratio"].iloc[0] == pytest.approx(1.0)
+    assert (rep / "embeddings.png").read_bytes()[:8] == PNG_MAGIC  # t-SNE/UMAP of best vs baseline
     page = (rep / "index.html").read_text()
     assert "sensitivity_beta.png" in page and "Overhead" in page and "4 completed" in page
 
