@@ -71,6 +71,10 @@ def _load_run_spec(args):
     else:
         spec = load_spec_file(args.spec)
         if args.name:
+            from study.spec import NAME_RE
+
+            if not NAME_RE.match(args.name):
+                raise CliError(f"--name {args.name!r}: use letters, digits, '_', '.', '-'")
             spec.name = args.name
     return spec.smoke() if args.smoke_test else spec
 
@@ -101,8 +105,6 @@ def cmd_resume(args) -> int:
     from study.runner import resume_study
 
     d = _study_dir(args.dir)
-    if not (d / "ray").is_dir():
-        raise CliError(f"{d} has no Ray Tune experiment state (ray/) to resume")
     resume_study(d, address=args.address, restart_errored=args.restart_errored)
     return 0
 

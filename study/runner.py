@@ -279,8 +279,15 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
     study_dir = Path(study_dir)
     spec = read_study(study_dir)
     exp = study_dir / EXPERIMENT_DIR
-    if not tune.Tuner.can_restore(str(exp.resolve())):
-        raise ValueError(f"{study_dir} has no Ray Tune experiment state to resume (was it started?)")
+    if not (exp.is_dir() and tune.Tuner.can_restore(str(exp.resolve()))):
+        # stopped before Tune's first snapshot: no trial had been recorded, so nothing is lost by
+        # starting the trials now (any partial trial directories are set aside, not deleted)
+        if exp.is_dir():
+            exp.rename(study_dir / f"{EXPERIMENT_DIR}.unrecorded-{time.strftime('%Y%m%d-%H%M%S')}")
+        print(f"[otstudy] {study_dir} stopped before its first snapshot: starting its trials now")
+        init_ray(address)
+        build_tuner(spec, study_dir).fit()
+        return _finish(study_dir)
     init_ray(address)
     tuner = tune.Tuner.restore(str(exp.resolve()), trainable=_trainable(spec), resume_unfinished=True,
                                resume_errored=not restart_errored, restart_errored=restart_errored)

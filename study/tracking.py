@@ -267,10 +267,10 @@ class Progress(Callback):
             return
         self._last = time.time()
         vals = [t.last_result.get(self.metric) for t in trials if t.last_result and self.metric in t.last_result]
-        best = (max(vals) if self.mode == "max" else min(vals)) if vals else float("nan")
+        best = f"{(max(vals) if self.mode == 'max' else min(vals)):.4f}" if vals else "-"
         running = sum(t.status == "RUNNING" for t in trials)
         self._line(f"{running} running, {self._finished(trials)}/{self.n_trials} finished, "
-                   f"best {self.metric} so far {best:.4f}")
+                   f"best {self.metric} so far {best}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}

@@ -180,3 +180,15 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_resume_of_a_study_killed_before_its_first_snapshot(tmp_path):
+    spec, study = spec_file(tmp_path, "early", fixed={"epochs": 2, "batch_size": 256, "proj_hidden": 32,
+                                                     "proj_dim": 16})
+    from study.runner import write_study_files
+    from study.spec import load_spec_file
+
+    write_study_files(load_spec_file(spec), study, smoke=False)  # what `run` writes before Ray starts
+    otstudy("resume", str(study))
+    res = pd.read_parquet(study / "results.parquet")
+    assert len(res) == 4 and (res["status"] == "completed").all()
