@@ -205,6 +205,25 @@ def build_tuner(spec: Spec, study_dir: Path):
 # --------------------------------------------------------------------------- Ray
 
 
+def _prepare_store(uri: str) -> None:
+    try:  # importing mlflow and creating/migrating a new sqlite store takes seconds
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception:
+        pass  # the tracker records and reports tracking failures itself
+
+
+def start_ray_and_store(address: Optional[str], tracking_uri: str) -> None:
+    """Start (or join) Ray while the MLflow store is prepared in a thread: both take seconds."""
+    import threading
+
+    t = threading.Thread(target=_prepare_store, args=(tracking_uri,), daemon=True)
+    t.start()
+    init_ray(address)
+    t.join(timeout=60)  # the tracker must not race the store's schema migration
+
+
 def init_ray(address: Optional[str] = None) -> None:
     import ray
 
@@ -262,7 +281,7 @@ def run_study(spec: Spec, *, storage: Optional[str] = None, address: Optional[st
     write_study_files(spec, study_dir, smoke=smoke)
     print(f"[otstudy] study {spec.name}: {spec.n_trials()} trials ({spec.n_configs()} configurations x "
           f"{len(spec.seeds)} seeds), sampler={spec.sampler}, in {study_dir}")
-    init_ray(address)
+    start_ray_and_store(address, spec.mlflow_uri or default_tracking_uri(study_dir))
     build_tuner(spec, study_dir).fit()
     return _finish(study_dir)
 
