@@ -172,3 +172,17 @@ def test_restoring_a_finished_trial_reports_its_final_metrics_without_training()
     again = Recorder()
     out = run(small(epochs=1), again, restore=rec.checkpoints[-1])
     assert again.metrics == rec.metrics and out["final"] == 1.0
+
+
+def test_checkpoint_every_two_epochs_and_resume_from_it():
+    full = Recorder()
+    run(small(epochs=4), full)
+    rec = Recorder()
+    with pytest.raises(_Preempted):
+        run(small(epochs=4, checkpoint_every=2), _stop_after(rec, 3))
+    assert [c is not None for c in rec.checkpoints] == [False, True, False]
+    again = Recorder()
+    run(small(epochs=4, checkpoint_every=2), again, restore=rec.checkpoints[1])  # epoch 3 is repeated
+    assert [m["epoch"] for m in again.metrics] == [3, 4]
+    assert [m["train_loss"] for m in again.metrics] == [m["train_loss"] for m in full.metrics[2:]]
+    assert again.checkpoints[-1] is not None  # the last epoch is always checkpointed

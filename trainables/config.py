@@ -38,6 +38,7 @@ class TrialConfig:
     weight_decay: float = 1e-6
     warmup_epochs: int = 1  # linear warm-up, then cosine decay to 0 (per step)
     seed: int = 0
+    checkpoint_every: int = 1  # epochs between checkpoints (and the last epoch); a resume repeats at most this - 1
     device: str = "auto"  # auto | cpu | cuda (the GPU Ray assigned through CUDA_VISIBLE_DEVICES)
     amp: bool = True  # bf16 autocast of the encoder/projector on CUDA; losses and OT stay float32
     compile: bool = False  # torch.compile the model
@@ -105,7 +106,7 @@ class TrialConfig:
             bad("image_size", "must be >= 8")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "choose auto, cpu or cuda")
-        for key in ("epochs", "batch_size", "probe_every", "knn_k", "proj_hidden", "proj_dim"):
+        for key in ("epochs", "batch_size", "probe_every", "knn_k", "proj_hidden", "proj_dim", "checkpoint_every"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
         if self.batch_size < 2:

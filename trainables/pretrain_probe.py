@@ -1,9 +1,10 @@
 """The trainable: pretrain an encoder with one method, probe it with frozen features.
 
 ``run(config, report, restore=None)`` is all a runner needs: it calls
-``report(metrics, checkpoint)`` once per epoch with a checkpoint dict (model,
-optimiser, scheduler and RNG states), and continues from ``restore`` (such a
-dict) when given. It never imports ray or mlflow, so it runs the same under
+``report(metrics, checkpoint)`` once per epoch, with a checkpoint dict (model,
+optimiser, scheduler and RNG states) every ``checkpoint_every`` epochs and at
+the last one (None otherwise), and continues from ``restore`` (such a dict)
+when given. It never imports ray or mlflow, so it runs the same under
 Ray Tune, pytest, or a plain loop::
 
     from trainables.pretrain_probe import run
@@ -177,7 +178,8 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
         if embeddings is not None:
             # frozen test features for the report's embedding picture; a runner may store them apart
             checkpoint["embeddings"] = embeddings
-        report(metrics, checkpoint)
+        save = (epoch + 1) % cfg.checkpoint_every == 0 or last
+        report(metrics, checkpoint if save else None)
     return metrics
 
 
