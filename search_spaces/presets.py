@@ -93,7 +93,3 @@ def get_preset(name: str) -> Dict[str, Any]:
     if spec["method"] is None:
         spec.pop("method")  # the methods come from the cases
     return spec
-
-
-def describe() -> Dict[str, str]:
-    return {name: p["description"] for name, p in PRESETS.items()}

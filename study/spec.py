@@ -79,16 +79,6 @@ class Spec:
     def cases(self) -> List[Dict[str, Any]]:
         return list(self.search.get("cases", []))
 
-    @property
-    def swept(self) -> List[str]:
-        """Knobs that vary across the study's trials (besides the seed)."""
-        keys = [k for k in self.search if k != "cases"]
-        for case in self.cases:
-            keys += [k for k in case if k not in keys]
-        if len(self.methods) > 1 and "method" not in keys:
-            keys.insert(0, "method")
-        return keys
-
     def n_configs(self) -> int:
         if self.sampler == "grid":
             n = (1 if self.cases_set_method else len(self.methods)) * max(1, len(self.cases))
