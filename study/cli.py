@@ -1,8 +1,8 @@
 """The ``otstudy`` command line.
 
     otstudy presets                       list the named studies
-    otstudy run SPEC.yaml | --preset NAME [--storage DIR] [--name NAME] [--address ADDR] [--smoke-test]
-    otstudy resume DIR [--address ADDR] [--restart-errored]
+    otstudy run SPEC.yaml | --preset NAME [--storage DIR|URI] [--name NAME] [--address ADDR] [--smoke-test]
+    otstudy resume DIR|URI [--address ADDR] [--restart-errored]
     otstudy status DIR                    trial states, best so far, time used
     otstudy export DIR                    results.parquet + history.parquet (also mid-study)
     otstudy report DIR                    report/index.html with figures and tables
@@ -31,8 +31,18 @@ def _fail(lines) -> int:
     return EXIT_BAD_INPUT
 
 
-def _study_dir(arg: str) -> Path:
+def _study_dir(arg: str, workdir: str = "studies", refresh: bool = True) -> Path:
+    """The local study directory for ``arg`` (a directory, or the home URI of a study on an object store)."""
+    from study.storage import StorageError, is_remote, materialize
+
     d = Path(arg)
+    if is_remote(arg) or (d / "study.json").is_file():  # a study on an object store: refresh its mirror
+        try:
+            d, _ = materialize(arg, workdir, refresh=refresh)
+        except StorageError as exc:
+            raise CliError(str(exc)) from None
+        if is_remote(arg):
+            print(f"[otstudy] {arg.split('?')[0]} is mirrored in {d}")
     if not d.exists():
         raise CliError(f"{d}: no such study directory")
     if not (d / "spec.yaml").is_file():
@@ -87,7 +97,13 @@ def cmd_run(args) -> int:
         spec = _load_run_spec(args)
     except SpecError as exc:
         return _fail(exc.problems)
-    target = study_dir_for(spec, args.storage)
+    from study.storage import REMOTE_SCHEMES, StorageError, is_remote
+
+    if args.storage and "://" in args.storage and not args.storage.startswith("file://") \
+            and not is_remote(args.storage):
+        return _fail(f"--storage {args.storage.split('?')[0]}: unsupported URI scheme (allowed: a path, "
+                     f"file://, or {', '.join(s + '://' for s in REMOTE_SCHEMES)})")
+    target = study_dir_for(spec, args.storage, args.workdir)
     if target.exists() and any(target.iterdir()):
         return _fail(f"{target} already exists; resume it with `otstudy resume {target}` or pass "
                      f"--storage/--name for a new study")
@@ -95,8 +111,9 @@ def cmd_run(args) -> int:
         print(f"[otstudy] spec is valid: {spec.n_trials()} trials would run in {target}")
         return 0
     try:
-        run_study(spec, storage=args.storage, address=args.address, smoke=args.smoke_test)
-    except StudyExists as exc:
+        run_study(spec, storage=args.storage, address=args.address, smoke=args.smoke_test,
+                  workdir=args.workdir)
+    except (StudyExists, StorageError) as exc:
         return _fail(str(exc))
     return 0
 
@@ -104,7 +121,7 @@ def cmd_run(args) -> int:
 def cmd_resume(args) -> int:
     from study.runner import resume_study
 
-    d = _study_dir(args.dir)
+    d = _study_dir(args.dir, args.workdir, refresh=False)  # resume_study refreshes the mirror itself
     resume_study(d, address=args.address, restart_errored=args.restart_errored)
     return 0
 
@@ -112,7 +129,7 @@ def cmd_resume(args) -> int:
 def cmd_export(args) -> int:
     from study.export import export_study
 
-    d = _study_dir(args.dir)
+    d = _study_dir(args.dir, args.workdir)
     res, hist = export_study(d)
     print(f"[otstudy] wrote {d / 'results.parquet'} ({len(res)} trials) and "
           f"{d / 'history.parquet'} ({len(hist)} trial-epochs)")
@@ -126,7 +143,7 @@ def cmd_status(args) -> int:
 
     from study.export import collect
 
-    d = _study_dir(args.dir)
+    d = _study_dir(args.dir, args.workdir)
     res, hist = collect(d)
     meta = json.loads((d / "study.json").read_text()) if (d / "study.json").exists() else {}
     expected = meta.get("n_trials", len(res))
@@ -165,7 +182,7 @@ def cmd_report(args) -> int:
         return 0
     if not args.dir:
         raise CliError("give a study directory, or --mlflow URI --experiment NAME --out DIR")
-    d = _study_dir(args.dir)
+    d = _study_dir(args.dir, args.workdir)
     if (d / "ray").is_dir():
         from study.export import export_study
 
@@ -205,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="validate a spec and run the study")
     s.add_argument("spec", nargs="?", help="study spec (YAML)")
     s.add_argument("--preset", help="run a named preset instead of a spec file (see `otstudy presets`)")
-    s.add_argument("--storage", help="parent directory of the study directory (default: ./studies or the spec's storage)")
+    s.add_argument("--storage", help="where studies live: a directory (default ./studies or the spec's storage) or an "
+                   "object store URI such as s3://bucket/studies")
+    s.add_argument("--workdir", default="studies", help="local parent directory of the study's mirror when the "
+                   "storage is an object store (default ./studies)")
     s.add_argument("--name", help="override the study name (its directory name)")
     s.add_argument("--address", help="Ray cluster to join: 'auto', 'HOST:PORT' or 'ray://HOST:PORT' (default: a local instance)")
     s.add_argument("--smoke-test", action="store_true", help="3 epochs, <= 2 values per knob, <= 2 seeds: seconds, not minutes")
@@ -213,21 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("resume", help="continue a stopped or crashed study; finished trials are not rerun")
-    s.add_argument("dir", help="study directory")
+    s.add_argument("dir", help="study directory, or its home URI (s3://bucket/studies/NAME)")
+    s.add_argument("--workdir", default="studies", help="where to mirror a study given by its object-store URI")
     s.add_argument("--address", help="Ray cluster to join (default: a local instance)")
     s.add_argument("--restart-errored", action="store_true", help="restart failed trials from scratch instead of their last checkpoint")
     s.set_defaults(fn=cmd_resume)
 
     s = sub.add_parser("status", help="trial states, best so far, time used")
-    s.add_argument("dir", help="study directory")
+    s.add_argument("dir", help="study directory, or its home URI")
+    s.add_argument("--workdir", default="studies", help="where to mirror a study given by its object-store URI")
     s.set_defaults(fn=cmd_status)
 
     s = sub.add_parser("export", help="write results.parquet and history.parquet (works mid-study)")
-    s.add_argument("dir", help="study directory")
+    s.add_argument("dir", help="study directory, or its home URI")
+    s.add_argument("--workdir", default="studies", help="where to mirror a study given by its object-store URI")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("report", help="write report/ (figures, tables, index.html) from the Parquet files")
-    s.add_argument("dir", nargs="?", help="study directory")
+    s.add_argument("dir", nargs="?", help="study directory, or its home URI")
+    s.add_argument("--workdir", default="studies", help="where to mirror a study given by its object-store URI")
+
     s.add_argument("--mlflow", metavar="URI", help="read the trials from this MLflow tracking URI instead")
     s.add_argument("--experiment", help="MLflow experiment name (with --mlflow)")
     s.add_argument("--out", help="output directory (default DIR/report; required with --mlflow)")

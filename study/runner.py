@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .spec import Spec, parse_spec
+from .storage import Remote, RemoteSync, display, is_remote, join, remote_of
 from .tracking import MLflowTracker, Progress, default_tracking_uri, flat_config, git_revision
 
 EXPERIMENT_DIR = "ray"  # <study>/ray holds Tune's experiment state
@@ -66,6 +67,60 @@ def _checkpoint_candidates(ckpt, trial_dir: Path) -> List[Path]:
     return [latest] + [p for p in found if p != latest] if latest.exists() else found
 
 
+class _TrialFiles:
+    """The trial directory on the study's storage: a local or shared path, or an object store."""
+
+    def __init__(self):
+        import pyarrow.fs as pafs
+        from ray import tune
+
+        st = tune.get_context().get_storage()
+        self.local = isinstance(st.storage_filesystem, pafs.LocalFileSystem)
+        self.fs, self.path = st.storage_filesystem, st.trial_fs_path
+
+    def read_text(self, name: str) -> Optional[str]:
+        if self.local:
+            f = Path(self.path) / name
+            return f.read_text() if f.is_file() else None
+        import pyarrow.fs as pafs
+
+        if self.fs.get_file_info(f"{self.path}/{name}").type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(f"{self.path}/{name}") as f:
+            return f.readall().decode()
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.local:
+            Path(self.path, name).write_text(text)
+            return
+        with self.fs.open_output_stream(f"{self.path}/{name}") as f:
+            f.write(text.encode())
+
+    def restore(self, ckpt) -> Optional[Dict[str, Any]]:
+        """The newest loadable checkpoint, falling back to the older one Tune keeps."""
+        if self.local:
+            return restore_state(_checkpoint_candidates(ckpt, Path(self.path)))
+        import pyarrow.fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                       and i.base_name.startswith("checkpoint_")), reverse=True)
+        latest = ckpt.path.rstrip("/")
+        order = [latest] + [d for d in dirs if d.rstrip("/") != latest]
+        with tempfile.TemporaryDirectory() as tmp:
+            local = []
+            for i, d in enumerate(order):  # copy only the checkpoint file, not the embeddings
+                dst = Path(tmp) / f"{i}_{Path(d).name}" / CHECKPOINT_FILE
+                dst.parent.mkdir()
+                try:
+                    with self.fs.open_input_stream(f"{d}/{CHECKPOINT_FILE}") as src, open(dst, "wb") as out:
+                        out.write(src.readall())
+                except OSError:
+                    continue
+                local.append(dst)
+            return restore_state(local)
+
+
 def tune_trainable(config: Dict[str, Any]) -> None:
     """Ray Tune function trainable: adapts Tune's report/checkpoint API to trainables.run."""
     import logging
@@ -79,19 +134,12 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     for name in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" once per epoch is noise
         logging.getLogger(name).setLevel(logging.WARNING)
 
-    trial_dir = Path(tune.get_context().get_trial_dir())
-    marker = trial_dir / DIVERGED_FILE
-    if marker.exists():  # a retry of a diverged trial would diverge again: fail at once, train nothing
-        raise TrialDiverged(marker.read_text())
-    restore = None
+    files = _TrialFiles()
+    diverged = files.read_text(DIVERGED_FILE)
+    if diverged is not None:  # a retry of a diverged trial would diverge again: fail at once, train nothing
+        raise TrialDiverged(diverged)
     ckpt = tune.get_checkpoint()
-    if ckpt is not None:
-        candidates = _checkpoint_candidates(ckpt, trial_dir)
-        if candidates:
-            restore = restore_state(candidates)
-        else:  # remote storage: only the latest is at hand
-            with ckpt.as_directory() as d:
-                restore = restore_state([Path(d) / CHECKPOINT_FILE])
+    restore = files.restore(ckpt) if ckpt is not None else None
     carried: Dict[str, float] = {}
     node_id = ray.get_runtime_context().get_node_id()  # which cluster node ran the trial
 
@@ -118,7 +166,7 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     try:
         run(flat_config(config), report=report, restore=restore)
     except TrialDiverged as exc:
-        marker.write_text(str(exc))
+        files.write_text(DIVERGED_FILE, str(exc))
         raise
 
 
@@ -184,6 +232,7 @@ def _trial_dirname(trial) -> str:
 def build_tuner(spec: Spec, study_dir: Path):
     from ray import tune
 
+    remote = remote_of(study_dir)
     space, search_alg, num_samples = _search(spec)
     tracker = MLflowTracker(spec.mlflow_uri or default_tracking_uri(study_dir), spec.name, str(study_dir),
                             {**spec.to_dict(), "n_trials": spec.n_trials()})
@@ -194,9 +243,13 @@ def build_tuner(spec: Spec, study_dir: Path):
                                   # a trial process is reused for the next trial: no new Python + torch
                                   # import per trial (measured in benchmarks/platform_overhead)
                                   reuse_actors=True)
+    callbacks = [tracker, Progress(spec.n_trials(), spec.metric, spec.mode, spec.to_dict())]
+    if remote is not None:
+        callbacks.append(RemoteSync(remote, study_dir))
     run_config = tune.RunConfig(
-        name=EXPERIMENT_DIR, storage_path=str(study_dir.resolve()),
-        callbacks=[tracker, Progress(spec.n_trials(), spec.metric, spec.mode, spec.to_dict())],
+        # with an object store, Tune writes <home>/ray there and trials checkpoint to it from any node
+        name=EXPERIMENT_DIR, storage_path=remote.home if remote is not None else str(study_dir.resolve()),
+        callbacks=callbacks,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures), verbose=0)
     return tune.Tuner(_trainable(spec), param_space=space, tune_config=tune_config, run_config=run_config)
@@ -245,19 +298,30 @@ def init_ray(address: Optional[str] = None) -> None:
 # --------------------------------------------------------------------------- study lifecycle
 
 
-def study_dir_for(spec: Spec, storage: Optional[str]) -> Path:
-    base = storage or spec.storage or "studies"
+def study_dir_for(spec: Spec, storage: Optional[str], workdir: str = "studies") -> Path:
+    """The study's local directory: ``<storage>/<name>``, or ``<workdir>/<name>`` for an object store."""
+    base = storage or spec.storage or workdir
+    if is_remote(base):
+        base = workdir
     if base.startswith("file://"):
         base = base[len("file://"):]
     return Path(base).expanduser() / spec.name
 
 
-def write_study_files(spec: Spec, study_dir: Path, *, smoke: bool) -> None:
+def home_for(spec: Spec, storage: Optional[str]) -> Optional[str]:
+    """The study's home URI when its storage is an object store, else None."""
+    base = storage or spec.storage
+    return join(base, spec.name) if is_remote(base) else None
+
+
+def write_study_files(spec: Spec, study_dir: Path, *, smoke: bool, home: Optional[str] = None) -> None:
     study_dir.mkdir(parents=True, exist_ok=False)
     (study_dir / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_revision": git_revision(),
             "smoke_test": smoke, "n_trials": spec.n_trials(),
             "tracking_uri": spec.mlflow_uri or default_tracking_uri(study_dir)}
+    if home:
+        meta["remote"] = home
     (study_dir / "study.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -270,17 +334,24 @@ def read_study(study_dir: Path) -> Spec:
 
 
 def run_study(spec: Spec, *, storage: Optional[str] = None, address: Optional[str] = None,
-              smoke: bool = False) -> Path:
+              smoke: bool = False, workdir: str = "studies") -> Path:
     """Create the study directory, run every trial, export Parquet. Returns the study dir."""
-    study_dir = study_dir_for(spec, storage)
+    study_dir = study_dir_for(spec, storage, workdir)
+    home = home_for(spec, storage)
     if study_dir.exists() and any(study_dir.iterdir()):
         raise StudyExists(f"{study_dir} already exists; resume it with `otstudy resume {study_dir}` "
                           f"or choose another --storage/--name")
+    if home is not None and Remote(home).is_study():
+        raise StudyExists(f"{display(home)} already holds a study; resume it with `otstudy resume "
+                          f"{display(home)}` or choose another --name")
     if study_dir.exists():
         study_dir.rmdir()
-    write_study_files(spec, study_dir, smoke=smoke)
+    write_study_files(spec, study_dir, smoke=smoke, home=home)
+    if home is not None:
+        Remote(home).push_home(study_dir)  # resumable from any machine from now on
     print(f"[otstudy] study {spec.name}: {spec.n_trials()} trials ({spec.n_configs()} configurations x "
-          f"{len(spec.seeds)} seeds), sampler={spec.sampler}, in {study_dir}")
+          f"{len(spec.seeds)} seeds), sampler={spec.sampler}, in {study_dir}"
+          + (f" (trials and checkpoints in {display(home)})" if home else ""))
     start_ray_and_store(address, spec.mlflow_uri or default_tracking_uri(study_dir))
     build_tuner(spec, study_dir).fit()
     return _finish(study_dir)
@@ -298,7 +369,15 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
     study_dir = Path(study_dir)
     spec = read_study(study_dir)
     exp = study_dir / EXPERIMENT_DIR
-    if not (exp.is_dir() and tune.Tuner.can_restore(str(exp.resolve()))):
+    remote = remote_of(study_dir)
+    if remote is not None:
+        remote.pull_experiment(study_dir)  # the rung replay and the export read the local mirror
+        restorable = tune.Tuner.can_restore(remote.experiment_uri)
+        exp_path = remote.experiment_uri
+    else:
+        restorable = exp.is_dir() and tune.Tuner.can_restore(str(exp.resolve()))
+        exp_path = str(exp.resolve())
+    if not restorable:
         # stopped before Tune's first snapshot: no trial had been recorded, so nothing is lost by
         # starting the trials now (any partial trial directories are set aside, not deleted)
         if exp.is_dir():
@@ -308,7 +387,7 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
         build_tuner(spec, study_dir).fit()
         return _finish(study_dir)
     init_ray(address)
-    tuner = tune.Tuner.restore(str(exp.resolve()), trainable=_trainable(spec), resume_unfinished=True,
+    tuner = tune.Tuner.restore(exp_path, trainable=_trainable(spec), resume_unfinished=True,
                                resume_errored=not restart_errored, restart_errored=restart_errored)
     tuner.fit()
     return _finish(study_dir)
@@ -317,7 +396,12 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
 def _finish(study_dir: Path) -> Path:
     from .export import export_study
 
+    remote = remote_of(study_dir)
+    if remote is not None:
+        remote.pull_experiment(study_dir)
     res, _ = export_study(study_dir)
+    if remote is not None:
+        remote.push_home(study_dir)
     counts = res["status"].value_counts().to_dict() if len(res) else {}
     print(f"[otstudy] {study_dir}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     return study_dir

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from .storage import REMOTE_SCHEMES
 from search_spaces.spaces import knob_owners
 from trainables.config import TrialConfig
 from trainables.data import DATASETS, DATASET_TRAIN_SIZES
@@ -241,9 +242,11 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
     if storage is not None:
         if not isinstance(storage, str) or not storage:
             p(f"storage: must be a path or URI string (got {storage!r})")
-        elif urlparse(storage).scheme not in ("", "file"):
+        elif urlparse(storage).scheme not in ("", "file", *REMOTE_SCHEMES):
             p(f"storage: unsupported URI scheme {urlparse(storage).scheme!r} (allowed: a local or shared-"
-              f"filesystem path, or file://; mount object storage as a filesystem path)")
+              f"filesystem path, file://, or an object store: {', '.join(s + '://' for s in REMOTE_SCHEMES)})")
+        elif urlparse(storage).scheme in REMOTE_SCHEMES and not urlparse(storage).netloc:
+            p(f"storage: {storage!r} names no bucket (e.g. s3://my-bucket/studies)")
     mlflow_uri = raw.get("mlflow_uri")
     if mlflow_uri is not None:
         if not isinstance(mlflow_uri, str) or urlparse(mlflow_uri).scheme not in TRACKING_SCHEMES:

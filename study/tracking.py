@@ -150,12 +150,40 @@ class MLflowTracker(Callback):
                 run_id = run.info.run_id
                 c.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in sorted(cfg.items())])
                 self._last_step[tid] = -1
+            self._backfill(run_id, tid)
             return run_id
 
         run_id = self._guard(f"create run for trial {tid}", find_or_create)
         if run_id:
             self._runs[tid] = run_id
         return run_id
+
+    def _metrics(self, result: Dict[str, Any], step: int, ts: int):
+        from mlflow.entities import Metric
+
+        return [Metric(k, float(v), ts, step) for k, v in result.items()
+                if k not in RAY_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(float(v))]
+
+    def _backfill(self, run_id: str, tid: str) -> None:
+        """Log the epochs Tune recorded but this store has not seen (a driver killed between the two,
+        or an MLflow store restored from an older copy), from the trial's ``result.json``."""
+        f = Path(self.study_dir) / "ray" / f"trial_{tid}" / "result.json"
+        if not f.is_file():
+            return
+        metrics, last = [], self._last_step.get(tid, -1)
+        for line in f.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut by a crash
+            step = int(r.get("epoch", r.get("training_iteration", 0)))
+            if step > last:
+                metrics += self._metrics(r, step, int(1000 * float(r.get("timestamp", time.time()))))
+                last = step
+        for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
+            self._client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        self._last_step[tid] = last
 
     # ------------------------------------------------------------------ Tune hooks
     def setup(self, **info):
@@ -171,12 +199,7 @@ class MLflowTracker(Callback):
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         if step <= self._last_step.get(trial.trial_id, -1):
             return  # already logged by an earlier driver before a resume
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), ts, step) for k, v in result.items()
-                   if k not in RAY_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and math.isfinite(float(v))]
+        metrics = self._metrics(result, step, int(time.time() * 1000))
         self._guard(f"log metrics of trial {trial.trial_id}", self._client.log_batch, run_id, metrics=metrics)
         self._last_step[trial.trial_id] = step  # a failed batch is not retried: training goes on
 
@@ -203,6 +226,16 @@ class MLflowTracker(Callback):
         self._finish(trial, "FAILED", "failed", error=error_summary(trial))
 
     def on_experiment_end(self, trials, **info):
+        # trials that ended under an earlier driver get no callbacks after a resume: make sure the
+        # store holds each of them, finished and complete (it may be a copy older than Tune's records)
+        for t in trials:
+            if t.trial_id in self._runs or t.status not in ("TERMINATED", "ERROR"):
+                continue
+            if t.status == "ERROR":
+                self._finish(t, "FAILED", "failed", error=error_summary(t))
+            else:
+                outcome = "completed" if (t.last_result or {}).get("final") else "pruned"
+                self._finish(t, "FINISHED" if outcome == "completed" else "KILLED", outcome)
         if self._ensure():
             done = all(t.status in ("TERMINATED", "ERROR") for t in trials)
             self._guard("finish study run", self._client.set_terminated, self._parent_id,

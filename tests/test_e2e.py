@@ -70,3 +70,36 @@ def test_tpe_study_repeats_each_configuration_per_seed(tmp_path):
     assert len(res) == 4 and (res["status"] == "completed").all()
     groups = res.groupby(["beta", "eps"])["seed"].apply(sorted).tolist()
     assert groups == [[0, 1], [0, 1]]  # 2 sampled configurations, each with both seeds
+
+
+def test_tracker_backfills_what_tune_recorded_but_the_store_missed(tmp_path):
+    # a trial that ended under an earlier driver (no callbacks after a resume) and an MLflow store
+    # that never saw it: at the end of the study the store holds its run, finished, with every epoch
+    import json
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from study.tracking import MLflowTracker
+
+    tdir = tmp_path / "ray" / "trial_t1"
+    tdir.mkdir(parents=True)
+    rows = [{"epoch": e, "train_loss": 5.0 - e, "knn_acc": 0.5 + 0.1 * e, "timestamp": 1700000000 + e}
+            for e in (1, 2, 3)]
+    rows[-1]["final"] = 1.0
+    (tdir / "result.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trial = SimpleNamespace(trial_id="t1", config={"method": "simclr", "seed": 0}, status="TERMINATED",
+                            last_result=rows[-1])
+    for _ in range(2):  # a second resume adds nothing
+        tracker = MLflowTracker(uri, "bf", str(tmp_path), {"name": "bf"})
+        tracker.setup()
+        tracker.on_experiment_end([trial])
+        assert tracker.failures == 0
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("bf").experiment_id],
+                              filter_string="tags.`otstudy.role` = 'trial'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["otstudy.status"] == "completed"
+    hist = client.get_metric_history(runs[0].info.run_id, "train_loss")
+    assert sorted((m.step, m.value) for m in hist) == [(1, 4.0), (2, 3.0), (3, 2.0)]

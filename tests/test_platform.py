@@ -192,3 +192,96 @@ def test_resume_of_a_study_killed_before_its_first_snapshot(tmp_path):
     otstudy("resume", str(study))
     res = pd.read_parquet(study / "results.parquet")
     assert len(res) == 4 and (res["status"] == "completed").all()
+
+
+def _s3_lines(fs, root):
+    """trial dir name -> lines of its result.json on the object store."""
+    import pyarrow.fs as pafs
+
+    out = {}
+    for info in fs.get_file_info(pafs.FileSelector(f"{root}/ray", recursive=True, allow_not_found=True)):
+        if info.base_name == "result.json":
+            with fs.open_input_stream(info.path) as f:
+                out[info.path.split("/")[-2]] = f.readall().decode().splitlines()
+    return out
+
+
+def test_object_store_storage_survives_kill_9_and_resumes_on_another_machine(tmp_path):
+    # a real S3 API (moto's server on 127.0.0.1): Tune writes trials and checkpoints to the bucket,
+    # the driver is killed, and the study is resumed from its URI alone into a fresh work directory
+    import pyarrow.fs as pafs
+
+    port = _free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "OTSTUDY_SYNC_PERIOD_S": "1"}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        def bucket():
+            try:
+                fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="test",
+                                       secret_key="test", region="us-east-1", allow_bucket_creation=True)
+                fs.create_dir("otstudy-test")
+                return fs
+            except OSError:
+                return None
+
+        fs = wait_for(bucket, 60, "the S3 server")
+        storage = f"s3://otstudy-test/studies?endpoint_override=127.0.0.1:{port}&scheme=http"
+        home = f"s3://otstudy-test/studies/objstore?endpoint_override=127.0.0.1:{port}&scheme=http"
+        spec, _ = spec_file(tmp_path, "objstore", storage=storage, seeds=[0],
+                            fixed={"epochs": 6, "batch_size": 256, "proj_hidden": 32, "proj_dim": 16},
+                            search={"beta": {"grid": [0.0, 0.4, 0.8]}})
+        machine_a, machine_b = tmp_path / "a", tmp_path / "b"
+        proc = subprocess.Popen([OTSTUDY, "run", str(spec), "--workdir", str(machine_a)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        root = "otstudy-test/studies/objstore"
+
+        def progress():
+            lines = _s3_lines(fs, root)
+            done = [k for k, v in lines.items() if any('"final": 1.0' in ln for ln in v)]
+            midway = [k for k, v in lines.items() if k not in done and len(v) >= 3]
+            return lines if done and midway else None
+
+        try:
+            before = wait_for(progress, 300, "a finished trial and one midway, on the object store")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert any(i.base_name == "state.pt" for i in fs.get_file_info(
+            pafs.FileSelector(f"{root}/ray", recursive=True)))  # checkpoints went to the bucket
+        before = _s3_lines(fs, root)
+
+        proc = subprocess.run([OTSTUDY, "resume", home, "--workdir", str(machine_b)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        study = machine_b / "objstore"
+        res = pd.read_parquet(study / "results.parquet")
+        assert len(res) == 3 and (res["status"] == "completed").all()
+        after = _s3_lines(fs, root)
+        continued = 0
+        for name, lines in before.items():
+            added = len(after[name]) - len(lines)
+            if any('"final": 1.0' in ln for ln in lines):
+                assert added <= 1, name  # finished trials did not train again
+            elif len(lines) >= 3:
+                assert added <= 5, name  # continued from a checkpoint in the bucket, not from epoch 1
+                continued += 1
+        assert continued >= 1 or all(any('"final": 1.0' in ln for ln in v) for v in before.values())
+        hist = pd.read_parquet(study / "history.parquet")
+        assert sorted(hist.groupby("trial_id")["epoch"].apply(sorted).map(tuple).unique()) == [tuple(range(1, 7))]
+        _, trials, parents = mlflow_runs(study)
+        assert len(trials) == 3 and len(parents) == 1
+        # the home holds the driver's files as of the end; another machine sees the finished study
+        proc = subprocess.run([OTSTUDY, "status", home, "--workdir", str(tmp_path / "c")], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "3 of 3 trials known: 3 completed" in proc.stdout, proc.stdout
+        assert (tmp_path / "c" / "objstore" / "mlflow.db").is_file()
+        # the same name again is refused, naming the study's home
+        proc = subprocess.run([OTSTUDY, "run", str(spec), "--workdir", str(tmp_path / "d")], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "s3://otstudy-test/studies/objstore already holds a study" in proc.stderr
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -88,6 +88,7 @@ BAD = [
     (with_(scheduler={"type": "asha", "grace_period": 0}), "scheduler.grace_period: must be an integer >= 1"),
     (with_(scheduler={"type": "asha"}, metric="test_linear_acc"), "metric: ASHA prunes on a per-epoch metric"),
     (with_(storage="ftp://host/studies"), "storage: unsupported URI scheme 'ftp'"),
+    (with_(storage="s3:///studies"), "storage: 's3:///studies' names no bucket"),
     (with_(mlflow_uri="mlruns"), "mlflow_uri: 'mlruns' is not a tracking URI"),
     (with_(fixed={"epochs": "ten"}), "fixed: epochs must be int"),
     (with_(fixed={"seed": 1}), "fixed.seed: use the top-level 'seeds' list"),
@@ -146,6 +147,10 @@ def test_malformed_yaml_and_code_in_yaml(tmp_path, content, expected):
     (["resume", "/no/such/dir"], "no such study directory"),
     (["report", "/tmp"], "is not an otstudy study directory"),
     (["status", "/no/such/dir"], "no such study directory"),
+    (["run", "--preset", "sinsim_beta", "--storage", "ftp://h/x"], "--storage ftp://h/x: unsupported URI scheme"),
+    # nothing listens on port 9: the store cannot be reached
+    (["status", "s3://nob/studies/a?endpoint_override=127.0.0.1:9&scheme=http"],
+     "storage s3://nob/studies/a: cannot be read"),
 ])
 def test_cli_argument_errors(capsys, argv, expected):
     assert main(argv) == 2
@@ -222,7 +227,7 @@ def test_documented_cluster_specs_are_valid_but_for_the_data(path):
 
 
 def test_bad_input_cases_are_counted():
-    n_spec, n_cli = len(BAD) + 3 + 2, 7 + 2  # BAD + malformed YAML + data root; CLI arguments + empty/existing study
+    n_spec, n_cli = len(BAD) + 3 + 2, 9 + 2  # BAD + malformed YAML + data root; CLI arguments + empty/existing study
     assert n_spec + n_cli >= 20
     record("bad input", "test_spec.py (test_bad_spec_names_the_problem, test_cli_exits_2_and_creates_nothing, "
            "test_cli_argument_errors, ...)",
