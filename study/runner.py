@@ -121,6 +121,86 @@ class _TrialFiles:
             return restore_state(local)
 
 
+class _Reporter:
+    """Hands each epoch's result (and checkpoint directory) to Tune from a second thread.
+
+    Tune's function API blocks the reporting thread until the driver has
+    processed the result and asks for the next one (its callbacks, MLflow, the
+    experiment snapshot): ~50 ms per epoch on this machine
+    (benchmarks/platform_overhead). Reporting from here lets the next epoch
+    train meanwhile. At most one result waits, so a stop from Tune (ASHA) ends
+    training at the next epoch boundary, one epoch late at most; the checkpoint
+    files are written by the training thread at the epoch boundary, so each
+    checkpoint is exactly the state of its epoch.
+    """
+
+    def __init__(self):
+        import queue
+        import threading
+
+        self._queue: "queue.Queue" = queue.Queue(maxsize=1)
+        self._error: Optional[BaseException] = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="otstudy-report", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        import shutil
+
+        from ray import tune
+
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            metrics, ckpt_dir = item
+            try:
+                if ckpt_dir is None:
+                    tune.report(metrics)
+                else:
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+            except SystemExit:  # Tune stopped the trial (pruned) while this result waited
+                self._stopped = True
+                return
+            except BaseException as exc:  # e.g. the checkpoint could not be persisted
+                self._error = exc
+                return
+            finally:
+                if ckpt_dir is not None:
+                    shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._stopped:
+            raise SystemExit(0)  # what Tune's own report does in the training thread on a stop
+
+    def put(self, metrics: Dict[str, Any], ckpt_dir: Optional[str]) -> None:
+        import queue
+
+        while True:
+            self._check()
+            try:
+                self._queue.put((metrics, ckpt_dir), timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def close(self, check: bool = True) -> None:
+        """Wait until every result has been handed to Tune; re-raise a reporting error if ``check``."""
+        import queue
+
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=0.2)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+        if check:
+            self._check()
+
+
 def tune_trainable(config: Dict[str, Any]) -> None:
     """Ray Tune function trainable: adapts Tune's report/checkpoint API to trainables.run."""
     import logging
@@ -134,6 +214,10 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     for name in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" once per epoch is noise
         logging.getLogger(name).setLevel(logging.WARNING)
 
+    # exactly the CPUs the trial booked (Ray's OMP_NUM_THREADS does not reach a process that imported
+    # torch before it was set): 2 one-CPU trials on 2 cores must not oversubscribe them
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
     files = _TrialFiles()
     diverged = files.read_text(DIVERGED_FILE)
     if diverged is not None:  # a retry of a diverged trial would diverge again: fail at once, train nothing
@@ -151,23 +235,34 @@ def tune_trainable(config: Dict[str, Any]) -> None:
         elif "knn_acc" in carried:
             m["knn_acc"] = carried["knn_acc"]
         if checkpoint is None:
-            tune.report(m)
+            reporter.put(m, None)
             return
         emb = checkpoint.pop("embeddings", None) if isinstance(checkpoint, dict) else None
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(checkpoint, Path(d) / CHECKPOINT_FILE)
-            if emb is not None:  # travels with the final checkpoint to the study's storage
-                import numpy as np
+        d = tempfile.mkdtemp(prefix="otstudy-ckpt-")  # removed by the reporter once Tune persisted it
+        torch.save(checkpoint, Path(d) / CHECKPOINT_FILE)
+        if emb is not None:  # travels with the final checkpoint to the study's storage
+            import numpy as np
 
-                np.savez_compressed(Path(d) / EMBEDDINGS_FILE, features=emb["features"].numpy(),
-                                    labels=emb["labels"].numpy())
-            tune.report(m, checkpoint=tune.Checkpoint.from_directory(d))
+            np.savez_compressed(Path(d) / EMBEDDINGS_FILE, features=emb["features"].numpy(),
+                                labels=emb["labels"].numpy())
+        try:
+            reporter.put(m, d)
+        except BaseException:  # stopped by Tune, or reporting failed: this checkpoint goes nowhere
+            import shutil
 
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+
+    reporter = _Reporter()
+    finished = False
     try:
         run(flat_config(config), report=report, restore=restore)
+        finished = True
     except TrialDiverged as exc:
         files.write_text(DIVERGED_FILE, str(exc))
         raise
+    finally:  # the results before an error are handed to Tune too; an error in flight is not masked
+        reporter.close(check=finished)
 
 
 # --------------------------------------------------------------------------- building the Tuner
