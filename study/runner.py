@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .spec import Spec, parse_spec
-from .storage import Remote, RemoteSync, display, is_remote, join, remote_of
+from .storage import Remote, RemoteSync, StorageError, one_line, display, is_remote, join, remote_of
 from .tracking import MLflowTracker, Progress, default_tracking_uri, flat_config, git_revision
 
 EXPERIMENT_DIR = "ray"  # <study>/ray holds Tune's experiment state
@@ -443,7 +443,13 @@ def run_study(spec: Spec, *, storage: Optional[str] = None, address: Optional[st
         study_dir.rmdir()
     write_study_files(spec, study_dir, smoke=smoke, home=home)
     if home is not None:
-        Remote(home).push_home(study_dir)  # resumable from any machine from now on
+        try:
+            Remote(home).push_home(study_dir)  # resumable from any machine from now on
+        except OSError as exc:  # e.g. no write permission: nothing has run, leave nothing behind
+            import shutil
+
+            shutil.rmtree(study_dir, ignore_errors=True)
+            raise StorageError(f"storage {display(home)}: cannot be written ({one_line(exc)})") from None
     print(f"[otstudy] study {spec.name}: {spec.n_trials()} trials ({spec.n_configs()} configurations x "
           f"{len(spec.seeds)} seeds), sampler={spec.sampler}, in {study_dir}"
           + (f" (trials and checkpoints in {display(home)})" if home else ""))

@@ -68,11 +68,11 @@ def open_fs(uri: str):
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except Exception as exc:  # unknown scheme, bad options, missing credentials
-        raise StorageError(f"storage {display(uri)}: cannot be opened ({_one_line(exc)})") from None
+        raise StorageError(f"storage {display(uri)}: cannot be opened ({one_line(exc)})") from None
     return fs, path.rstrip("/")
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
@@ -94,7 +94,7 @@ class Remote:
         try:
             return self._info(rel).type == pafs.FileType.File
         except Exception as exc:
-            raise StorageError(f"storage {display(self.home)}: cannot be read ({_one_line(exc)})") from None
+            raise StorageError(f"storage {display(self.home)}: cannot be read ({one_line(exc)})") from None
 
     def is_study(self) -> bool:
         return self.has_file("spec.yaml")
@@ -153,7 +153,7 @@ class Remote:
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         except Exception as exc:
-            raise StorageError(f"storage {display(self.home)}: cannot be listed ({_one_line(exc)})") from None
+            raise StorageError(f"storage {display(self.home)}: cannot be listed ({one_line(exc)})") from None
         for info in infos:
             if info.type == pafs.FileType.File:
                 yield f"{rel}/{info.path[len(base):].lstrip('/')}"
@@ -257,7 +257,7 @@ class RemoteSync:
                     remote.push_home(study_dir)
                 except Exception as exc:  # a transient store error must not end the study
                     print(f"[otstudy] warning: could not copy the study files to {display(remote.home)} "
-                          f"({_one_line(exc)}); retrying later")
+                          f"({one_line(exc)}); retrying later")
                 self.last = time.monotonic()
 
             def on_step_end(self, iteration, trials, **info):

@@ -282,6 +282,13 @@ def test_object_store_storage_survives_kill_9_and_resumes_on_another_machine(tmp
         proc = subprocess.run([OTSTUDY, "run", str(spec), "--workdir", str(tmp_path / "d")], env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and "s3://otstudy-test/studies/objstore already holds a study" in proc.stderr
+        # a bucket that does not exist: one line, exit 2, no local directory left behind
+        proc = subprocess.run([OTSTUDY, "run", str(spec), "--workdir", str(tmp_path / "e"), "--storage",
+                               storage.replace("otstudy-test", "no-such-bucket")], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "storage s3://no-such-bucket/studies/objstore: cannot be" in proc.stderr, \
+            proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "e" / "objstore").exists()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
