@@ -7,7 +7,8 @@ torch limited to 1 thread per trial (what Ray gives a trial that books 1 CPU).
 * 2 plain loops in parallel: two processes with 2 trials each (the hardware's own speed-up from
   running 2 one-thread trials on 2 cores, with no Ray at all);
 * `otstudy run` with max_concurrent 1 and 2, wall time of the whole command (Python and torch
-  imports, Ray's start, the MLflow store, the Parquet export, Ray's shutdown).
+  imports, Ray's start, the MLflow store, the Parquet export, Ray's shutdown); and once with
+  max_concurrent 1 joining a Ray started beforehand (`ray start --head`, not timed) with --address.
 
 The wall time of `otstudy run` is split into the time inside trials (the sum of each trial's
 ``time_total_s``: from the trainable's start to its last report, measured in the worker) and
@@ -67,18 +68,41 @@ def plain_loops(epochs: int, processes: int) -> tuple:
     return time.perf_counter() - t0, inside
 
 
-def through_otstudy(epochs, concurrent):
+def through_otstudy(epochs, concurrent, address=None, env=None):
     with tempfile.TemporaryDirectory() as d:
         f = Path(d) / "s.yaml"
         f.write_text(yaml.safe_dump(spec(epochs, concurrent, f"c{concurrent}")))
+        extra = ["--address", address] if address else []
         t0 = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).parent / "otstudy"), "run", str(f), "--storage", d],
-                       check=True, capture_output=True)
+        subprocess.run([str(Path(sys.executable).parent / "otstudy"), "run", str(f), "--storage", d, *extra],
+                       check=True, capture_output=True, env=env)
         wall = time.perf_counter() - t0
         inside = 0.0
         for f in (Path(d) / f"c{concurrent}" / "ray").glob("trial_*/result.json"):
             inside += json.loads(f.read_text().splitlines()[-1])["time_total_s"]
         return wall, inside
+
+
+def with_running_ray(epochs):
+    """`otstudy run --address` against a Ray already started with `ray start --head` (not timed)."""
+    import os
+    import shutil
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a loopback cluster (see tests/test_platform.py)
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    temp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # Ray's socket paths must stay short
+    try:
+        subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                        "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}",
+                        "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=120)
+        return through_otstudy(epochs, 1, address=f"127.0.0.1:{port}", env=env)
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def main():
@@ -90,12 +114,15 @@ def main():
     l2_wall, l2_in = plain_loops(args.epochs, 2)
     c1_wall, c1_in = through_otstudy(args.epochs, 1)
     c2_wall, c2_in = through_otstudy(args.epochs, 2)
+    a1_wall, a1_in = with_running_ray(args.epochs)
     fixed = c1_wall - c1_in - (l1_wall - l1_in)  # outside trials, beyond the loop's own process start
     per_trial = c1_in / l1_in
     rows = [["plain loop, 1 process", 1, l1_wall, l1_in, 1.0, ""],
             ["plain loops, 2 processes", 2, l2_wall, l2_in, l2_wall / (l1_wall / 2), ""],
             ["otstudy run", 1, c1_wall, c1_in, c1_wall / l1_wall, f"{c1_wall - c1_in:.1f}"],
-            ["otstudy run", 2, c2_wall, c2_in, c2_wall / (l1_wall / 2), f"{c2_wall - c2_in / 2:.1f}"]]
+            ["otstudy run", 2, c2_wall, c2_in, c2_wall / (l1_wall / 2), f"{c2_wall - c2_in / 2:.1f}"],
+            ["otstudy run --address (Ray already running)", 1, a1_wall, a1_in, a1_wall / l1_wall,
+             f"{a1_wall - a1_in:.1f}"]]
     body = markdown_table(["runner", "concurrent trials", "wall s", "time inside trials s",
                            "wall / (loop wall / concurrency)", "outside trials s"], rows)
     hour = 3600.0
@@ -106,7 +133,10 @@ def main():
         f"Ray's shutdown). Projected for a study of 1 h of trials: {(per_trial * hour + fixed) / hour:.3f}x. "
         f"Throughput of 2 concurrent trials vs 1: otstudy {c1_wall / c2_wall:.2f}x; plain processes "
         f"{l1_wall / l2_wall:.2f}x (the machine's own ceiling: 2 one-thread trials on 2 cores); in-trial "
-        f"time with 2 at a time vs 1: otstudy {c2_in / c1_in:.2f}x, plain {l2_in / l1_in:.2f}x.")
+        f"time with 2 at a time vs 1: otstudy {c2_in / c1_in:.2f}x, plain {l2_in / l1_in:.2f}x, so in the "
+        f"long run (fixed cost amortised) 2 at a time give {2 * c1_in / c2_in:.2f}x the throughput of 1. "
+        f"Joining a Ray that is already running (`ray start --head`, then `otstudy run --address`) saves "
+        f"{c1_wall - a1_wall:.1f} s of the fixed cost.")
     record("platform_overhead: otstudy run vs plain loops", body)
 
 
