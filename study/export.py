@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Tuple
 
 import pandas as pd
 
-from .tracking import RAY_KEYS, flat_config
+from .tracking import RAY_KEYS, flat_config, result_epoch
 
 TIMINGS = ("step_time_ms", "ot_time_ms", "epoch_time_s", "images_per_s", "data_time_ms")
 
@@ -54,7 +54,8 @@ def _latest_state(exp_dir: Path) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def _read_results(path: Path) -> List[Dict[str, Any]]:
+def read_results(path: Path) -> List[Dict[str, Any]]:
+    """The results in a trial's ``result.json``, up to a line cut by a crash."""
     rows = []
     if not path.exists():
         return rows
@@ -138,11 +139,11 @@ def collect(study_dir: Path) -> Tuple[pd.DataFrame, pd.DataFrame]:
             except json.JSONDecodeError:
                 params = {}
         config = flat_config(params or st.get("config") or {})
-        rows = _read_results(tdir / "result.json")
+        rows = read_results(tdir / "result.json")
         # a resumed trial re-reports epochs after its checkpoint: keep the last report of each epoch
         by_epoch: Dict[int, Dict[str, Any]] = {}
         for r in rows:
-            by_epoch[int(r.get("epoch", r.get("training_iteration", 0)))] = r
+            by_epoch[result_epoch(r)] = r
         epochs = [by_epoch[e] for e in sorted(by_epoch)]
         for r in epochs:
             history.append({"trial_id": tid, **{k: v for k, v in r.items()

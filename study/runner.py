@@ -16,8 +16,8 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .spec import Spec, parse_spec
-from .storage import Remote, RemoteSync, StorageError, one_line, display, is_remote, join, remote_of
-from .tracking import MLflowTracker, Progress, default_tracking_uri, flat_config, git_revision
+from .storage import Remote, StorageError, display, is_remote, join, one_line, remote_of
+from .tracking import MLflowTracker, Progress, RemoteSync, default_tracking_uri, flat_config, git_revision
 
 EXPERIMENT_DIR = "ray"  # <study>/ray holds Tune's experiment state
 CHECKPOINT_FILE = "state.pt"
@@ -61,14 +61,9 @@ def restore_state(candidates: List[Path]) -> Optional[Dict[str, Any]]:
     return None
 
 
-def _checkpoint_candidates(ckpt, trial_dir: Path) -> List[Path]:
-    found = sorted(trial_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True)
-    latest = Path(ckpt.path) / CHECKPOINT_FILE
-    return [latest] + [p for p in found if p != latest] if latest.exists() else found
-
-
 class _TrialFiles:
-    """The trial directory on the study's storage: a local or shared path, or an object store."""
+    """The trial directory on the study's storage (a local or shared path, or an object store),
+    read and written through the storage's pyarrow filesystem, as Tune does."""
 
     def __init__(self):
         import pyarrow.fs as pafs
@@ -79,9 +74,6 @@ class _TrialFiles:
         self.fs, self.path = st.storage_filesystem, st.trial_fs_path
 
     def read_text(self, name: str) -> Optional[str]:
-        if self.local:
-            f = Path(self.path) / name
-            return f.read_text() if f.is_file() else None
         import pyarrow.fs as pafs
 
         if self.fs.get_file_info(f"{self.path}/{name}").type != pafs.FileType.File:
@@ -90,16 +82,11 @@ class _TrialFiles:
             return f.readall().decode()
 
     def write_text(self, name: str, text: str) -> None:
-        if self.local:
-            Path(self.path, name).write_text(text)
-            return
         with self.fs.open_output_stream(f"{self.path}/{name}") as f:
             f.write(text.encode())
 
     def restore(self, ckpt) -> Optional[Dict[str, Any]]:
         """The newest loadable checkpoint, falling back to the older one Tune keeps."""
-        if self.local:
-            return restore_state(_checkpoint_candidates(ckpt, Path(self.path)))
         import pyarrow.fs as pafs
 
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
@@ -107,6 +94,8 @@ class _TrialFiles:
                        and i.base_name.startswith("checkpoint_")), reverse=True)
         latest = ckpt.path.rstrip("/")
         order = [latest] + [d for d in dirs if d.rstrip("/") != latest]
+        if self.local:
+            return restore_state([p for p in (Path(d) / CHECKPOINT_FILE for d in order) if p.exists()])
         with tempfile.TemporaryDirectory() as tmp:
             local = []
             for i, d in enumerate(order):  # copy only the checkpoint file, not the embeddings
@@ -175,27 +164,25 @@ class _Reporter:
         if self._stopped:
             raise SystemExit(0)  # what Tune's own report does in the training thread on a stop
 
-    def put(self, metrics: Dict[str, Any], ckpt_dir: Optional[str]) -> None:
-        import queue
-
-        while True:
-            self._check()
-            try:
-                self._queue.put((metrics, ckpt_dir), timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def close(self, check: bool = True) -> None:
-        """Wait until every result has been handed to Tune; re-raise a reporting error if ``check``."""
+    def _offer(self, item) -> bool:
+        """Queue ``item`` for the reporter thread; False if that thread has ended (stop or error)."""
         import queue
 
         while self._thread.is_alive():
             try:
-                self._queue.put(None, timeout=0.2)
-                break
+                self._queue.put(item, timeout=0.2)
+                return True
             except queue.Full:
                 continue
+        return False
+
+    def put(self, metrics: Dict[str, Any], ckpt_dir: Optional[str]) -> None:
+        if not self._offer((metrics, ckpt_dir)):
+            self._check()  # the thread ends early only on a stop or an error: raise it here
+
+    def close(self, check: bool = True) -> None:
+        """Wait until every result has been handed to Tune; re-raise a reporting error if ``check``."""
+        self._offer(None)
         self._thread.join()
         if check:
             self._check()
@@ -436,15 +423,16 @@ def run_study(spec: Spec, *, storage: Optional[str] = None, address: Optional[st
     if study_dir.exists() and any(study_dir.iterdir()):
         raise StudyExists(f"{study_dir} already exists; resume it with `otstudy resume {study_dir}` "
                           f"or choose another --storage/--name")
-    if home is not None and Remote(home).is_study():
+    remote = Remote(home) if home is not None else None
+    if remote is not None and remote.is_study():
         raise StudyExists(f"{display(home)} already holds a study; resume it with `otstudy resume "
                           f"{display(home)}` or choose another --name")
     if study_dir.exists():
         study_dir.rmdir()
     write_study_files(spec, study_dir, smoke=smoke, home=home)
-    if home is not None:
+    if remote is not None:
         try:
-            Remote(home).push_home(study_dir)  # resumable from any machine from now on
+            remote.push_home(study_dir)  # resumable from any machine from now on
         except OSError as exc:  # e.g. no write permission: nothing has run, leave nothing behind
             import shutil
 

@@ -11,11 +11,12 @@ an uninterrupted study would make.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 from ray.tune.schedulers import ASHAScheduler
+
+from .export import read_results
 
 
 def _result_file(trial, experiment_dir: Optional[str]) -> Optional[Path]:
@@ -49,11 +50,7 @@ class ReplayASHA(ASHAScheduler):
             return 0
         bracket = self._trial_info[trial.trial_id]
         n = 0
-        for line in f.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                break
+        for r in read_results(f):
             if self._time_attr in r and self._metric in r and r[self._time_attr] < self._max_t:
                 bracket.on_result(trial, r[self._time_attr], self._metric_op * r[self._metric])
                 n += 1

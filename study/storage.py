@@ -30,7 +30,6 @@ import os
 import shutil
 import sqlite3
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterable, Optional, Tuple
 from urllib.parse import urlparse, urlunparse
@@ -238,33 +237,3 @@ def _record_home(study_dir: Path, home: str) -> None:
         new["tracking_uri"] = f"sqlite:///{(study_dir / 'mlflow.db').resolve()}"
     if new != meta:
         f.write_text(json.dumps(new, indent=2))
-
-
-class RemoteSync:
-    """Tune callback: push the driver's files to the study's home periodically and at the end."""
-
-    def __new__(cls, remote: Remote, study_dir: Path, period_s: Optional[float] = None):
-        from ray.tune import Callback
-
-        class _Sync(Callback):
-            def __init__(self):
-                self.period = float(period_s if period_s is not None
-                                    else os.environ.get("OTSTUDY_SYNC_PERIOD_S", 60))
-                self.last = time.monotonic()
-
-            def _push(self):
-                try:
-                    remote.push_home(study_dir)
-                except Exception as exc:  # a transient store error must not end the study
-                    print(f"[otstudy] warning: could not copy the study files to {display(remote.home)} "
-                          f"({one_line(exc)}); retrying later")
-                self.last = time.monotonic()
-
-            def on_step_end(self, iteration, trials, **info):
-                if time.monotonic() - self.last >= self.period:
-                    self._push()
-
-            def on_experiment_end(self, trials, **info):
-                self._push()
-
-        return _Sync()

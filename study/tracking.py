@@ -168,16 +168,11 @@ class MLflowTracker(Callback):
     def _backfill(self, run_id: str, tid: str) -> None:
         """Log the epochs Tune recorded but this store has not seen (a driver killed between the two,
         or an MLflow store restored from an older copy), from the trial's ``result.json``."""
-        f = Path(self.study_dir) / "ray" / f"trial_{tid}" / "result.json"
-        if not f.is_file():
-            return
+        from .export import read_results
+
         metrics, last = [], self._last_step.get(tid, -1)
-        for line in f.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut by a crash
-            step = int(r.get("epoch", r.get("training_iteration", 0)))
+        for r in read_results(Path(self.study_dir) / "ray" / f"trial_{tid}" / "result.json"):
+            step = result_epoch(r)
             if step > last:
                 metrics += self._metrics(r, step, int(1000 * float(r.get("timestamp", time.time()))))
                 last = step
@@ -196,7 +191,7 @@ class MLflowTracker(Callback):
         run_id = self._run_for(trial)
         if run_id is None:
             return
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        step = result_epoch(result)
         if step <= self._last_step.get(trial.trial_id, -1):
             return  # already logged by an earlier driver before a resume
         metrics = self._metrics(result, step, int(time.time() * 1000))
@@ -240,6 +235,11 @@ class MLflowTracker(Callback):
             done = all(t.status in ("TERMINATED", "ERROR") for t in trials)
             self._guard("finish study run", self._client.set_terminated, self._parent_id,
                         status="FINISHED" if done else "KILLED")
+
+
+def result_epoch(result: Dict[str, Any]) -> int:
+    """The epoch a Tune result belongs to (Tune's iteration count for results without one)."""
+    return int(result.get("epoch", result.get("training_iteration", 0)))
 
 
 def flat_config(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -316,3 +316,32 @@ class Progress(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(f"{trial_label(flat_config(trial.config), self.spec)}: FAILED: {error_summary(trial)} "
                    f"({self._finished(trials, trial)}/{self.n_trials} finished)")
+
+
+class RemoteSync(Callback):
+    """Copies the driver's files to the study's object-store home every ``period_s`` seconds
+    (``OTSTUDY_SYNC_PERIOD_S``, default 60) and when the experiment ends (see study/storage.py)."""
+
+    def __init__(self, remote, study_dir: Path, period_s: Optional[float] = None):
+        import os
+
+        self.remote, self.study_dir = remote, study_dir
+        self.period = float(period_s if period_s is not None else os.environ.get("OTSTUDY_SYNC_PERIOD_S", 60))
+        self.last = time.monotonic()
+
+    def _push(self) -> None:
+        from .storage import display, one_line
+
+        try:
+            self.remote.push_home(self.study_dir)
+        except Exception as exc:  # a transient store error must not end the study
+            print(f"[otstudy] warning: could not copy the study files to {display(self.remote.home)} "
+                  f"({one_line(exc)}); retrying later")
+        self.last = time.monotonic()
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self.last >= self.period:
+            self._push()
+
+    def on_experiment_end(self, trials, **info):
+        self._push()
