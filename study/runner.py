@@ -311,13 +311,22 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def _callbacks(spec: Spec, study_dir: Path) -> list:
+    """The driver's callbacks for this study directory (MLflow, progress, copies to an object store)."""
+    remote = remote_of(study_dir)
+    callbacks = [MLflowTracker(spec.mlflow_uri or default_tracking_uri(study_dir), spec.name, str(study_dir),
+                               {**spec.to_dict(), "n_trials": spec.n_trials()}),
+                 Progress(spec.n_trials(), spec.metric, spec.mode, spec.to_dict())]
+    if remote is not None:
+        callbacks.append(RemoteSync(remote, study_dir))
+    return callbacks
+
+
 def build_tuner(spec: Spec, study_dir: Path):
     from ray import tune
 
     remote = remote_of(study_dir)
     space, search_alg, num_samples = _search(spec)
-    tracker = MLflowTracker(spec.mlflow_uri or default_tracking_uri(study_dir), spec.name, str(study_dir),
-                            {**spec.to_dict(), "n_trials": spec.n_trials()})
     tune_config = tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search_alg,
                                   scheduler=_scheduler(spec, study_dir), num_samples=num_samples,
                                   max_concurrent_trials=spec.max_concurrent,
@@ -325,13 +334,10 @@ def build_tuner(spec: Spec, study_dir: Path):
                                   # a trial process is reused for the next trial: no new Python + torch
                                   # import per trial (measured in benchmarks/platform_overhead)
                                   reuse_actors=True)
-    callbacks = [tracker, Progress(spec.n_trials(), spec.metric, spec.mode, spec.to_dict())]
-    if remote is not None:
-        callbacks.append(RemoteSync(remote, study_dir))
     run_config = tune.RunConfig(
         # with an object store, Tune writes <home>/ray there and trials checkpoint to it from any node
         name=EXPERIMENT_DIR, storage_path=remote.home if remote is not None else str(study_dir.resolve()),
-        callbacks=callbacks,
+        callbacks=_callbacks(spec, study_dir),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures), verbose=0)
     return tune.Tuner(_trainable(spec), param_space=space, tune_config=tune_config, run_config=run_config)
@@ -475,11 +481,64 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
         init_ray(address)
         build_tuner(spec, study_dir).fit()
         return _finish(study_dir)
+    import pyarrow.fs as pafs
+
+    repair_recorded_checkpoints(study_dir, remote.fs if remote is not None else pafs.LocalFileSystem())
     init_ray(address)
     tuner = tune.Tuner.restore(exp_path, trainable=_trainable(spec), resume_unfinished=True,
                                resume_errored=not restart_errored, restart_errored=restart_errored)
+    # Tune restores the callbacks pickled when the study started, bound to the directory (and MLflow
+    # store) of the machine that started it: bind them to this study directory instead
+    if getattr(tuner, "_local_tuner", None) is not None:  # (through Ray Client the driver holds no tuner)
+        tuner._local_tuner.get_run_config().callbacks = _callbacks(spec, study_dir)
     tuner.fit()
     return _finish(study_dir)
+
+
+def repair_recorded_checkpoints(study_dir: Path, fs) -> List[str]:
+    """Recreate checkpoints that Tune's last snapshot names but the trial has already deleted.
+
+    With ``num_to_keep`` Tune deletes a trial's oldest checkpoint when a new
+    one arrives and uploads the experiment snapshot that stops naming it a
+    little later (in the background, for an object store); a driver killed in
+    between leaves a snapshot whose trial cannot be restored ("does not exist
+    on storage anymore"). The missing directory is recreated from the trial's
+    next kept checkpoint (the closest state after it), so the trial resumes
+    from there instead of failing. Returns the checkpoint paths recreated.
+    """
+    import pyarrow.fs as pafs
+    from ray.tune.utils.serialization import TuneFunctionDecoder
+
+    decoder = TuneFunctionDecoder(allow_cloudpickle=True)  # Tune's own state, written by this study's driver
+    done: List[str] = []
+    for f in sorted((Path(study_dir) / EXPERIMENT_DIR).glob("experiment_state-*.json")):
+        try:
+            entries = json.loads(f.read_text()).get("trial_data", [])
+        except (OSError, json.JSONDecodeError):
+            continue
+        for entry in entries:
+            try:
+                runtime = decoder.decode(entry[1]) if isinstance(entry[1], str) else entry[1]
+                result = runtime["checkpoint_manager"].latest_checkpoint_result
+            except Exception:  # an entry from another Ray version: Tune will say what is wrong
+                continue
+            if result is None:
+                continue
+            path = result.checkpoint.path.rstrip("/")
+            if path in done or fs.get_file_info(path).type != pafs.FileType.NotFound:
+                continue
+            parent, name = path.rsplit("/", 1)
+            kept = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+                          if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+            if not kept:
+                continue
+            source = next((k for k in kept if k.rsplit("/", 1)[1] > name), kept[-1])
+            fs.create_dir(path)
+            pafs.copy_files(source, path, source_filesystem=fs, destination_filesystem=fs)
+            print(f"[otstudy] {parent.rsplit('/', 1)[-1]}: the snapshot names {name}, deleted before the driver "
+                  f"stopped; it resumes from a copy of {source.rsplit('/', 1)[-1]}")
+            done.append(path)
+    return done
 
 
 def _finish(study_dir: Path) -> Path:

@@ -252,6 +252,7 @@ def test_object_store_storage_survives_kill_9_and_resumes_on_another_machine(tmp
         assert any(i.base_name == "state.pt" for i in fs.get_file_info(
             pafs.FileSelector(f"{root}/ray", recursive=True)))  # checkpoints went to the bucket
         before = _s3_lines(fs, root)
+        shutil.rmtree(machine_a)  # another machine: nothing of the first driver's directory is at hand
 
         proc = subprocess.run([OTSTUDY, "resume", home, "--workdir", str(machine_b)], env=env,
                               capture_output=True, text=True, timeout=600)
@@ -292,3 +293,29 @@ def test_object_store_storage_survives_kill_9_and_resumes_on_another_machine(tmp
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_a_checkpoint_deleted_before_the_snapshot_is_recreated_from_the_next_one(tmp_path):
+    # Tune deletes a trial's oldest checkpoint before the snapshot that stops naming it is written;
+    # a driver killed in between leaves a snapshot naming a missing checkpoint
+    import pyarrow.fs as pafs
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+    from ray.tune import Checkpoint, CheckpointConfig
+    from ray.tune.utils.serialization import TuneFunctionEncoder
+
+    from study.runner import repair_recorded_checkpoints
+
+    trial = tmp_path / "ray" / "trial_x"
+    for i, text in ((4, "epoch 4"), (5, "epoch 5")):
+        (trial / f"checkpoint_00000{i}").mkdir(parents=True)
+        (trial / f"checkpoint_00000{i}" / "state.pt").write_text(text)
+    manager = _CheckpointManager(CheckpointConfig(num_to_keep=2))
+    manager._latest_checkpoint_result = _TrainingResult(
+        checkpoint=Checkpoint(path=str(trial / "checkpoint_000003")), metrics={})
+    runtime = json.dumps({"checkpoint_manager": manager}, cls=TuneFunctionEncoder)
+    (tmp_path / "ray" / "experiment_state-1.json").write_text(json.dumps({"trial_data": [["{}", runtime]]}))
+    fs = pafs.LocalFileSystem()
+    assert repair_recorded_checkpoints(tmp_path, fs) == [str(trial / "checkpoint_000003")]
+    assert (trial / "checkpoint_000003" / "state.pt").read_text() == "epoch 4"  # the closest later state
+    assert repair_recorded_checkpoints(tmp_path, fs) == []  # nothing missing any more
