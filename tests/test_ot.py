@@ -7,7 +7,8 @@ import ot as pot
 import pytest
 import torch
 
-from trainables.ot import (SinkhornNotConvergedWarning, coupling_u1, coupling_ua, sinkhorn)
+from trainables.ot import (SinkhornNotConvergedWarning, coupling_u1, coupling_ua, sinkhorn,
+                            sinkhorn_newton_sparse)
 
 
 def random_cost(n, m, seed, dtype=torch.float64):
@@ -222,3 +223,28 @@ def test_sns_respects_masks_and_rejects_unbalanced():
     assert torch.all(res.plan.diagonal() == 0) and res.marginal_error < 1e-9
     with pytest.raises(ValueError, match="balanced problem only"):
         sinkhorn(cost, eps=0.05, method="sns", uot_lambda1=1.0)
+
+
+def test_sns_converges_on_a_near_permutation_plan_at_eps_1e_3():
+    # 2-D clouds at eps = 1e-3 (cost / eps up to 1e3: log domain); Sinkhorn needs thousands of iterations here
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(96, 2, generator=g, dtype=torch.float64), torch.randn(96, 2, generator=g, dtype=torch.float64)
+    cost = torch.cdist(x, y) ** 2
+    cost = cost / cost.max()
+    res = sinkhorn(cost, eps=1e-3, method="sns", tol=1e-8)
+    assert res.domain == "log" and res.marginal_error < 1e-8 and res.n_iters < 60
+    a = np.full(96, 1 / 96)
+    with warnings.catch_warnings():  # POT stops at its iteration cap with marginal error ~5e-8
+        warnings.simplefilter("ignore")
+        ref = pot.sinkhorn(a, a, cost.numpy(), 1e-3, method="sinkhorn_stabilized", numItermax=100000,
+                           stopThr=1e-10)
+    assert rel_err(res.plan.numpy(), ref) < 1e-5
+
+
+def test_sns_float32_cost_gives_a_float32_plan_solved_in_float64():
+    cost = random_cost(40, 50, seed=3, dtype=torch.float32)
+    res = sinkhorn(cost, eps=0.01, method="sns", tol=1e-6)
+    assert res.plan.dtype == torch.float32 and res.f.dtype == torch.float32
+    assert (res.plan.sum(1) - 1 / 40).abs().sum() < 1e-5
+    with pytest.raises(ValueError, match="warmup_iters"):
+        sinkhorn_newton_sparse(cost, eps=0.01, warmup_iters=0)
