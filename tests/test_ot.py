@@ -25,7 +25,7 @@ def rel_err(p, q):
 
 @pytest.mark.parametrize("eps", [0.01, 0.05, 0.5])
 @pytest.mark.parametrize("n,m", [(8, 8), (33, 20), (64, 64)])
-@pytest.mark.parametrize("domain", ["kernel", "log"])
+@pytest.mark.parametrize("domain", ["kernel", "stabilized", "log"])
 def test_balanced_plan_equals_pot(eps, n, m, domain):
     cost = random_cost(n, m, seed=n + m)
     a, b = np.full(n, 1 / n), np.full(m, 1 / m)
@@ -37,7 +37,7 @@ def test_balanced_plan_equals_pot(eps, n, m, domain):
 
 @pytest.mark.parametrize("eps", [0.01, 0.05, 0.5])
 @pytest.mark.parametrize("lams", [(1.0, 0.5), (0.1, 10.0), (math.inf, 0.5)])
-@pytest.mark.parametrize("domain", ["kernel", "log"])
+@pytest.mark.parametrize("domain", ["kernel", "stabilized", "log"])
 def test_unbalanced_plan_equals_pot(eps, lams, domain):
     cost = random_cost(30, 25, seed=3) + 2.0  # a cost offset matters for UOT: exercises the shift fix
     a, b = np.full(30, 1 / 30), np.full(25, 1 / 25)
@@ -104,7 +104,7 @@ def test_masked_plan_equals_pot_with_forbidden_entries():
 def test_stable_for_small_eps_and_large_costs(eps, scale):
     cost = (random_cost(64, 64, seed=7, dtype=torch.float32) * scale).requires_grad_(True)
     res = sinkhorn(cost, eps=eps, n_iters=50)
-    assert res.domain in ("log", "kernel64")  # float32 exp(-C/eps) would underflow: never the f32 kernel
+    assert res.domain in ("log", "stabilized")  # float32 exp(-C/eps) would underflow: never the plain kernel
     assert torch.isfinite(res.plan).all()
     value = res.transport_cost()
     value.backward()
@@ -226,13 +226,13 @@ def test_sns_respects_masks_and_rejects_unbalanced():
 
 
 def test_sns_converges_on_a_near_permutation_plan_at_eps_1e_3():
-    # 2-D clouds at eps = 1e-3 (cost / eps up to 1e3: log domain); Sinkhorn needs thousands of iterations here
+    # 2-D clouds at eps = 1e-3 (cost / eps up to 1e3: stabilised kernel); Sinkhorn needs thousands of iterations
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(96, 2, generator=g, dtype=torch.float64), torch.randn(96, 2, generator=g, dtype=torch.float64)
     cost = torch.cdist(x, y) ** 2
     cost = cost / cost.max()
     res = sinkhorn(cost, eps=1e-3, method="sns", tol=1e-8)
-    assert res.domain == "log" and res.marginal_error < 1e-8 and res.n_iters < 60
+    assert res.domain == "stabilized" and res.marginal_error < 1e-8 and res.n_iters < 60
     a = np.full(96, 1 / 96)
     with warnings.catch_warnings():  # POT stops at its iteration cap with marginal error ~5e-8
         warnings.simplefilter("ignore")
@@ -248,3 +248,47 @@ def test_sns_float32_cost_gives_a_float32_plan_solved_in_float64():
     assert (res.plan.sum(1) - 1 / 40).abs().sum() < 1e-5
     with pytest.raises(ValueError, match="warmup_iters"):
         sinkhorn_newton_sparse(cost, eps=0.01, warmup_iters=0)
+
+
+def test_stabilized_float32_matches_pot_iterate_for_iterate_where_the_kernel_underflows():
+    # eps = 0.01 on a cosine cost: exp(-C/eps) reaches exp(-200), below float32's range
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(200, 32, generator=g), torch.randn(200, 32, generator=g)
+    cost = 1 - torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(y, dim=1).T
+    res = sinkhorn(cost, eps=0.01, n_iters=40)
+    assert res.domain == "stabilized" and res.plan.dtype == torch.float32
+    # reference: 40 float64 kernel iterations, rows first (POT's loop updates columns first, so its plan
+    # after a fixed count differs; at convergence they agree, see test_balanced_plan_equals_pot)
+    k = np.exp(-cost.double().numpy() / 0.01)
+    u, v = np.ones(200), np.ones(200)
+    for _ in range(40):
+        u = (1 / 200) / (k @ v)
+        v = (1 / 200) / (k.T @ u)
+    ref = u[:, None] * k * v[None, :]
+    assert rel_err(res.plan.double().numpy(), ref) < 1e-4
+
+
+def test_stabilized_absorptions_keep_plan_and_gradient(monkeypatch):
+    import trainables.ot as ot_mod
+
+    monkeypatch.setattr(ot_mod, "_kernel_limit", lambda dtype: 1.0)  # absorb whenever u, v leave exp(+-0.5)
+    cost = random_cost(6, 7, seed=2)
+    ref = sinkhorn(cost, eps=0.02, n_iters=60, domain="log")
+    res = sinkhorn(cost, eps=0.02, n_iters=60, domain="stabilized")
+    assert res.domain == "stabilized"
+    assert torch.allclose(res.plan, ref.plan, rtol=1e-9, atol=1e-12)
+    for lams in ((None, None), (0.5, 2.0)):
+        def value(c):
+            return sinkhorn(c, eps=0.02, n_iters=15, domain="stabilized", uot_lambda1=lams[0],
+                            uot_lambda2=lams[1]).transport_cost()
+
+        assert torch.autograd.gradcheck(value, (cost.clone().requires_grad_(True),))
+
+
+def test_stabilized_falls_back_to_log_when_a_whole_column_underflows():
+    cost = random_cost(8, 8, seed=3, dtype=torch.float32)
+    cost[:, 5] = 50.0  # exp(-(50 - min_j C_ij)/0.01) is 0 in every row: column 5 of the kernel vanishes
+    res = sinkhorn(cost, eps=0.01, n_iters=50)
+    assert res.domain == "log"
+    assert torch.equal(res.plan, sinkhorn(cost, eps=0.01, n_iters=50, domain="log").plan)
+    assert torch.isfinite(res.plan).all() and abs(float(res.plan[:, 5].sum()) - 1 / 8) < 1e-4
