@@ -459,12 +459,14 @@ def _scale(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, star
         used = k + 1
         if tol is not None and not balanced_rows and k % 2 == 0 and k > 0 and err < tol:
             break
-        if rebuild is not None and k % 2 == 1:
+        # after each of the first 4 full iterations (where the scalings move most), then every 8th and the last
+        if rebuild is not None and k % 2 == 1 and (k < 8 or k % 16 == 15 or k + 1 >= n_half):
             with torch.no_grad():
-                reach = float(torch.maximum(torch.log(u).abs().max(), torch.log(v).abs().max()))
-            if not math.isfinite(reach):
+                both = torch.cat((u.detach().flatten(), v.detach().flatten()))
+                reach = float(torch.maximum(both.amax(), both.amin().reciprocal()))
+            if not math.isfinite(reach) or reach <= 0:
                 return None
-            if reach > tau and k + 1 < n_half:
+            if reach > math.exp(tau) and k + 1 < n_half:
                 f0, g0 = f0 + eps * torch.log(u), g0 + eps * torch.log(v)
                 kernel = rebuild(f0, g0)
                 u, v = torch.ones_like(a), torch.ones_like(b)
