@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from trainables.losses import METHODS
+from trainables.catalog import METHOD_INFO as METHODS
 
 # integer config keys: ranges over these are sampled as integers
 INT_KNOBS = ("sinkhorn_iters", "batch_size", "epochs", "warmup_epochs", "proj_hidden", "proj_dim",

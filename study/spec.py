@@ -18,10 +18,9 @@ import yaml
 
 from .storage import REMOTE_SCHEMES
 from search_spaces.spaces import knob_owners
+from trainables.catalog import DATASET_TRAIN_SIZES, DATASETS, METHOD_INFO as METHODS
 from trainables.config import TrialConfig
-from trainables.data import DATASETS, DATASET_TRAIN_SIZES
 from trainables.datasets import DatasetMissing, check_available
-from trainables.losses import METHODS
 
 SAMPLERS = ("grid", "random", "tpe")
 SCHEDULERS = ("none", "asha")

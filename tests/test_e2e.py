@@ -28,6 +28,9 @@ def test_smoke_study_exports_one_row_per_trial(smoke_study):
         assert res[col].map(math.isfinite).all() and res[col].between(0, 1).all()
     assert len(hist) == 4 * 3 and set(hist.groupby("trial_id")["epoch"].max()) == {3}
     assert (res.loc[res["beta"] > 0, "med_ot_time_ms"] > 0).all()
+    for trial in (smoke_study / "ray").glob("trial_*"):  # Tune's JSON and CSV logs; no TensorBoard file
+        assert (trial / "result.json").is_file() and (trial / "progress.csv").is_file()
+        assert not list(trial.glob("events.out.tfevents*"))
 
 
 def test_mlflow_has_one_parent_and_one_child_run_per_trial(smoke_study):

@@ -1,5 +1,7 @@
 """Spec validation and CLI input errors: one line per problem, exit 2, nothing created."""
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -233,3 +235,21 @@ def test_bad_input_cases_are_counted():
            "test_cli_argument_errors, ...)",
            f"{n_spec} malformed specs and {n_cli} bad CLI calls: each a one-line error naming the field or "
            f"argument, exit 2, no study directory created")
+
+
+def test_the_study_driver_never_imports_torch():
+    # only trial processes need torch; the CLI, spec validation and the Tune driver read trainables.catalog
+    code = ("import sys; import study.cli, study.runner, study.spec, study.export, search_spaces.spaces; "
+            "from study.spec import parse_spec; from search_spaces.presets import get_preset; "
+            "parse_spec(get_preset('sinsim_beta')); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_the_catalogue_matches_what_the_trials_run():
+    from trainables.catalog import AUGMENT_NAMES, METHOD_INFO
+    from trainables.data import AUGMENTS
+    from trainables.losses import METHODS
+
+    assert AUGMENT_NAMES == tuple(AUGMENTS)
+    assert {n: m.defaults for n, m in METHODS.items()} == {n: m.defaults for n, m in METHOD_INFO.items()}

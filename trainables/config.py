@@ -6,9 +6,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, get_type_hints
 
-from .data import DATASETS
-from .losses import METHODS, RELAXATIONS
-from .models import ENCODERS
+from .catalog import AUGMENT_NAMES, DATASETS, ENCODERS, METHOD_INFO as METHODS, RELAXATIONS
 
 OPTIMIZERS = ("adam", "sgd", "lars")
 
@@ -96,10 +94,8 @@ class TrialConfig:
             bad("encoder", f"choose one of {list(ENCODERS)}")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"choose one of {list(OPTIMIZERS)}")
-        from .data import AUGMENTS
-
-        if self.augment != "auto" and self.augment not in AUGMENTS:
-            bad("augment", f"choose auto or one of {sorted(AUGMENTS)}")
+        if self.augment != "auto" and self.augment not in AUGMENT_NAMES:
+            bad("augment", f"choose auto or one of {sorted(AUGMENT_NAMES)}")
         if self.crop_min_scale is not None and not 0 < self.crop_min_scale <= 1:
             bad("crop_min_scale", "must be in (0, 1]")
         if self.image_size < 8:

@@ -18,15 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .datasets import TORCHVISION_DATASETS, load_torchvision
+from .catalog import DATASET_TRAIN_SIZES, DATASETS  # noqa: F401  (re-exported)
+from .datasets import load_torchvision
 
-DATASETS = ("digits",) + TORCHVISION_DATASETS
 SPLIT_SEED = 0  # fixed: every trial of every study sees the same split
 VAL_FRACTION = 0.1  # of train, stratified
-# images available for pretraining (train minus val, plus STL-10's unlabeled split),
-# for validating batch sizes before a study starts
-DATASET_TRAIN_SIZES = {"digits": 1212, "mnist": 54000, "fashion_mnist": 54000, "cifar10": 45000,
-                       "cifar100": 45000, "svhn": 65931, "stl10": 104500}
 
 
 @dataclass

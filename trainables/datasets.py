@@ -16,9 +16,12 @@ import pickle
 from pathlib import Path
 from typing import Optional, Tuple
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the study driver reads SOURCES without it
+    from torch import Tensor
 
 # where each dataset lives under data_root, and where to get it
 SOURCES = {
@@ -36,7 +39,7 @@ SOURCES = {
     "image_folder": (".", "train/<class>/*.png|jpg and test/<class>/*.png|jpg", "your own data"),
 }
 TORCHVISION_DATASETS = tuple(SOURCES)
-Loaded = Tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]
+Loaded = Tuple["Tensor", "Tensor", "Tensor", "Tensor", Optional["Tensor"]]
 
 
 class DatasetMissing(FileNotFoundError):
@@ -112,6 +115,7 @@ def load_torchvision(name: str, data_root: str, *, download: bool = False, verif
 
 
 def _load(name, root, cls, download, image_size) -> Loaded:
+    import torch
     import torchvision.datasets as tvd
 
     if name in ("mnist", "fashion_mnist"):
@@ -141,10 +145,13 @@ def _load(name, root, cls, download, image_size) -> Loaded:
 
 
 def _hwc(a: np.ndarray) -> Tensor:
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
 
 
 def _image_folder(path: Path, size: int, classes=None):
+    import torch
     from PIL import Image
 
     classes = classes or sorted(p.name for p in path.iterdir() if p.is_dir())

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ot
+from .catalog import METHOD_INFO, RELAXATIONS, MethodInfo  # noqa: F401  (RELAXATIONS re-exported)
 
 __all__ = ["LossOutput", "Method", "METHODS", "compute_loss", "nt_xent"]
 
@@ -318,7 +319,6 @@ def gca_uot(h1, h2, z1, z2, *, eps: float = 0.5, sinkhorn_iters: int = 5,
 
 # --------------------------------------------------------------------------- IOT-CL
 
-RELAXATIONS = ("U1", "Ua", "Uab")
 
 
 def iot_cl(h1, h2, z1, z2, *, eps: float = 0.5, relaxation: str = "Ua", sinkhorn_iters: int = 4,
@@ -426,42 +426,17 @@ def barlow_twins(h1, h2, z1, z2, *, barlow_lambda: float = 5e-3) -> LossOutput:
 
 
 @dataclass(frozen=True)
-class Method:
-    """A method: its loss function, the config keys it reads, its paper defaults."""
+class Method(MethodInfo):
+    """A method of the catalogue with its loss function."""
 
-    name: str
-    fn: Callable[..., LossOutput]
-    defaults: Dict[str, object]
-    paper: str
-    uses_ot: bool
-
-    @property
-    def knobs(self) -> Tuple[str, ...]:
-        return tuple(self.defaults)
+    fn: Callable[..., LossOutput] = None
 
 
-METHODS: Dict[str, Method] = {
-    m.name: m
-    for m in [
-        Method("simclr", simclr, {"tau": 0.5}, "arXiv 2002.05709", False),
-        Method("sinsim", sinsim, {"tau": 0.5, "beta": 0.8, "eps": 0.05, "sinkhorn_iters": 40,
-                                  "ot_cost": "cosine", "ot_value": "cost", "ot_grad": "unrolled"},
-               "arXiv 2502.10478", True),
-        Method("sinsim_gibbs_kernel", sinsim_gibbs_kernel,
-               {"tau": 0.5, "beta": 0.8, "eps": 0.05, "ot_cost": "cosine"},
-               "public SinSim script (not the paper)", False),
-        Method("gca_ince", gca_ince, {"eps": 0.5, "sinkhorn_iters": 5}, "arXiv 2502.20141", True),
-        Method("gca_rince", gca_rince, {"eps": 0.5, "sinkhorn_iters": 5, "rince_q": 0.5,
-                                        "rince_lam": 0.01}, "arXiv 2502.20141", True),
-        Method("gca_uot", gca_uot, {"eps": 0.5, "sinkhorn_iters": 5, "uot_lambda1": 1.0,
-                                    "uot_lambda2": 1.0}, "arXiv 2502.20141", True),
-        Method("iot_cl", iot_cl, {"eps": 0.5, "relaxation": "Ua", "sinkhorn_iters": 4,
-                                  "lambda_p": 0.0}, "ICML 2023 (Shi et al.)", True),
-        Method("vicreg", vicreg, {"vicreg_inv": 25.0, "vicreg_var": 25.0, "vicreg_cov": 1.0},
-               "arXiv 2105.04906", False),
-        Method("barlow_twins", barlow_twins, {"barlow_lambda": 5e-3}, "arXiv 2103.03230", False),
-    ]
-}
+_LOSS_FNS = {"simclr": simclr, "sinsim": sinsim, "sinsim_gibbs_kernel": sinsim_gibbs_kernel, "gca_ince": gca_ince,
+             "gca_rince": gca_rince, "gca_uot": gca_uot, "iot_cl": iot_cl, "vicreg": vicreg,
+             "barlow_twins": barlow_twins}
+METHODS: Dict[str, Method] = {name: Method(name, dict(info.defaults), info.paper, info.uses_ot, _LOSS_FNS[name])
+                              for name, info in METHOD_INFO.items()}
 
 
 def method_knobs(method: str, config: Dict[str, object]) -> Dict[str, object]:

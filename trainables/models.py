@@ -5,7 +5,7 @@ from typing import Sequence, Tuple
 
 from torch import Tensor, nn
 
-ENCODERS = ("small_cnn", "resnet18", "resnet50")
+from .catalog import ENCODERS  # noqa: F401  (re-exported)
 
 
 class SmallCNN(nn.Module):
