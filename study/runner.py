@@ -189,7 +189,13 @@ class _Reporter:
 
 
 def tune_trainable(config: Dict[str, Any]) -> None:
-    """Ray Tune function trainable: adapts Tune's report/checkpoint API to trainables.run."""
+    """Ray Tune function trainable: adapts Tune's report/checkpoint API to trainables.run.
+
+    The first result carries ``setup_s``: the seconds from the trainable's start to the training's start
+    (torch's import in a fresh worker, reading the checkpoint to resume from), which Tune's
+    ``time_total_s`` counts as part of the trial.
+    """
+    started = time.perf_counter()
     import logging
 
     import ray
@@ -213,9 +219,11 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     restore = files.restore(ckpt) if ckpt is not None else None
     carried: Dict[str, float] = {}
     node_id = ray.get_runtime_context().get_node_id()  # which cluster node ran the trial
+    setup: Dict[str, float] = {}
 
     def report(metrics: Dict[str, float], checkpoint: Optional[Dict[str, Any]] = None) -> None:
-        m = {**metrics, "node_id": node_id}
+        m = {**metrics, "node_id": node_id, **setup}
+        setup.clear()
         # keep the pruning signal in every result, also between probe epochs
         if "knn_acc" in m:
             carried["knn_acc"] = m["knn_acc"]
@@ -242,6 +250,7 @@ def tune_trainable(config: Dict[str, Any]) -> None:
 
     reporter = _Reporter()
     finished = False
+    setup["setup_s"] = time.perf_counter() - started
     try:
         run(flat_config(config), report=report, restore=restore)
         finished = True

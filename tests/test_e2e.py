@@ -31,6 +31,9 @@ def test_smoke_study_exports_one_row_per_trial(smoke_study):
     for trial in (smoke_study / "ray").glob("trial_*"):  # Tune's JSON and CSV logs; no TensorBoard file
         assert (trial / "result.json").is_file() and (trial / "progress.csv").is_file()
         assert not list(trial.glob("events.out.tfevents*"))
+        rows = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+        assert 0 <= rows[0]["setup_s"] < rows[-1]["time_total_s"]  # the worker's set-up, in the first result
+        assert all("setup_s" not in r for r in rows[1:])
 
 
 def test_mlflow_has_one_parent_and_one_child_run_per_trial(smoke_study):
