@@ -70,11 +70,21 @@ def test_batched_problems_equal_separate_solves():
         assert torch.allclose(batched.plan[i], single.plan, atol=1e-12)
 
 
+def test_batched_stabilized_problems_equal_separate_solves():
+    # float32 at eps = 0.01: the stabilised domain, whose absorptions are decided over the whole batch
+    costs = torch.stack([random_cost(16, 16, seed=s, dtype=torch.float32) * (1 + s) for s in range(3)])
+    batched = sinkhorn(costs, eps=0.01, n_iters=60)
+    assert batched.domain == "stabilized"
+    for i in range(3):
+        single = sinkhorn(costs[i], eps=0.01, n_iters=60)
+        assert torch.allclose(batched.plan[i], single.plan, rtol=1e-4, atol=1e-7)
+
+
 def test_masked_pairs_get_exactly_zero_mass():
     n = 10
     cost = random_cost(n, n, seed=2)
     mask = ~torch.eye(n, dtype=torch.bool)
-    for domain in ("kernel", "log"):
+    for domain in ("kernel", "stabilized", "log"):
         res = sinkhorn(cost, eps=0.05, n_iters=500, mask=mask, domain=domain)
         assert torch.all(res.plan.diagonal() == 0.0)
         assert torch.allclose(res.plan.sum(1), torch.full((n,), 1 / n, dtype=torch.float64), atol=1e-8)
@@ -104,7 +114,8 @@ def test_masked_plan_equals_pot_with_forbidden_entries():
 def test_stable_for_small_eps_and_large_costs(eps, scale):
     cost = (random_cost(64, 64, seed=7, dtype=torch.float32) * scale).requires_grad_(True)
     res = sinkhorn(cost, eps=eps, n_iters=50)
-    assert res.domain in ("log", "stabilized")  # float32 exp(-C/eps) would underflow: never the plain kernel
+    assert res.domain in ("log", "kernel64")  # float32 exp(-C/eps) underflows, and an unrolled gradient: never
+    # the float32 kernel, nor the stabilised one (see test_unrolled_gradient_never_uses_the_stabilized_kernel)
     assert torch.isfinite(res.plan).all()
     value = res.transport_cost()
     value.backward()
@@ -292,3 +303,19 @@ def test_stabilized_falls_back_to_log_when_a_whole_column_underflows():
     assert res.domain == "log"
     assert torch.equal(res.plan, sinkhorn(cost, eps=0.01, n_iters=50, domain="log").plan)
     assert torch.isfinite(res.plan).all() and abs(float(res.plan[:, 5].sum()) - 1 / 8) < 1e-4
+
+
+def test_unrolled_gradient_never_uses_the_stabilized_kernel():
+    # SinSim's case that gave non-finite gradients through float32 stabilised scalings (n = 1024, eps = 1e-3)
+    # (forced to domain="stabilized", this exact case gives a non-finite gradient of x)
+    from trainables.losses import feature_cost
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1024, 32, generator=g).requires_grad_(True), torch.randn(1024, 32, generator=g)
+    cost = feature_cost(x, y, ot_cost="cosine")
+    res = sinkhorn(cost, eps=1e-3, n_iters=40)
+    res.transport_cost().backward()
+    assert res.domain == "log" and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        assert sinkhorn(cost, eps=1e-3, n_iters=40).domain == "stabilized"
+    assert sinkhorn(cost, eps=1e-3, n_iters=40, grad="implicit").domain == "stabilized"

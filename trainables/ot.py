@@ -230,7 +230,8 @@ def sinkhorn(
             absorbed into the kernel, for a cost whose kernel would underflow; falls back to ``"log"``
             if a whole row or column of it underflows) | ``"kernel64"`` (kernel updates in float64 for
             a float32 cost) | ``"log"``. ``"auto"`` picks ``"kernel"`` when safe, else
-            ``"stabilized"`` (``"kernel64"`` or ``"log"`` for half precision).
+            ``"stabilized"``; under an unrolled gradient (and for half precision) ``"kernel64"``
+            where float64's range suffices, else ``"log"``.
         grad: ``"unrolled"`` | ``"implicit"`` (see module docstring).
         warn: emit the non-convergence warning when ``tol`` is not reached.
         method: ``"sinkhorn"`` or ``"sns"`` (:func:`sinkhorn_newton_sparse`: balanced,
@@ -294,15 +295,19 @@ def sinkhorn(
     if domain == "auto":
         shift = float(((1.0 - fi1) * cmin.abs() / eps).max())
         need = max(span, shift)
+        unrolled = grad == "unrolled" and cost.requires_grad and torch.is_grad_enabled()
         if need <= _kernel_limit(cost.dtype):
             domain = "kernel"
-        elif cost.dtype in (torch.float32, torch.float64):
+        elif cost.dtype in (torch.float32, torch.float64) and not unrolled:
             # the kernel exp(-C/eps) would under/overflow: absorb the potentials into it instead, which
             # keeps matrix-vector updates in the cost's dtype (2-3x faster than float64 products, and
-            # 5-10x faster than log-sum-exp updates, on this CPU; benchmarks/ot_solvers.py)
+            # 5-10x faster than log-sum-exp updates, on this CPU; benchmarks/ot_solvers.py). Not under an
+            # unrolled gradient: the backward of u = a / (K v) divides by (K v)^2, which underflows for the
+            # tiny column sums a stabilised kernel can have before its first absorption (non-finite
+            # gradients measured at eps = 1e-3, n = 1024 in float32)
             domain = "stabilized"
-        elif need <= _kernel_limit(torch.float64):
-            domain = "kernel64"  # half precision: float64 products
+        elif need <= _kernel_limit(torch.float64) and cost.dtype != torch.float64:
+            domain = "kernel64"  # float64 products: their backward has float64's range
         else:
             domain = "log"
 
