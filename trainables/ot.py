@@ -479,7 +479,10 @@ def _scale(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, star
                 col_fix = torch.exp((fi2 - 1.0) * g0 / eps) if fi2 != 1.0 else None
     f = eps * torch.log(u) + f0
     g = eps * torch.log(v) + g0
-    plan = u[..., :, None] * kernel * v[..., None, :]  # = exp((f + g - C)/eps), two products
+    if kernel.requires_grad and torch.is_grad_enabled():
+        plan = u[..., :, None] * kernel * v[..., None, :]  # = exp((f + g - C)/eps), two products
+    else:  # the kernel is this call's own buffer: scale it in place (two fresh n x m buffers cost more)
+        plan = kernel.mul_(u[..., :, None]).mul_(v[..., None, :])
     return f, g, err, used, plan
 
 
