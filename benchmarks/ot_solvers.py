@@ -5,7 +5,9 @@ C = 1 - cos (for GeomLoss the points are L2-normalised, so its p=2 cost
 |x - y|^2 / 2 is the same C, and blur = sqrt(eps)). Tables:
 
 1. a fixed 40 iterations (float32 torch for otstudy; POT on numpy float64, its
-   default, and POT on float32 torch tensors): median time and L1 marginal error;
+   default, and POT on float32 torch tensors): median time and L1 marginal error. A peer whose
+   plan is not a solution (POT on float32 tensors when its kernel underflows: marginal error ~1)
+   is shown as nan and not compared against;
 2. time to reach L1 marginal error 1e-6 (float64 for everyone; SNS included);
 3. forward + backward at n = 2048, d = 512: time and bytes kept for backward.
 
@@ -79,7 +81,15 @@ def fixed_iterations(sizes, dims, epss, iters=40):
                 t_ours_log = timeit(lambda: sinkhorn(c, eps=eps, n_iters=iters, domain="log"), reps)
                 p_pot = ot.sinkhorn(a, a, c64, eps, numItermax=iters, stopThr=0.0)
                 t_pot = timeit(lambda: ot.sinkhorn(a, a, c64, eps, numItermax=iters, stopThr=0.0), reps)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    p_pot_t = ot.sinkhorn(a_t, a_t, c, eps, numItermax=iters, stopThr=0.0)
                 t_pot_t = timeit(lambda: ot.sinkhorn(a_t, a_t, c, eps, numItermax=iters, stopThr=0.0), reps)
+                err_pot_t = l1_marginal_error(p_pot_t.numpy(), a, a)
+                if not err_pot_t <= 2 * l1_marginal_error(p_pot, a, a) + 1e-5:
+                    # float32 kernel underflow: POT stops at "numerical errors at iteration 0" with a plan that
+                    # is not a solution (marginal error ~1); it is no peer to be faster than
+                    t_pot_t = float("nan")
                 p_log = ot.sinkhorn(a, a, c64, eps, method="sinkhorn_log", numItermax=iters, stopThr=0.0)
                 t_pot_log = timeit(lambda: ot.sinkhorn(a, a, c64, eps, method="sinkhorn_log", numItermax=iters,
                                                        stopThr=0.0), reps)
@@ -88,7 +98,7 @@ def fixed_iterations(sizes, dims, epss, iters=40):
                     t_gl = timeit(gl, reps)
                 except ImportError:
                     t_gl = float("nan")
-                fastest_peer = min(t_pot, t_pot_t, t_pot_log, t_gl if t_gl == t_gl else math.inf)
+                fastest_peer = min(t for t in (t_pot, t_pot_t, t_pot_log, t_gl) if t == t)  # NaN: not run / invalid
                 rows.append([n, d, eps, ours.domain, 1e3 * t_ours, 1e3 * t_ours_log, 1e3 * t_pot, 1e3 * t_pot_t,
                              1e3 * t_pot_log, 1e3 * t_gl, t_ours / fastest_peer, ours.marginal_error,
                              l1_marginal_error(p_pot, a, a), l1_marginal_error(p_log, a, a)])

@@ -29,10 +29,11 @@ Numerical domains, chosen per call (``domain="auto"``):
   ``(max C - min C)/eps`` stays well inside the float exponent range.
 * ``stabilized``: when it does not (eps = 0.01 on a cosine cost already
   underflows float32's kernel), the same products on the kernel with the
-  potentials absorbed, ``exp((f0_i + g0_j - C_ij)/eps)``, after one
-  log-domain row update; the scalings are absorbed again only when they
-  drift far from 1 (Schmitzer 2019), so most updates stay products in the
-  cost's dtype.
+  potentials absorbed, ``exp((f0_i + g0_j - C_ij)/eps)``, starting from
+  ``f0_i = min_j C_ij`` (every row keeps an entry of 1); the scalings are
+  absorbed again only when they drift far from 1 (Schmitzer 2019), so most
+  updates stay products in the cost's dtype. Not under an unrolled gradient
+  (see ``sinkhorn``'s ``domain``).
 * ``log``: log-sum-exp updates of f and g; the fallback when even the
   stabilised kernel loses a whole row or column (costs spanning ~1e5 eps),
   and available on request.
@@ -418,17 +419,18 @@ def _stabilized_kernel(cost, f0, g0, eps):
 def _iterate_stabilized(cost, a, b, eps, n_half, fi1, fi2, tol, balanced_rows):
     """Kernel updates on a kernel with the potentials absorbed (Schmitzer 2019; POT's sinkhorn_stabilized).
 
-    The first row update is a log-domain one (a log-sum-exp over each row), so every row of
-    ``K~ = exp((f0 + g0 - C)/eps)`` holds its mass and its largest entry is representable even when
-    ``exp(-C/eps)`` underflows; the scalings u, v then stay close to 1 and are absorbed into f0, g0
-    (rebuilding K~) whenever they leave ``exp(+-tau)``. Between absorptions an update is a
+    The kernel starts shifted by each row's smallest cost, ``K~ = exp((f0 + g0 - C)/eps)`` with
+    ``f0_i = min_j C_ij``, ``g0 = 0``: every row's largest entry is exactly 1 even when ``exp(-C/eps)``
+    underflows (the shift is a c-transform, the log-domain row update's eps -> 0 limit); the scalings
+    u, v are absorbed into f0, g0 (rebuilding K~) whenever they leave ``exp(+-tau)``. Between absorptions an update is a
     matrix-vector product in the cost's own dtype. Returns None if a row or column of K~ underflowed
     entirely (the caller then uses the log domain).
     """
-    f0 = fi1 * eps * (torch.log(a) - torch.logsumexp(cost * (-1.0 / eps), dim=-1))  # (..., n), with g = 0
+    # f0 = each row's smallest cost: every row of K~ then has a largest entry of exactly 1, one exp pass
+    f0 = cost.amin(-1)  # (..., n); finite: every row has an allowed entry
     g0 = torch.zeros_like(b)
     kernel = _stabilized_kernel(cost, f0, g0, eps)
-    return _scale(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, start=1,
+    return _scale(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows,
                   rebuild=lambda f_, g_: _stabilized_kernel(cost, f_, g_, eps))
 
 
