@@ -39,6 +39,19 @@ def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def median_call(fn: Callable[[], object], repeats: int = 3, slow_s: float = 2.0):
+    """(the last call's result, the median wall time in seconds of up to ``repeats`` calls); no further
+    repeats after a call slower than ``slow_s``."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        if times[-1] > slow_s:
+            break
+    return out, statistics.median_high(times)
+
+
 def machine() -> str:
     import torch
 

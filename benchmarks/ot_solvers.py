@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import ensure_malloc_env, markdown_table, record, timeit
+from benchmarks.common import ensure_malloc_env, markdown_table, median_call, record, timeit
 from trainables.ot import sinkhorn
 
 warnings.filterwarnings("ignore")
@@ -108,18 +107,6 @@ def fixed_iterations(sizes, dims, epss, iters=40):
     return markdown_table(header, rows)
 
 
-def _median_call(fn, repeats=3):
-    """(result of the last call, median seconds); stops repeating after a call of more than 2 s."""
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        if times[-1] > 2.0:
-            break
-    return out, sorted(times)[len(times) // 2]
-
-
 def to_tolerance(sizes, epss, tol=1e-6, cap=5000):
     import ot
 
@@ -129,11 +116,11 @@ def to_tolerance(sizes, epss, tol=1e-6, cap=5000):
         c64 = c.numpy()
         a = np.full(n, 1.0 / n)
         for eps in epss:
-            ours, t_ours = _median_call(lambda: sinkhorn(c, eps=eps, n_iters=cap, tol=tol, warn=False))
-            sns, t_sns = _median_call(lambda: sinkhorn(c, eps=eps, method="sns", tol=tol, warn=False))
-            (p_pot, log), t_pot = _median_call(lambda: ot.sinkhorn(a, a, c64, eps, numItermax=cap, stopThr=tol / 10,
+            ours, t_ours = median_call(lambda: sinkhorn(c, eps=eps, n_iters=cap, tol=tol, warn=False))
+            sns, t_sns = median_call(lambda: sinkhorn(c, eps=eps, method="sns", tol=tol, warn=False))
+            (p_pot, log), t_pot = median_call(lambda: ot.sinkhorn(a, a, c64, eps, numItermax=cap, stopThr=tol / 10,
                                                                    log=True))
-            (p_log, log2), t_pot_log = _median_call(lambda: ot.sinkhorn(a, a, c64, eps, method="sinkhorn_log",
+            (p_log, log2), t_pot_log = median_call(lambda: ot.sinkhorn(a, a, c64, eps, method="sinkhorn_log",
                                                                         numItermax=cap, stopThr=tol / 10, log=True))
             rows.append([n, eps, 1e3 * t_ours, ours.n_iters, ours.marginal_error, 1e3 * t_sns, sns.n_iters,
                          sns.marginal_error, 1e3 * t_pot, log.get("niter", float("nan")),

@@ -5,19 +5,18 @@ Two kinds of problems, as in Tang et al. (ICLR 2024):
 * images: two digits (sklearn's 8x8, upsampled to 28x28 like MNIST), pixel intensities as
   masses (plus 1e-3 so every pixel carries mass), squared distance between pixel positions / max.
 Both solvers are otstudy's (float64); Sinkhorn is capped at 20,000 iterations and runs in the domain
-``sinkhorn`` picks itself (the fast kernel domain while the kernel fits float64, else the log domain), so the
+``sinkhorn`` picks itself (the kernel domain while the kernel fits float64, else the stabilised kernel), so the
 time ratio is against otstudy's fastest Sinkhorn. Times are medians of 3 runs (1 when a run takes > 2 s).
 
     .venv/bin/python -m benchmarks.sns
 """
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import ensure_malloc_env, markdown_table, record
+from benchmarks.common import ensure_malloc_env, markdown_table, median_call, record
 from trainables.ot import sinkhorn
 
 CAP = 20000
@@ -45,20 +44,9 @@ def digits_pair(i=0, j=1, size=28):
     return c / c.max(), masses[0], masses[1]
 
 
-def _median_run(fn):
-    times, out = [], None
-    for _ in range(3):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        if times[-1] > 2.0:
-            break
-    return out, sorted(times)[len(times) // 2]
-
-
 def solve(cost, a, b, eps):
-    plain, t_plain = _median_run(lambda: sinkhorn(cost, eps=eps, n_iters=CAP, tol=1e-6, a=a, b=b, warn=False))
-    sns, t_sns = _median_run(lambda: sinkhorn(cost, eps=eps, method="sns", tol=1e-6, a=a, b=b, warn=False))
+    plain, t_plain = median_call(lambda: sinkhorn(cost, eps=eps, n_iters=CAP, tol=1e-6, a=a, b=b, warn=False))
+    sns, t_sns = median_call(lambda: sinkhorn(cost, eps=eps, method="sns", tol=1e-6, a=a, b=b, warn=False))
     return [plain.n_iters, plain.domain, plain.marginal_error, 1e3 * t_plain, sns.n_iters, sns.marginal_error,
             1e3 * t_sns, plain.n_iters / sns.n_iters, t_plain / t_sns]
 

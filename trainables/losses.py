@@ -320,7 +320,6 @@ def gca_uot(h1, h2, z1, z2, *, eps: float = 0.5, sinkhorn_iters: int = 5,
 # --------------------------------------------------------------------------- IOT-CL
 
 
-
 def iot_cl(h1, h2, z1, z2, *, eps: float = 0.5, relaxation: str = "Ua", sinkhorn_iters: int = 4,
            lambda_p: float = 0.0) -> LossOutput:
     r"""IOT-CL (Shi, Zhang, Zhen, Fan, Yan, ICML 2023, PMLR 202), Eqs. 16-25.
@@ -429,7 +428,7 @@ def barlow_twins(h1, h2, z1, z2, *, barlow_lambda: float = 5e-3) -> LossOutput:
 class Method(MethodInfo):
     """A method of the catalogue with its loss function."""
 
-    fn: Callable[..., LossOutput] = None
+    fn: Callable[..., LossOutput]
 
 
 _LOSS_FNS = {"simclr": simclr, "sinsim": sinsim, "sinsim_gibbs_kernel": sinsim_gibbs_kernel, "gca_ince": gca_ince,

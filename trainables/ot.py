@@ -278,20 +278,8 @@ def sinkhorn(
     *batch, n, m = cost.shape
     a = _marginal(a, batch, n, cost, "a")
     b = _marginal(b, batch, m, cost, "b")
-    with torch.no_grad():
-        # two passes over C in the common case (no forbidden pairs): min and max carry NaN and +-inf
-        cmin = cost.amin((-2, -1), keepdim=True)
-        cmax = cost.amax((-2, -1), keepdim=True)
-        if torch.isnan(cmin).any() or torch.isnan(cmax).any():
-            raise ValueError("cost contains NaN")
-        if (cmin == -math.inf).any():
-            raise ValueError("cost contains -inf")
-        if (cmax == math.inf).any():
-            finite = torch.isfinite(cost)
-            if not finite.any(-1).all() or not finite.any(-2).all():
-                raise ValueError("every row and column of cost needs at least one allowed (finite) entry")
-            cmax = cost.masked_fill(~finite, -math.inf).amax((-2, -1), keepdim=True)
-        span = float(((cmax - cmin) / eps).max())
+    cmin, cmax = _cost_range(cost)
+    span = float(((cmax - cmin) / eps).max())
     fi1, fi2 = _fi(lam1, eps), _fi(lam2, eps)
     if domain == "auto":
         shift = float(((1.0 - fi1) * cmin.abs() / eps).max())
@@ -316,11 +304,11 @@ def sinkhorn(
     if grad == "implicit":
         with torch.no_grad():
             f, g, err, used, _, domain = _iterate(cost.detach(), a, b, eps, n_half, fi1, fi2, tol, domain,
-                                          cmin.detach(), balanced_rows)
+                                          cmin, balanced_rows)
         f, g = f.detach(), g.detach()
         plan = None
     else:
-        f, g, err, used, plan, domain = _iterate(cost, a, b, eps, n_half, fi1, fi2, tol, domain, cmin.detach(),
+        f, g, err, used, plan, domain = _iterate(cost, a, b, eps, n_half, fi1, fi2, tol, domain, cmin,
                                          balanced_rows)
     if plan is None:
         plan = torch.exp((f[..., :, None] + g[..., None, :] - cost) / eps)  # (..., n, m), 0 where C=+inf
@@ -340,6 +328,24 @@ def sinkhorn(
     return OTResult(plan=plan, f=f, g=g, cost=cost, eps=eps, a=a, b=b, uot_lambda1=lam1,
                     uot_lambda2=lam2, marginal_error=err, n_iters=used / 2, domain=domain,
                     grad=grad)
+
+
+def _cost_range(cost: Tensor):
+    """(min C, max C over the allowed entries), keepdim over the last two axes; one-line errors for NaN,
+    -inf, and a row or column with no allowed entry. Two passes over C when no pair is forbidden."""
+    with torch.no_grad():
+        cmin = cost.amin((-2, -1), keepdim=True)
+        cmax = cost.amax((-2, -1), keepdim=True)
+        if torch.isnan(cmin).any() or torch.isnan(cmax).any():
+            raise ValueError("cost contains NaN")
+        if (cmin == -math.inf).any():
+            raise ValueError("cost contains -inf")
+        if (cmax == math.inf).any():
+            finite = torch.isfinite(cost)
+            if not finite.any(-1).all() or not finite.any(-2).all():
+                raise ValueError("every row and column of cost needs at least one allowed (finite) entry")
+            cmax = cost.masked_fill(~finite, -math.inf).amax((-2, -1), keepdim=True)
+    return cmin.detach(), cmax.detach()
 
 
 def _marginal(w: Optional[Tensor], batch, size: int, like: Tensor, name: str) -> Tensor:
@@ -434,19 +440,22 @@ def _iterate_stabilized(cost, a, b, eps, n_half, fi1, fi2, tol, balanced_rows):
                   rebuild=lambda f_, g_: _stabilized_kernel(cost, f_, g_, eps))
 
 
-def _scale(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, start=0, rebuild=None):
-    """Alternating scaling of ``kernel`` = exp((f0 + g0 - C)/eps) from update ``start`` on; the potentials
-    are f = f0 + eps log u, g = g0 + eps log v. With ``rebuild``, u and v are absorbed into f0, g0 (and the
+def _scale(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, rebuild=None):
+    """Alternating scaling of ``kernel`` = exp((f0 + g0 - C)/eps), rows first; the potentials are
+    f = f0 + eps log u, g = g0 + eps log v. With ``rebuild``, u and v are absorbed into f0, g0 (and the
     kernel rebuilt) whenever they leave exp(+-tau); None if they stopped being finite."""
+
+    def fix(fi, offset):
+        # unbalanced: the offset is not neutral under the power fi; this factor restores it
+        return torch.exp((fi - 1.0) * offset / eps) if fi != 1.0 else None
+
     u = torch.ones_like(a)
     v = torch.ones_like(b)
-    # unbalanced: the offsets f0, g0 are not neutral under the powers fi1, fi2; these factors restore them
-    row_fix = torch.exp((fi1 - 1.0) * f0 / eps) if fi1 != 1.0 else None
-    col_fix = torch.exp((fi2 - 1.0) * g0 / eps) if fi2 != 1.0 else None
+    row_fix, col_fix = fix(fi1, f0), fix(fi2, g0)
     tau = 0.5 * _kernel_limit(kernel.dtype)
     err = math.inf
-    used = start
-    for k in range(start, n_half):
+    used = 0
+    for k in range(n_half):
         if k % 2 == 0:
             kv = (kernel @ v[..., :, None])[..., 0]  # (..., n) = K v
             if tol is not None and k > 0:
@@ -477,8 +486,7 @@ def _scale(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, star
                 f0, g0 = f0 + eps * torch.log(u), g0 + eps * torch.log(v)
                 kernel = rebuild(f0, g0)
                 u, v = torch.ones_like(a), torch.ones_like(b)
-                row_fix = torch.exp((fi1 - 1.0) * f0 / eps) if fi1 != 1.0 else None
-                col_fix = torch.exp((fi2 - 1.0) * g0 / eps) if fi2 != 1.0 else None
+                row_fix, col_fix = fix(fi1, f0), fix(fi2, g0)
     f = eps * torch.log(u) + f0
     g = eps * torch.log(v) + g0
     if kernel.requires_grad and torch.is_grad_enabled():
@@ -616,18 +624,12 @@ def sinkhorn_newton_sparse(
     with torch.no_grad():
         c = cost.detach().double()
         a64, b64 = a.double(), b.double()
-        finite = torch.isfinite(c)
-        if torch.isnan(c).any() or (c == -math.inf).any():
-            raise ValueError("cost contains NaN or -inf")
-        if not finite.any(1).all() or not finite.any(0).all():
-            raise ValueError("every row and column of cost needs at least one allowed (finite) entry")
-        cmin = c.masked_fill(~finite, math.inf).amin().reshape(1, 1)
-        cmax = c.masked_fill(~finite, -math.inf).amax()
-        domain = "kernel" if float((cmax - cmin[0, 0]) / eps) <= _kernel_limit(torch.float64) else "stabilized"
+        cmin, cmax = _cost_range(c)  # (1, 1) each
+        domain = "kernel" if float((cmax - cmin) / eps) <= _kernel_limit(torch.float64) else "stabilized"
         f, g, _, _, p, domain = _iterate(c, a64, b64, eps, 2 * int(warmup_iters), 1.0, 1.0, None, domain, cmin,
                                          True)
         if p is None:
-            p = _plan64(f, g, c, eps)
+            p = _stabilized_kernel(c, f, g, eps)
         used = float(warmup_iters)
         err = math.inf
         for _ in range(max_newton):
@@ -682,7 +684,7 @@ def sinkhorn_newton_sparse(
                 f = eps * (torch.log(a64) - torch.logsumexp((g[None, :] - c) / eps, dim=1))
                 g = eps * (torch.log(b64) - torch.logsumexp((f[:, None] - c) / eps, dim=0))
                 used += 1
-            p = _plan64(f, g, c, eps)
+            p = _stabilized_kernel(c, f, g, eps)
     f, g = f.to(cost.dtype), g.to(cost.dtype)
     plan = torch.exp((f[:, None] + g[None, :] - cost) / eps)
     with torch.no_grad():
@@ -710,11 +712,6 @@ def _csr_pair(p: Tensor, keep: Tensor, rows_nnz: Tensor):
         s = torch.sparse_csr_tensor(crow, col, vals, (n, m))
         s_t = torch.sparse_csr_tensor(crow_t, row[order], vals[order], (m, n))
     return s, s_t
-
-
-def _plan64(f: Tensor, g: Tensor, c: Tensor, eps: float) -> Tensor:
-    """exp((f_i + g_j - C_ij)/eps) in one n x m buffer."""
-    return torch.add(f[:, None], g[None, :]).sub_(c).mul_(1.0 / eps).exp_()
 
 
 def _pcg(matvec, b_f: Tensor, b_g: Tensor, d_f: Tensor, d_g: Tensor, *, tol: float, max_iter: int):
