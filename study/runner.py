@@ -117,16 +117,26 @@ class _Reporter:
     processed the result and asks for the next one (its callbacks, MLflow, the
     experiment snapshot): ~50 ms per epoch on this machine
     (benchmarks/platform_overhead). Reporting from here lets the next epoch
-    train meanwhile. At most one result waits, so a stop from Tune (ASHA) ends
-    training at the next epoch boundary, one epoch late at most; the checkpoint
-    files are written by the training thread at the epoch boundary, so each
-    checkpoint is exactly the state of its epoch.
+    train meanwhile. At most one result waits. The checkpoint files are written
+    by the training thread at the epoch boundary, so each checkpoint is exactly
+    the state of its epoch.
+
+    A stop from Tune (ASHA pruning, the end of the study) sets the session's
+    ``stop_event``; Tune itself would only notice it in the next ``report``,
+    at the next epoch boundary. :meth:`poll`, called by the training loop
+    before every step, ends the trial there instead. That matters with
+    ``reuse_actors``: Tune hands the process to the next trial only if the
+    stopped trial's thread ends within ``TUNE_FUNCTION_THREAD_TIMEOUT_S``
+    (2 s by default), and otherwise fails the *next* trial with "Trainable
+    runner reuse requires reset_config() to be implemented and return True"
+    (seen with 1-2 s epochs on a loaded machine).
     """
 
-    def __init__(self):
+    def __init__(self, stop_event=None):
         import queue
         import threading
 
+        self._stop_event = stop_event  # Tune's session.stop_event (a threading.Event), None outside Tune
         self._queue: "queue.Queue" = queue.Queue(maxsize=1)
         self._error: Optional[BaseException] = None
         self._stopped = False
@@ -164,6 +174,12 @@ class _Reporter:
         if self._stopped:
             raise SystemExit(0)  # what Tune's own report does in the training thread on a stop
 
+    def poll(self) -> None:
+        """Between training steps: raise a reporting error, or SystemExit once Tune asked the trial to stop."""
+        self._check()
+        if self._stop_event is not None and self._stop_event.is_set():
+            raise SystemExit(0)
+
     def _offer(self, item) -> bool:
         """Queue ``item`` for the reporter thread; False if that thread has ended (stop or error)."""
         import queue
@@ -194,8 +210,14 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     The first result carries ``setup_s``: the seconds from the trainable's start to the training's start
     (torch's import in a fresh worker, reading the checkpoint to resume from), which Tune's
     ``time_total_s`` counts as part of the trial.
+
+    A stopped trial ends before its next training step (see :class:`_Reporter`); Tune's wait for that
+    before reusing the process for the next trial is raised from 2 s to 600 s here (one step of a large
+    model on a CPU can take longer than 2 s), unless ``TUNE_FUNCTION_THREAD_TIMEOUT_S`` is set.
     """
     started = time.perf_counter()
+    # read by Tune's reset_config in this process when it reuses it for the next trial
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "600")
     import logging
 
     import ray
@@ -248,11 +270,17 @@ def tune_trainable(config: Dict[str, Any]) -> None:
             shutil.rmtree(d, ignore_errors=True)
             raise
 
-    reporter = _Reporter()
+    try:  # Tune's stop signal for this trial (internal API: without it a stop waits for the next report)
+        from ray.train._internal.session import get_session
+
+        stop_event = getattr(get_session(), "stop_event", None)
+    except ImportError:
+        stop_event = None
+    reporter = _Reporter(stop_event)
     finished = False
     setup["setup_s"] = time.perf_counter() - started
     try:
-        run(flat_config(config), report=report, restore=restore)
+        run(flat_config(config), report=report, restore=restore, poll=reporter.poll)
         finished = True
     except TrialDiverged as exc:
         files.write_text(DIVERGED_FILE, str(exc))

@@ -186,3 +186,31 @@ def test_checkpoint_every_two_epochs_and_resume_from_it():
     assert [m["epoch"] for m in again.metrics] == [3, 4]
     assert [m["train_loss"] for m in again.metrics] == [m["train_loss"] for m in full.metrics[2:]]
     assert again.checkpoints[-1] is not None  # the last epoch is always checkpointed
+
+
+def test_poll_runs_before_every_step_and_can_end_the_trial_mid_epoch():
+    rec, calls = Recorder(), []
+
+    def poll():
+        calls.append(1)
+        if len(calls) == 4:  # digits: 1,212 training images / 128 = 9 steps per epoch
+            raise _Preempted()
+
+    with pytest.raises(_Preempted):
+        run(small(), rec, poll=poll)
+    assert len(calls) == 4 and rec.metrics == []  # stopped inside the first epoch, nothing reported
+
+
+def test_reporter_poll_stops_a_trial_when_tune_sets_the_stop_event():
+    import threading
+
+    from study.runner import _Reporter
+
+    event = threading.Event()
+    reporter = _Reporter(event)
+    reporter.poll()  # not stopped: returns
+    event.set()  # what Tune's session.finish does on ASHA's stop or before reusing the process
+    with pytest.raises(SystemExit):
+        reporter.poll()
+    reporter.close(check=False)
+    assert not reporter._thread.is_alive()

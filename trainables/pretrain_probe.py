@@ -4,7 +4,8 @@
 ``report(metrics, checkpoint)`` once per epoch, with a checkpoint dict (model,
 optimiser, scheduler and RNG states) every ``checkpoint_every`` epochs and at
 the last one (None otherwise), and continues from ``restore`` (such a dict)
-when given. It never imports ray or mlflow, so it runs the same under
+when given. An optional ``poll()`` is called before every training step: a
+runner raises from it to end the trial mid-epoch (Tune's stop). It never imports ray or mlflow, so it runs the same under
 Ray Tune, pytest, or a plain loop::
 
     from trainables.pretrain_probe import run
@@ -65,8 +66,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
-    """Pretrain and probe; returns the last epoch's metrics."""
+def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]] = None,
+        poll: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+    """Pretrain and probe; returns the last epoch's metrics. ``poll`` (if given) runs before every step."""
     cfg = TrialConfig.from_dict(config)
     device = pick_device(cfg.device)
     data = load_splits(cfg.dataset, cfg.data_root, download=cfg.download, verify_data=cfg.verify_data,
@@ -117,6 +119,8 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
         step_ms, data_ms, ot_ms, losses = [], [], [], []
         part_sums: Dict[str, float] = {}
         for s in range(steps_per_epoch):
+            if poll is not None:
+                poll()
             t0 = time.perf_counter()
             x = train_x[perm[s * cfg.batch_size:(s + 1) * cfg.batch_size].to(device)]  # (N, C, H, W)
             views = torch.cat([augment(x, aug_gen, aug_cfg), augment(x, aug_gen, aug_cfg)])  # (2N, C, H, W)
