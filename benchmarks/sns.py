@@ -62,9 +62,10 @@ def main():
     header = ["problem", "eps", "Sinkhorn iters", "Sinkhorn domain", "Sinkhorn err", "Sinkhorn ms", "SNS iters", "SNS err", "SNS ms",
               "iteration ratio", "time ratio (Sinkhorn / SNS)"]
     record("sns: Sinkhorn-Newton-Sparse vs Sinkhorn to marginal error 1e-6",
-           "SNS iterations = 5 Sinkhorn warm-up iterations + Newton steps (+ a Sinkhorn iteration after any "
-           "Newton step the line search cut below 0.1). Sinkhorn runs in the domain it picks (kernel while "
-           "(max C - min C)/eps <= 283, else log); both solvers float64; medians of 3 runs.\n\n" + markdown_table(header, rows))
+           "SNS iterations = 5 Sinkhorn warm-up iterations + Newton steps + the Sinkhorn iterations that follow "
+           "each damped Newton step (as many as the step took CG products). Sinkhorn runs in the domain it "
+           "picks (kernel while (max C - min C)/eps <= 283 in float64, else the stabilised kernel); both "
+           "solvers float64; medians of 3 runs.\n\n" + markdown_table(header, rows))
 
 
 if __name__ == "__main__":

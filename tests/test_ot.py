@@ -237,13 +237,14 @@ def test_sns_respects_masks_and_rejects_unbalanced():
 
 
 def test_sns_converges_on_a_near_permutation_plan_at_eps_1e_3():
-    # 2-D clouds at eps = 1e-3 (cost / eps up to 1e3: stabilised kernel); Sinkhorn needs thousands of iterations
+    # 2-D clouds at eps = 1e-3 (cost / eps up to 1e3: stabilised kernel); Sinkhorn stalls near 5e-8 after
+    # 100,000 iterations; SNS (warm-up, Newton steps, Sinkhorn iterations after its damped steps) needs < 100
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(96, 2, generator=g, dtype=torch.float64), torch.randn(96, 2, generator=g, dtype=torch.float64)
     cost = torch.cdist(x, y) ** 2
     cost = cost / cost.max()
     res = sinkhorn(cost, eps=1e-3, method="sns", tol=1e-8)
-    assert res.domain == "stabilized" and res.marginal_error < 1e-8 and res.n_iters < 60
+    assert res.domain == "stabilized" and res.marginal_error < 1e-8 and res.n_iters < 100
     a = np.full(96, 1 / 96)
     with warnings.catch_warnings():  # POT stops at its iteration cap with marginal error ~5e-8
         warnings.simplefilter("ignore")
