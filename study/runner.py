@@ -399,8 +399,12 @@ def build_tuner(spec: Spec, study_dir: Path):
 
 
 def _prepare_store(uri: str) -> None:
-    try:  # importing mlflow and creating/migrating a new sqlite store takes seconds
+    try:  # importing mlflow and creating/migrating a new sqlite store takes seconds (a copy: 0.03 s)
         from mlflow.tracking import MlflowClient
+
+        from .tracking import seed_sqlite_store
+
+        seed_sqlite_store(uri)
 
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception:

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -40,6 +43,59 @@ def git_revision(cwd: Optional[str] = None) -> str:
 
 def default_tracking_uri(study_dir: Path) -> str:
     return f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
+
+
+def cache_dir() -> Path:
+    """``$OTSTUDY_CACHE_DIR``, else ``$XDG_CACHE_HOME/otstudy``, else ``~/.cache/otstudy``."""
+    if os.environ.get("OTSTUDY_CACHE_DIR"):
+        return Path(os.environ["OTSTUDY_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "otstudy"
+
+
+def seed_sqlite_store(uri: str) -> bool:
+    """Create a new SQLite MLflow store as a copy of an empty, migrated one; True if it did.
+
+    A new store runs MLflow's ~50 schema migrations: 1.6 s of CPU per study on this
+    machine, while Ray starts on the same cores; opening a copy takes 0.03 s. The
+    empty store is made once per MLflow version (by MLflow itself) in :func:`cache_dir`.
+    In the copy only the ``Default`` experiment's artifact location is set to what
+    MLflow would have given it here (``./mlruns/0``). Does nothing (False) for
+    other URIs, an existing store, or on any error: MLflow then creates the store.
+    """
+    if not uri.startswith("sqlite:///"):
+        return False
+    path = Path(uri[len("sqlite:///"):])
+    if path.exists():
+        return False
+    try:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        template = cache_dir() / f"mlflow-{mlflow.__version__}-empty.db"
+        if not template.exists():
+            template.parent.mkdir(parents=True, exist_ok=True)
+            tmp = template.with_name(f"{template.name}.{os.getpid()}.tmp")
+            try:
+                MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+                os.replace(tmp, template)  # atomic: concurrent studies each write their own tmp
+            finally:
+                tmp.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            shutil.copyfile(template, tmp)
+            now = int(time.time() * 1000)
+            db = sqlite3.connect(tmp)
+            with db:
+                db.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+                           "WHERE experiment_id = 0", (str(Path.cwd().resolve() / "mlruns" / "0"), now, now))
+            db.close()
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+    except Exception:
+        return False
 
 
 class MLflowTracker(Callback):

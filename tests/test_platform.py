@@ -319,3 +319,29 @@ def test_a_checkpoint_deleted_before_the_snapshot_is_recreated_from_the_next_one
     assert repair_recorded_checkpoints(tmp_path, fs) == [str(trial / "checkpoint_000003")]
     assert (trial / "checkpoint_000003" / "state.pt").read_text() == "epoch 4"  # the closest later state
     assert repair_recorded_checkpoints(tmp_path, fs) == []  # nothing missing any more
+
+
+def test_a_new_sqlite_store_is_a_copy_of_a_migrated_empty_one(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from study.tracking import seed_sqlite_store
+
+    monkeypatch.setenv("OTSTUDY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    first, second = tmp_path / "a" / "mlflow.db", tmp_path / "b" / "mlflow.db"
+    assert seed_sqlite_store(f"sqlite:///{first}") and seed_sqlite_store(f"sqlite:///{second}")
+    # one template per MLflow version, and no temporary file left anywhere
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"mlflow-{mlflow.__version__}-empty.db"]
+    assert [p.name for p in second.parent.iterdir()] == ["mlflow.db"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{second}")  # raises on an out-of-date schema
+    made_by_mlflow = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'c.db'}").get_experiment("0")
+    default = client.get_experiment("0")
+    assert default.name == "Default" and default.artifact_location == made_by_mlflow.artifact_location
+    exp = client.create_experiment("x", artifact_location=str(tmp_path / "art"))
+    run = client.create_run(exp).info.run_id
+    client.log_metric(run, "m", 1.0)
+    assert client.get_run(run).data.metrics == {"m": 1.0}
+    before = second.read_bytes()
+    assert not seed_sqlite_store(f"sqlite:///{second}") and second.read_bytes() == before  # existing: untouched
+    assert not seed_sqlite_store("http://127.0.0.1:5000")
