@@ -282,5 +282,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
 
 
+def _quick_exit(code: int) -> None:
+    """Stop Ray if this process started or joined it, flush the output, and leave without the
+    interpreter's teardown.
+
+    After a study the results are written and printed, yet the interpreter's teardown
+    (the finalisers of grpc, pyarrow, SQLAlchemy, ... in the modules a study imports) took another
+    1.4 s on this machine, after the 1.4 s of ``ray.shutdown()`` (which stays: it stops the local
+    Ray processes cleanly, or disconnects from a cluster). Only non-daemon work could be lost by
+    skipping it, and none is left by then: every file is closed, MLflow writes synchronously.
+    """
+    import logging
+    import os
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def console_main() -> None:
+    """The ``otstudy`` command."""
+    code = main()
+    if "ray" in sys.modules:  # a study ran (or resumed) in this process: leave quickly
+        _quick_exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

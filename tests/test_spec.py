@@ -253,3 +253,10 @@ def test_the_catalogue_matches_what_the_trials_run():
 
     assert AUGMENT_NAMES == tuple(AUGMENTS)
     assert {n: m.defaults for n, m in METHODS.items()} == {n: m.defaults for n, m in METHOD_INFO.items()}
+
+
+def test_quick_exit_keeps_the_output_and_the_exit_code():
+    # what `otstudy` does after a study: print, stop Ray if running, then exit without the interpreter's teardown
+    code = "import ray, study.cli as c; print('results written'); c._quick_exit(3)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and proc.stdout == "results written\n"
