@@ -25,6 +25,8 @@ from typing import Any, Dict, Optional
 
 from ray.tune import Callback
 
+from trainables.cache import cache_dir
+
 # keys Ray adds to every result; they are bookkeeping, not metrics
 RAY_KEYS = {"timestamp", "done", "training_iteration", "trial_id", "date", "time_this_iter_s", "time_total_s",
             "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
@@ -43,13 +45,6 @@ def git_revision(cwd: Optional[str] = None) -> str:
 
 def default_tracking_uri(study_dir: Path) -> str:
     return f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
-
-
-def cache_dir() -> Path:
-    """``$OTSTUDY_CACHE_DIR``, else ``$XDG_CACHE_HOME/otstudy``, else ``~/.cache/otstudy``."""
-    if os.environ.get("OTSTUDY_CACHE_DIR"):
-        return Path(os.environ["OTSTUDY_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "otstudy"
 
 
 def seed_sqlite_store(uri: str) -> bool:

@@ -138,3 +138,38 @@ def test_resnet_cifar_stem_shapes():
     assert m.encoder.conv1.kernel_size == (3, 3) and m.encoder.conv1.stride == (1, 1)
     m50 = build_model("resnet50", 3, proj_hidden=64, proj_dim=16, cifar_stem=False)
     assert m50(torch.rand(2, 3, 64, 64))[0].shape == (2, 2048)
+
+
+def test_digits_read_without_sklearn_equal_sklearns_load_digits():
+    from sklearn.datasets import load_digits
+
+    from trainables.data import _digits
+
+    images, target = _digits()
+    ref = load_digits()
+    assert np.array_equal(images, ref.images) and np.array_equal(target, ref.target)
+
+
+def test_cached_split_equals_sklearns_and_a_cache_hit_imports_no_sklearn(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from sklearn.model_selection import train_test_split
+
+    from trainables.data import _stratified_split
+
+    monkeypatch.setenv("OTSTUDY_CACHE_DIR", str(tmp_path))
+    y = np.repeat(np.arange(5), 20)  # 100 labels, 5 classes
+    first = _stratified_split(y, 0.25, 0)  # computed, then cached
+    assert len(list(tmp_path.glob("split-*.json"))) == 1
+    keep, held = train_test_split(list(range(100)), test_size=25, stratify=y, random_state=0)
+    assert first == (sorted(keep), sorted(held))
+    assert _stratified_split(y, 0.25, 0) == first  # read back
+    assert _stratified_split(y, 0.1, 0) != first and len(list(tmp_path.glob("split-*.json"))) == 2
+    code = ("import sys; from trainables.data import load_splits; s = load_splits('digits');"
+            "print(len(s.train_x), len(s.val_x), len(s.test_x), 'sklearn' in sys.modules)")
+    env = {**__import__("os").environ, "OTSTUDY_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+            for _ in range(2)]
+    assert runs[0].stdout.split() == ["1212", "135", "450", "True"]  # first: sklearn makes the split
+    assert runs[1].stdout.split() == ["1212", "135", "450", "False"]  # then: the cache, no sklearn import

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cache import read_json, write_json
 from .catalog import DATASET_TRAIN_SIZES, DATASETS  # noqa: F401  (re-exported)
 from .datasets import load_torchvision
 
@@ -56,26 +57,59 @@ class Splits:
 
 
 def _stratified_split(y, fraction: float, seed: int):
+    """(kept, held) sorted index lists; held is ``ceil(fraction * len(y))`` items, stratified by label.
+
+    scikit-learn's ``train_test_split`` makes the split; its import costs ~1.4 s in every fresh trial
+    process, so the indices are cached (:mod:`trainables.cache`), keyed by the labels' hash, the
+    fraction, the seed and scikit-learn's version: the same split, read back in milliseconds.
+    """
+    import hashlib
+    from importlib.metadata import version
+
+    y = np.asarray(y)
+    key = hashlib.sha1(np.ascontiguousarray(y.astype(np.int64)).tobytes()).hexdigest()[:16]
+    name = f"split-{key}-{fraction!r}-{seed}-sklearn{version('scikit-learn')}.json"
+    cached = read_json(name)
+    if isinstance(cached, dict) and len(cached.get("keep", [])) + len(cached.get("held", [])) == len(y):
+        return cached["keep"], cached["held"]
     from sklearn.model_selection import train_test_split
 
     idx = list(range(len(y)))
     n_held = math.ceil(fraction * len(y))
-    classes, counts = np.unique(np.asarray(y), return_counts=True)
+    classes, counts = np.unique(y, return_counts=True)
     # stratify when every class can appear on both sides (always for real datasets; tiny test files may not)
     strat = y if n_held >= len(classes) and len(y) - n_held >= len(classes) and counts.min() >= 2 else None
     keep, held = train_test_split(idx, test_size=n_held, stratify=strat, random_state=seed)
-    return sorted(keep), sorted(held)
+    keep, held = sorted(int(i) for i in keep), sorted(int(i) for i in held)
+    write_json(name, {"keep": keep, "held": held})
+    return keep, held
+
+
+def _digits():
+    """sklearn's digits as (images (1797, 8, 8) float64 in 0..16, targets (1797,) int64).
+
+    Read from the file ``sklearn.datasets.load_digits`` reads (``digits.csv.gz`` in scikit-learn's
+    package data), without importing scikit-learn (~1.4 s per trial process); the same arrays
+    (tests/test_datasets.py compares them).
+    """
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the digits dataset ships with scikit-learn, which is not installed")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", "digits.csv.gz")
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
 
 
 def load_digits_splits(test_fraction: float = 0.25, val_fraction: float = 0.1) -> Splits:
     """scikit-learn's digits: 1,797 real 8x8 grayscale images, 10 classes (ships with sklearn)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0,1]
-    y = torch.tensor(d.target, dtype=torch.int64)
-    trainval, test = _stratified_split(d.target, test_fraction, SPLIT_SEED)
-    tv_y = d.target[trainval]
+    images, target = _digits()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0,1]
+    y = torch.tensor(target, dtype=torch.int64)
+    trainval, test = _stratified_split(target, test_fraction, SPLIT_SEED)
+    tv_y = target[trainval]
     tr_local, val_local = _stratified_split(tv_y, val_fraction, SPLIT_SEED)
     train = [trainval[i] for i in tr_local]
     val = [trainval[i] for i in val_local]
