@@ -34,6 +34,7 @@ import yaml
 from benchmarks.common import ensure_malloc_env, markdown_table, record
 
 TRIALS = [(beta, seed) for beta in (0.0, 0.8) for seed in (0, 1)]
+TIMELINE = []  # (concurrent, joined a running Ray, s to the first trial's start, s from the results to exit)
 
 
 def spec(epochs, concurrent, name):
@@ -75,9 +76,20 @@ def through_otstudy(epochs, concurrent, address=None, env=None):
         f.write_text(yaml.safe_dump(spec(epochs, concurrent, f"c{concurrent}")))
         extra = ["--address", address] if address else []
         t0 = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).parent / "otstudy"), "run", str(f), "--storage", d, *extra],
-                       check=True, capture_output=True, env=env)
-        wall = time.perf_counter() - t0
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "otstudy"), "run", str(f), "--storage", d,
+                                 *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        first_trial = results_out = None
+        for line in proc.stdout:  # time stamps of the CLI's output: where the fixed cost goes
+            if first_trial is None and "[otstudy trial]" in line:  # printed once the trial's data is loaded
+                first_trial = time.perf_counter() - t0
+            if line.startswith(f"[otstudy] {d}"):  # the last line: results exported
+                results_out = time.perf_counter()
+        if proc.wait() != 0:
+            raise RuntimeError(f"otstudy run failed with exit code {proc.returncode}")
+        end = time.perf_counter()
+        wall = end - t0
+        TIMELINE.append((concurrent, address is not None, first_trial,
+                         end - results_out if results_out is not None else float("nan")))
         inside = 0.0
         for f in (Path(d) / f"c{concurrent}" / "ray").glob("trial_*/result.json"):
             lines = f.read_text().splitlines()
@@ -141,6 +153,9 @@ def main():
         f"Joining a Ray that is already running (`ray start --head`, then `otstudy run --address`) changes the "
         f"time outside trials by {(a1_wall - a1_in) - (c1_wall - c1_in):+.1f} s. Time inside trials varies by "
         f"about +-10% between runs on this machine: compare rows of one run, and runs with each other.")
+    body += "\n\nWhere the fixed cost sits (time stamps of each `otstudy run`'s output):\n\n" + markdown_table(
+        ["otstudy run", "s from the command to the first trial's data loaded", "s from the results to the exit"],
+        [[f"{c} at a time" + (", --address" if joined else ""), first, after] for c, joined, first, after in TIMELINE])
     record("platform_overhead: otstudy run vs plain loops", body)
 
 
