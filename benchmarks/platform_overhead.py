@@ -34,7 +34,6 @@ import yaml
 from benchmarks.common import ensure_malloc_env, markdown_table, record
 
 TRIALS = [(beta, seed) for beta in (0.0, 0.8) for seed in (0, 1)]
-TIMELINE = []  # (concurrent, joined a running Ray, s to the first trial's start, s from the results to exit)
 
 
 def spec(epochs, concurrent, name):
@@ -88,14 +87,14 @@ def through_otstudy(epochs, concurrent, address=None, env=None):
             raise RuntimeError(f"otstudy run failed with exit code {proc.returncode}")
         end = time.perf_counter()
         wall = end - t0
-        TIMELINE.append((concurrent, address is not None, first_trial,
-                         end - results_out if results_out is not None else float("nan")))
+        after = end - results_out if results_out is not None else float("nan")
         inside = 0.0
         for f in (Path(d) / f"c{concurrent}" / "ray").glob("trial_*/result.json"):
             lines = f.read_text().splitlines()
             # from the training's start, like the loop: a fresh worker's torch import is set-up, not training
             inside += json.loads(lines[-1])["time_total_s"] - json.loads(lines[0]).get("setup_s", 0.0)
-        return wall, inside
+        # (s to the first trial's data loaded, s from the results to the exit): where the fixed cost sits
+        return wall, inside, (first_trial, after)
 
 
 def with_running_ray(epochs):
@@ -127,9 +126,9 @@ def main():
     args = p.parse_args()
     l1_wall, l1_in = plain_loops(args.epochs, 1)
     l2_wall, l2_in = plain_loops(args.epochs, 2)
-    c1_wall, c1_in = through_otstudy(args.epochs, 1)
-    c2_wall, c2_in = through_otstudy(args.epochs, 2)
-    a1_wall, a1_in = with_running_ray(args.epochs)
+    c1_wall, c1_in, c1_times = through_otstudy(args.epochs, 1)
+    c2_wall, c2_in, c2_times = through_otstudy(args.epochs, 2)
+    a1_wall, a1_in, a1_times = with_running_ray(args.epochs)
     fixed = c1_wall - c1_in - (l1_wall - l1_in)  # outside trials, beyond the loop's own process start
     per_trial = c1_in / l1_in
     rows = [["plain loop, 1 process", 1, l1_wall, l1_in, 1.0, ""],
@@ -155,7 +154,7 @@ def main():
         f"about +-10% between runs on this machine: compare rows of one run, and runs with each other.")
     body += "\n\nWhere the fixed cost sits (time stamps of each `otstudy run`'s output):\n\n" + markdown_table(
         ["otstudy run", "s from the command to the first trial's data loaded", "s from the results to the exit"],
-        [[f"{c} at a time" + (", --address" if joined else ""), first, after] for c, joined, first, after in TIMELINE])
+        [["1 at a time", *c1_times], ["2 at a time", *c2_times], ["1 at a time, --address", *a1_times]])
     record("platform_overhead: otstudy run vs plain loops", body)
 
 

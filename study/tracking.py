@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -25,7 +24,7 @@ from typing import Any, Dict, Optional
 
 from ray.tune import Callback
 
-from trainables.cache import cache_dir
+from trainables.cache import cache_dir, write_atomically
 
 # keys Ray adds to every result; they are bookkeeping, not metrics
 RAY_KEYS = {"timestamp", "done", "training_iteration", "trial_id", "date", "time_this_iter_s", "time_total_s",
@@ -68,16 +67,10 @@ def seed_sqlite_store(uri: str) -> bool:
 
         template = cache_dir() / f"mlflow-{mlflow.__version__}-empty.db"
         if not template.exists():
-            template.parent.mkdir(parents=True, exist_ok=True)
-            tmp = template.with_name(f"{template.name}.{os.getpid()}.tmp")
-            try:
-                MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
-                os.replace(tmp, template)  # atomic: concurrent studies each write their own tmp
-            finally:
-                tmp.unlink(missing_ok=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
+            write_atomically(template, lambda tmp: MlflowClient(tracking_uri=f"sqlite:///{tmp}")
+                             .search_experiments(max_results=1))
+
+        def copy(tmp: Path) -> None:
             shutil.copyfile(template, tmp)
             now = int(time.time() * 1000)
             db = sqlite3.connect(tmp)
@@ -85,9 +78,8 @@ def seed_sqlite_store(uri: str) -> bool:
                 db.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
                            "WHERE experiment_id = 0", (str(Path.cwd().resolve() / "mlruns" / "0"), now, now))
             db.close()
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        write_atomically(path, copy)
         return True
     except Exception:
         return False

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 def cache_dir() -> Path:
@@ -26,13 +26,21 @@ def read_json(name: str) -> Optional[Any]:
         return None
 
 
-def write_json(name: str, value: Any) -> None:
-    """Cache ``value`` under ``name``; a cache that cannot be written is skipped silently."""
-    path = cache_dir() / name
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a file of this process next to ``path``, then move it to ``path`` in one step
+    (concurrent writers each use their own file); nothing is left behind if ``write`` raises."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(value))
+        write(tmp)
         os.replace(tmp, path)
-    except OSError:
+    finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(name: str, value: Any) -> None:
+    """Cache ``value`` under ``name``; a cache that cannot be written is skipped silently."""
+    try:
+        write_atomically(cache_dir() / name, lambda tmp: tmp.write_text(json.dumps(value)))
+    except OSError:
+        pass

@@ -664,7 +664,7 @@ def sinkhorn_newton_sparse(
             else:
                 off, off_t = _csr_pair(p, keep, rows_nnz)
                 del keep
-                sq_t = _csr_like(off_t, off_t.values() ** 2)
+                sq_t = _csr(off_t.crow_indices(), off_t.col_indices(), off_t.values() ** 2, off_t.shape)
                 schur_diag = col - sq_t @ (1.0 / r_pos)
             products = [0]
 
@@ -737,18 +737,13 @@ def _csr_pair(p: Tensor, keep: Tensor, rows_nnz: Tensor):
     order = torch.argsort(col * n + row)  # column-major order = row-major order of the transpose
     crow_t = torch.zeros(m + 1, dtype=torch.int64, device=p.device)
     torch.cumsum(torch.bincount(col, minlength=m), 0, out=crow_t[1:])
+    return _csr(crow, col, vals, (n, m)), _csr(crow_t, row[order], vals[order], (m, n))
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.simplefilter("ignore", UserWarning)
-        s = torch.sparse_csr_tensor(crow, col, vals, (n, m))
-        s_t = torch.sparse_csr_tensor(crow_t, row[order], vals[order], (m, n))
-    return s, s_t
-
-
-def _csr_like(s: Tensor, values: Tensor) -> Tensor:
-    """A CSR matrix with the sparsity pattern of ``s`` and new ``values``."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(s.crow_indices(), s.col_indices(), values, s.shape)
+        return torch.sparse_csr_tensor(crow, col, values, shape)
 
 
 def _pcg(matvec, b: Tensor, d: Tensor, *, tol: float, max_iter: int) -> Tensor:

@@ -5,8 +5,9 @@
 optimiser, scheduler and RNG states) every ``checkpoint_every`` epochs and at
 the last one (None otherwise), and continues from ``restore`` (such a dict)
 when given. An optional ``poll()`` is called before every training step: a
-runner raises from it to end the trial mid-epoch (Tune's stop). It never imports ray or mlflow, so it runs the same under
-Ray Tune, pytest, or a plain loop::
+runner raises from it to end the trial mid-epoch (Tune's stop). It never
+imports ray or mlflow, so it runs the same under Ray Tune, pytest, or a plain
+loop::
 
     from trainables.pretrain_probe import run
     run({"method": "sinsim", "epochs": 5}, report=lambda m, ckpt=None: print(m))
