@@ -245,6 +245,22 @@ def test_sns_needs_ten_times_fewer_iterations_at_small_eps():
     assert torch.allclose(sns.plan, plain.plan, atol=1e-6)
 
 
+def test_sns_stays_with_sinkhorn_while_its_rate_predicts_convergence_within_the_budget():
+    # eps = 0.05: Sinkhorn's error falls by a steady factor per iteration and reaches 1e-10 in ~21 iterations,
+    # fewer than the cost of a few Newton steps: SNS is then exactly Sinkhorn (same iterations, same plan)
+    cost = random_cost(64, 64, seed=11)
+    plain = sinkhorn(cost, eps=0.05, n_iters=1000, tol=1e-10)
+    sns = sinkhorn_newton_sparse(cost, eps=0.05, tol=1e-10)
+    assert sns.n_iters == plain.n_iters < 40
+    assert torch.allclose(sns.plan, plain.plan, atol=1e-12, rtol=0)
+    # with no budget: the paper's fixed warm-up, then Newton steps (fewer iterations, the same plan)
+    paper = sinkhorn_newton_sparse(cost, eps=0.05, tol=1e-10, sinkhorn_budget=0)
+    assert paper.n_iters < plain.n_iters and paper.marginal_error < 1e-10
+    assert rel_err(paper.plan.numpy(), plain.plan.numpy()) < 1e-6
+    with pytest.raises(ValueError, match="sinkhorn_budget must be an integer >= 0, got -1"):
+        sinkhorn_newton_sparse(cost, eps=0.05, sinkhorn_budget=-1)
+
+
 def test_sns_respects_masks_and_rejects_unbalanced():
     cost = random_cost(12, 12, seed=1)
     mask = ~torch.eye(12, dtype=torch.bool)
