@@ -21,7 +21,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
 
@@ -55,19 +55,54 @@ def _latest_state(exp_dir: Path) -> Dict[str, Dict[str, Any]]:
 
 
 def read_results(path: Path) -> List[Dict[str, Any]]:
-    """The results in a trial's ``result.json``, up to a line cut by a crash."""
-    rows = []
+    """The results in a trial's ``result.json``, up to a line cut by a crash.
+
+    A trial continued from a checkpoint sends the metrics of that checkpoint's epoch with its first
+    result (``restored_metrics``). Where ``result.json`` lacks that epoch (the driver was killed after
+    Tune persisted the checkpoint but before the epoch's result reached storage), its row is put back
+    here, before the result that carried it, marked ``restored: 1``.
+    """
+    rows: List[Dict[str, Any]] = []
     if not path.exists():
         return rows
+    seen = set()
     for line in path.read_text().splitlines():
         line = line.strip()
         if not line:
             continue
         try:
-            rows.append(json.loads(line))
+            r = json.loads(line)
         except json.JSONDecodeError:
             break  # a line cut by a crash: everything before it is intact
+        if not isinstance(r, dict):
+            break
+        back = restored_row(r)
+        if back is not None and result_epoch(back) not in seen and result_epoch(back) != result_epoch(r):
+            rows.append(back)
+            seen.add(result_epoch(back))
+        rows.append(r)
+        seen.add(result_epoch(r))
     return rows
+
+
+def restored_row(result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The row of the epoch a continued trial restored (see :func:`read_results`), or None."""
+    raw = result.get("restored_metrics")
+    if not raw or not isinstance(raw, str):
+        return None
+    try:
+        m = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(m, dict) or not isinstance(m.get("epoch"), (int, float)):
+        return None
+    row = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+    row["epoch"] = int(row["epoch"])
+    for k in ("trial_id", "node_id"):
+        if k in result:
+            row[k] = result[k]
+    row["restored"] = 1
+    return row
 
 
 def _error_line(trial_dir: Path, error_file) -> str:

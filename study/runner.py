@@ -160,13 +160,28 @@ class _Reporter:
                     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
             except SystemExit:  # Tune stopped the trial (pruned) while this result waited
                 self._stopped = True
+                self._discard_pending()
                 return
             except BaseException as exc:  # e.g. the checkpoint could not be persisted
                 self._error = exc
+                self._discard_pending()
                 return
             finally:
                 if ckpt_dir is not None:
                     shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    def _discard_pending(self) -> None:
+        """Remove the checkpoint directory of a result still queued when reporting ended (it goes nowhere)."""
+        import queue
+        import shutil
+
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[1] is not None:
+                shutil.rmtree(item[1], ignore_errors=True)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -200,8 +215,47 @@ class _Reporter:
         """Wait until every result has been handed to Tune; re-raise a reporting error if ``check``."""
         self._offer(None)
         self._thread.join()
+        self._discard_pending()  # a result queued after the thread ended (it stopped or failed meanwhile)
         if check:
             self._check()
+
+
+CKPT_STAGING = "otstudy-ckpt-"  # <tmp>/otstudy-ckpt-<pid>-*: a checkpoint on its way to Tune
+
+
+def sweep_checkpoint_staging(tmp: Optional[str] = None) -> int:
+    """Remove staged checkpoint directories left by trial processes that no longer run.
+
+    A trial process killed while a checkpoint waited for Tune (the end of a study, a lost node, kill -9)
+    cannot remove it; each trial process does this once, at its first trial. Returns how many it removed.
+    """
+    global _swept
+    if _swept and tmp is None:
+        return 0
+    _swept = True
+    import shutil
+
+    removed = 0
+    for d in Path(tmp or tempfile.gettempdir()).glob(f"{CKPT_STAGING}*-*"):
+        pid = d.name[len(CKPT_STAGING):].split("-", 1)[0]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+_swept = False
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: alive, and not ours to sweep
+        return True
+    return True
 
 
 def tune_trainable(config: Dict[str, Any]) -> None:
@@ -233,15 +287,20 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     # torch before it was set): 2 one-CPU trials on 2 cores must not oversubscribe them
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
+    sweep_checkpoint_staging()
     files = _TrialFiles()
     diverged = files.read_text(DIVERGED_FILE)
     if diverged is not None:  # a retry of a diverged trial would diverge again: fail at once, train nothing
         raise TrialDiverged(diverged)
     ckpt = tune.get_checkpoint()
     restore = files.restore(ckpt) if ckpt is not None else None
+    # the metrics of the epoch this trial continues from: a driver killed after Tune persisted that
+    # epoch's checkpoint but before its result reached the trial's result.json in storage would leave a
+    # gap in the history; read_results fills it from here (a JSON string: one key in every first result,
+    # so Tune's progress.csv keeps its columns)
+    setup: Dict[str, Any] = {"restored_metrics": json.dumps((restore or {}).get("metrics") or {})}
     carried: Dict[str, float] = {}
     node_id = ray.get_runtime_context().get_node_id()  # which cluster node ran the trial
-    setup: Dict[str, float] = {}
 
     def report(metrics: Dict[str, float], checkpoint: Optional[Dict[str, Any]] = None) -> None:
         m = {**metrics, "node_id": node_id, **setup}
@@ -255,7 +314,7 @@ def tune_trainable(config: Dict[str, Any]) -> None:
             reporter.put(m, None)
             return
         emb = checkpoint.pop("embeddings", None) if isinstance(checkpoint, dict) else None
-        d = tempfile.mkdtemp(prefix="otstudy-ckpt-")  # removed by the reporter once Tune persisted it
+        d = tempfile.mkdtemp(prefix=f"{CKPT_STAGING}{os.getpid()}-")  # removed once Tune persisted it
         torch.save(checkpoint, Path(d) / CHECKPOINT_FILE)
         if emb is not None:  # travels with the final checkpoint to the study's storage
             import numpy as np

@@ -26,10 +26,11 @@ from ray.tune import Callback
 
 from trainables.cache import cache_dir, write_atomically
 
-# keys Ray adds to every result; they are bookkeeping, not metrics
+# keys Ray adds to every result, and otstudy's restored_metrics (see export.read_results); they are
+# bookkeeping, not metrics
 RAY_KEYS = {"timestamp", "done", "training_iteration", "trial_id", "date", "time_this_iter_s", "time_total_s",
             "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
-            "checkpoint_dir_name", "config", "should_checkpoint", "experiment_tag"}
+            "checkpoint_dir_name", "config", "should_checkpoint", "experiment_tag", "restored_metrics"}
 TRIAL_TAG = "otstudy.trial_id"
 ROLE_TAG = "otstudy.role"
 
@@ -238,6 +239,11 @@ class MLflowTracker(Callback):
         if step <= self._last_step.get(trial.trial_id, -1):
             return  # already logged by an earlier driver before a resume
         metrics = self._metrics(result, step, int(time.time() * 1000))
+        from .export import restored_row
+
+        back = restored_row(result)  # the epoch the trial continued from, if this store lacks it
+        if back is not None and self._last_step.get(trial.trial_id, -1) < result_epoch(back) < step:
+            metrics = self._metrics(back, result_epoch(back), int(time.time() * 1000)) + metrics
         self._guard(f"log metrics of trial {trial.trial_id}", self._client.log_batch, run_id, metrics=metrics)
         self._last_step[trial.trial_id] = step  # a failed batch is not retried: training goes on
 

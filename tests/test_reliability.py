@@ -41,6 +41,79 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
            "fresh start with a warning")
 
 
+def test_a_history_gap_left_by_a_killed_driver_is_filled_from_the_restored_checkpoint(tmp_path):
+    # epochs 1-4 reached result.json; the driver died after Tune persisted epoch 5's checkpoint but before
+    # epoch 5's result reached storage; the trial continued from that checkpoint and sent its metrics along
+    from study.export import read_results
+
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "restored_metrics": "{}" if e == 1 else None,
+             "trial_id": "t1"} for e in range(1, 5)]
+    rows.append({"epoch": 6, "train_loss": 1 / 6, "trial_id": "t1", "node_id": "n",
+                 "restored_metrics": json.dumps({"epoch": 5.0, "train_loss": 0.2, "knn_acc": 0.5})})
+    # a second resume from epoch 6, whose result is already there: nothing added
+    rows.append({"epoch": 7, "train_loss": 1 / 7, "trial_id": "t1",
+                 "restored_metrics": json.dumps({"epoch": 6.0, "train_loss": 1 / 6})})
+    f = tmp_path / "result.json"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 8, "tra')  # cut by a crash
+    got = read_results(f)
+    assert [r["epoch"] for r in got] == [1, 2, 3, 4, 5, 6, 7]
+    assert got[4] == {"epoch": 5, "train_loss": 0.2, "knn_acc": 0.5, "trial_id": "t1", "node_id": "n",
+                      "restored": 1}
+    assert all("restored" not in r for r in got[:4] + got[5:])
+    record("driver killed between a checkpoint and its result", "test_a_history_gap_left_by_a_killed_driver_"
+           "is_filled_from_the_restored_checkpoint", "the epoch's row is rebuilt from the metrics the "
+           "continued trial sends with its first result (marked restored: 1); no duplicate when it is there")
+
+
+def test_staged_checkpoints_of_dead_trial_processes_are_swept(tmp_path):
+    from study.runner import CKPT_STAGING, sweep_checkpoint_staging
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    mine = tmp_path / f"{CKPT_STAGING}{os.getpid()}-abc"
+    gone = tmp_path / f"{CKPT_STAGING}{dead.pid}-def"
+    other = tmp_path / f"{CKPT_STAGING}xyz"  # not a name this version writes: left alone
+    for d in (mine, gone, other):
+        d.mkdir()
+        (d / "state.pt").write_bytes(b"x")
+    assert sweep_checkpoint_staging(str(tmp_path)) == 1
+    assert mine.is_dir() and other.is_dir() and not gone.exists()
+    record("trial process killed with a checkpoint on its way to Tune",
+           "test_staged_checkpoints_of_dead_trial_processes_are_swept",
+           "its staged copy in the temp directory (named by its pid) is removed by the next trial process; "
+           "a live process's copy is kept")
+
+
+def test_a_checkpoint_queued_when_tune_stops_the_trial_is_removed(tmp_path, monkeypatch):
+    import threading
+
+    from ray import tune
+
+    from study.runner import _Reporter
+
+    entered, release, seen = threading.Event(), threading.Event(), []
+
+    def report(metrics, checkpoint=None):  # Tune's report blocks until the driver asks, then the trial stops
+        seen.append(metrics["epoch"])
+        entered.set()
+        release.wait(10)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(tune, "report", report)
+    monkeypatch.setattr(tune.Checkpoint, "from_directory", staticmethod(lambda d: d))
+    dirs = [tmp_path / "c1", tmp_path / "c2"]
+    for d in dirs:
+        d.mkdir()
+    reporter = _Reporter()
+    reporter.put({"epoch": 1}, str(dirs[0]))
+    assert entered.wait(10)
+    reporter.put({"epoch": 2}, str(dirs[1]))  # waits in the queue
+    release.set()
+    with pytest.raises(SystemExit):
+        reporter.close(check=True)
+    assert seen == [1] and not any(d.exists() for d in dirs)
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("echo should-not-run",))
@@ -145,6 +218,12 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path):
     lines = result_lines(study)[name]
     # resumed from its last checkpoint: at most the epoch in flight is repeated, never all of them
     assert lines <= 8 + 2
+    # and the retry's first result carries the metrics of the epoch it continued from
+    first = [json.loads(ln) for ln in (study / "ray" / name / "result.json").read_text().splitlines()]
+    restored = [json.loads(r["restored_metrics"]) for r in first if r.get("restored_metrics", "{}") != "{}"]
+    assert len(restored) == 1 and restored[0]["epoch"] >= 2
+    assert hist[(hist["trial_id"] == tid) & (hist["epoch"] == restored[0]["epoch"])]["train_loss"].item() \
+        == pytest.approx(restored[0]["train_loss"])
     record("trial worker killed (SIGKILL at epoch >= 3)", "test_killed_worker_is_retried_from_its_checkpoint",
            f"retried from its checkpoint (num_failures={int(res.loc[tid, 'num_failures'])}), "
            f"{lines - 8} epoch(s) repeated, study completed 2/2")
