@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
 
-from .tracking import RAY_KEYS, flat_config, result_epoch
+from .records import RAY_KEYS, flat_config, result_epoch
 
 TIMINGS = ("step_time_ms", "ot_time_ms", "epoch_time_s", "images_per_s", "data_time_ms")
 

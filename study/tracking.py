@@ -17,7 +17,6 @@ import json
 import math
 import shutil
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -26,25 +25,10 @@ from ray.tune import Callback
 
 from trainables.cache import cache_dir, write_atomically
 
-# keys Ray adds to every result, and otstudy's restored_metrics (see export.read_results); they are
-# bookkeeping, not metrics
-RAY_KEYS = {"timestamp", "done", "training_iteration", "trial_id", "date", "time_this_iter_s", "time_total_s",
-            "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
-            "checkpoint_dir_name", "config", "should_checkpoint", "experiment_tag", "restored_metrics"}
+from .records import RAY_KEYS, flat_config, git_revision, result_epoch
+
 TRIAL_TAG = "otstudy.trial_id"
 ROLE_TAG = "otstudy.role"
-
-
-def git_revision(cwd: Optional[str] = None) -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def default_tracking_uri(study_dir: Path) -> str:
-    return f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
 
 
 def seed_sqlite_store(uri: str) -> bool:
@@ -284,18 +268,6 @@ class MLflowTracker(Callback):
             done = all(t.status in ("TERMINATED", "ERROR") for t in trials)
             self._guard("finish study run", self._client.set_terminated, self._parent_id,
                         status="FINISHED" if done else "KILLED")
-
-
-def result_epoch(result: Dict[str, Any]) -> int:
-    """The epoch a Tune result belongs to (Tune's iteration count for results without one)."""
-    return int(result.get("epoch", result.get("training_iteration", 0)))
-
-
-def flat_config(config: Dict[str, Any]) -> Dict[str, Any]:
-    """The trial's flat config: a grid ``__case__`` dict merged in, Ray's private keys dropped."""
-    out = {k: v for k, v in config.items() if not k.startswith("__")}
-    out.update(config.get("__case__") or {})
-    return out
 
 
 def error_summary(trial) -> str:

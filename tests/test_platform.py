@@ -345,3 +345,36 @@ def test_a_new_sqlite_store_is_a_copy_of_a_migrated_empty_one(tmp_path, monkeypa
     before = second.read_bytes()
     assert not seed_sqlite_store(f"sqlite:///{second}") and second.read_bytes() == before  # existing: untouched
     assert not seed_sqlite_store("http://127.0.0.1:5000")
+
+
+def test_shutdown_ray_stops_every_process_ray_init_started(tmp_path):
+    # shutdown_ray kills the autoscaler monitor first (it ignores SIGTERM for ray.shutdown's whole 1 s
+    # wait), then ray.shutdown() stops the rest: nothing ray.init started may survive
+    code = """
+import json, os, time, ray
+from study.runner import shutdown_ray
+ray.init(include_dashboard=False, logging_level="ERROR")
+node = ray._private.worker._global_node
+procs = {t: [i.process.pid for i in infos] for t, infos in node.all_processes.items()}
+shutdown_ray()
+alive = []
+for t, pids in procs.items():
+    for pid in pids:
+        for _ in range(50):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            if open(f"/proc/{pid}/stat").read().split()[2] == "Z":  # exited, not yet reaped
+                break
+            time.sleep(0.1)
+        else:
+            alive.append(t)
+print(json.dumps({"types": sorted(procs), "alive": alive, "initialized": ray.is_initialized()}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "monitor" in got["types"] and "raylet" in got["types"] and "gcs_server" in got["types"]
+    assert got["alive"] == [] and got["initialized"] is False

@@ -1,0 +1,42 @@
+"""What a study records, without Ray or MLflow: the keys of a Tune result that are bookkeeping, a
+result's epoch, a trial's flat config, the study's default MLflow store and git revision.
+
+Kept apart from :mod:`study.tracking` (whose callbacks subclass Ray Tune's ``Callback``) so that
+the CLI, export and report can use them without importing Ray Tune (1.2 s), and ``otstudy run``
+can import Tune while Ray starts.
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+# keys Ray adds to every result, and otstudy's restored_metrics (see export.read_results); they are
+# bookkeeping, not metrics
+RAY_KEYS = {"timestamp", "done", "training_iteration", "trial_id", "date", "time_this_iter_s", "time_total_s",
+            "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
+            "checkpoint_dir_name", "config", "should_checkpoint", "experiment_tag", "restored_metrics"}
+
+
+def git_revision(cwd: Optional[str] = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def default_tracking_uri(study_dir: Path) -> str:
+    return f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
+
+
+def result_epoch(result: Dict[str, Any]) -> int:
+    """The epoch a Tune result belongs to (Tune's iteration count for results without one)."""
+    return int(result.get("epoch", result.get("training_iteration", 0)))
+
+
+def flat_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The trial's flat config: a grid ``__case__`` dict merged in, Ray's private keys dropped."""
+    out = {k: v for k, v in config.items() if not k.startswith("__")}
+    out.update(config.get("__case__") or {})
+    return out
