@@ -14,11 +14,18 @@ before anything is created.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 EXIT_BAD_INPUT = 2
+
+# Ray folds worker lines that differ only in numbers into "[repeated 2x across cluster] (Ray
+# deduplicates logs by default ...)", printed seconds later (after a study's results, for the last
+# trials): each trial's own "[otstudy trial] ..." line is shown as it comes. Read when ray is
+# first imported, hence here.
+os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"\[otstudy trial\]")
 
 
 class CliError(ValueError):

@@ -10,7 +10,10 @@ trial directory's ``params.json`` / ``result.json``. Writes
   (``med_step_time_ms``, ``med_ot_time_ms``, ``med_epoch_time_s``,
   ``med_images_per_s``; the first epoch is left out when there are more, it
   includes warm-up).
-* ``history.parquet``: one row per trial-epoch with every reported metric.
+* ``history.parquet``: one row per trial-epoch with every reported metric
+  (``restored`` = 1 on a row rebuilt from the checkpoint a trial continued
+  from, when a killed driver never stored that epoch's result; see
+  :func:`read_results`).
 
 Both are written atomically (temp file + rename), so a reader never sees a
 half-written table even while the study runs.

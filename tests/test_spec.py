@@ -1,5 +1,6 @@
 """Spec validation and CLI input errors: one line per problem, exit 2, nothing created."""
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -260,3 +261,24 @@ def test_quick_exit_keeps_the_output_and_the_exit_code():
     code = "import ray, study.cli as c; print('results written'); c._quick_exit(3)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3 and proc.stdout == "results written\n"
+
+
+def test_each_trial_line_is_printed_as_it_comes_not_folded_by_ray():
+    # Ray folds lines that differ only in numbers, from different workers, into a "[repeated 2x across
+    # cluster]" line printed seconds later; the CLI exempts the trials' own lines (and only those)
+    code = """
+import json, study.cli
+from ray._private import ray_constants
+from ray._private.ray_logging import LogDeduplicator
+d = LogDeduplicator(5, ray_constants.RAY_DEDUP_LOGS_ALLOW_REGEX, None, _timesource=lambda: 0)
+def lines(pid, text):
+    return [ln for b in d.deduplicate({"ip": "x", "pid": pid, "lines": [text]}) for ln in b["lines"]]
+trial = "[otstudy trial] sinsim on digits (1212 images), device cpu"
+other = "some library warning 1"
+print(json.dumps([lines(1, trial), lines(2, trial), lines(1, other), lines(2, other.replace("1", "2"))]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trial_1, trial_2, other_1, other_2 = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(trial_1) == 1 and len(trial_2) == 1  # both workers' trial lines, at once
+    assert len(other_1) == 1 and other_2 == []  # Ray's folding still applies to everything else
