@@ -40,7 +40,7 @@ test: $(STAMP)
 # long fault-injection tests (3 kills of the driver in one study), plus the fault tests of `make test`
 reliability: $(STAMP)
 	rm -f .reliability.json
-	$(BIN)/python -m pytest -q -m "reliability or not reliability" tests/test_reliability.py
+	$(BIN)/python -m pytest -q -m "reliability or not reliability" tests/test_reliability.py tests/test_spec.py
 	$(BIN)/python -m tests.reliability_table
 
 clean-demo:
