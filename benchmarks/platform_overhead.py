@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,30 +44,33 @@ def spec(epochs, concurrent, name):
             "mode": "max", "resources": {"cpu": 1}, "max_concurrent": concurrent}
 
 
-def _loop(epochs: int, trials) -> float:
-    """Run ``trials`` one after another in this process; returns the sum of the trials' times."""
+def _loop(epochs: int, trials) -> list:
+    """Run ``trials`` one after another in this process; returns [the sum of the trials' times, the
+    epochs' median training-step times in ms]."""
     from trainables.pretrain_probe import run
 
     torch.set_num_threads(1)
-    inside = 0.0
+    inside, steps = 0.0, []
     for beta, seed in trials:
         t0 = time.perf_counter()
         run({"method": "sinsim", "epochs": epochs, "batch_size": 256, "eps": 0.05, "sinkhorn_iters": 40,
-             "beta": beta, "seed": seed}, lambda m, c=None: None)
+             "beta": beta, "seed": seed}, lambda m, c=None: steps.append(m["step_time_ms"]))
         inside += time.perf_counter() - t0
-    return inside
+    return [inside, steps]
 
 
 def plain_loops(epochs: int, processes: int) -> tuple:
-    """Wall time of ``processes`` fresh Python processes sharing the 4 trials, and the time in trials."""
+    """Wall time of ``processes`` fresh Python processes sharing the 4 trials, the time in trials, and the
+    median training-step time (ms) over all epochs."""
     share = [TRIALS[i::processes] for i in range(processes)]
     code = ("import json,sys; from benchmarks.platform_overhead import _loop; "
             "print(json.dumps(_loop(int(sys.argv[1]), json.loads(sys.argv[2]))))")
     t0 = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-c", code, str(epochs), json.dumps(s)], stdout=subprocess.PIPE,
                               text=True) for s in share]
-    inside = sum(float(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
-    return time.perf_counter() - t0, inside
+    outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    wall = time.perf_counter() - t0
+    return wall, sum(o[0] for o in outs), statistics.median(x for o in outs for x in o[1])
 
 
 def through_otstudy(epochs, concurrent, address=None, env=None):
@@ -88,13 +92,14 @@ def through_otstudy(epochs, concurrent, address=None, env=None):
         end = time.perf_counter()
         wall = end - t0
         after = end - results_out if results_out is not None else float("nan")
-        inside = 0.0
+        inside, steps = 0.0, []
         for f in (Path(d) / f"c{concurrent}" / "ray").glob("trial_*/result.json"):
-            lines = f.read_text().splitlines()
+            rows = [json.loads(ln) for ln in f.read_text().splitlines()]
             # from the training's start, like the loop: a fresh worker's torch import is set-up, not training
-            inside += json.loads(lines[-1])["time_total_s"] - json.loads(lines[0]).get("setup_s", 0.0)
+            inside += rows[-1]["time_total_s"] - rows[0].get("setup_s", 0.0)
+            steps += [r["step_time_ms"] for r in rows if "step_time_ms" in r]
         # (s to the first trial's data loaded, s from the results to the exit): where the fixed cost sits
-        return wall, inside, (first_trial, after)
+        return wall, inside, (first_trial, after), statistics.median(steps)
 
 
 def with_running_ray(epochs):
@@ -124,21 +129,22 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=15)
     args = p.parse_args()
-    l1_wall, l1_in = plain_loops(args.epochs, 1)
-    l2_wall, l2_in = plain_loops(args.epochs, 2)
-    c1_wall, c1_in, c1_times = through_otstudy(args.epochs, 1)
-    c2_wall, c2_in, c2_times = through_otstudy(args.epochs, 2)
-    a1_wall, a1_in, a1_times = with_running_ray(args.epochs)
+    l1_wall, l1_in, l1_step = plain_loops(args.epochs, 1)
+    l2_wall, l2_in, l2_step = plain_loops(args.epochs, 2)
+    c1_wall, c1_in, c1_times, c1_step = through_otstudy(args.epochs, 1)
+    c2_wall, c2_in, c2_times, c2_step = through_otstudy(args.epochs, 2)
+    a1_wall, a1_in, a1_times, a1_step = with_running_ray(args.epochs)
     fixed = c1_wall - c1_in - (l1_wall - l1_in)  # outside trials, beyond the loop's own process start
     per_trial = c1_in / l1_in
-    rows = [["plain loop, 1 process", 1, l1_wall, l1_in, 1.0, ""],
-            ["plain loops, 2 processes", 2, l2_wall, l2_in, l2_wall / (l1_wall / 2), ""],
-            ["otstudy run", 1, c1_wall, c1_in, c1_wall / l1_wall, f"{c1_wall - c1_in:.1f}"],
-            ["otstudy run", 2, c2_wall, c2_in, c2_wall / (l1_wall / 2), f"{c2_wall - c2_in / 2:.1f}"],
+    rows = [["plain loop, 1 process", 1, l1_wall, l1_in, 1.0, "", l1_step],
+            ["plain loops, 2 processes", 2, l2_wall, l2_in, l2_wall / (l1_wall / 2), "", l2_step],
+            ["otstudy run", 1, c1_wall, c1_in, c1_wall / l1_wall, f"{c1_wall - c1_in:.1f}", c1_step],
+            ["otstudy run", 2, c2_wall, c2_in, c2_wall / (l1_wall / 2), f"{c2_wall - c2_in / 2:.1f}", c2_step],
             ["otstudy run --address (Ray already running)", 1, a1_wall, a1_in, a1_wall / l1_wall,
-             f"{a1_wall - a1_in:.1f}"]]
+             f"{a1_wall - a1_in:.1f}", a1_step]]
     body = markdown_table(["runner", "concurrent trials", "wall s", "time inside trials s",
-                           "wall / (loop wall / concurrency)", "outside trials s"], rows)
+                           "wall / (loop wall / concurrency)", "outside trials s",
+                           "training step ms (median)"], rows)
     hour = 3600.0
     body += (
         f"\n\n4 trials x {args.epochs} epochs. Through otstudy (1 at a time) each trial takes "
@@ -149,6 +155,8 @@ def main():
         f"{l1_wall / l2_wall:.2f}x (the machine's own ceiling: 2 one-thread trials on 2 cores); in-trial "
         f"time with 2 at a time vs 1: otstudy {c2_in / c1_in:.2f}x, plain {l2_in / l1_in:.2f}x, so in the "
         f"long run (fixed cost amortised) 2 at a time give {2 * c1_in / c2_in:.2f}x the throughput of 1. "
+        f"A training step under otstudy takes {c1_step / l1_step:.2f}x the plain loop's, 1 at a time, and "
+        f"{c2_step / l2_step:.2f}x the plain processes', 2 at a time (step medians over all epochs). "
         f"Joining a Ray that is already running (`ray start --head`, then `otstudy run --address`) changes the "
         f"time outside trials by {(a1_wall - a1_in) - (c1_wall - c1_in):+.1f} s. Time inside trials varies by "
         f"about +-10% between runs on this machine: compare rows of one run, and runs with each other.")
