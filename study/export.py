@@ -24,11 +24,11 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pandas as pd
 
-from .records import RAY_KEYS, flat_config, result_epoch
+from .records import RAY_KEYS, flat_config, restored_row, result_epoch
 
 TIMINGS = ("step_time_ms", "ot_time_ms", "epoch_time_s", "images_per_s", "data_time_ms")
 
@@ -79,33 +79,13 @@ def read_results(path: Path) -> List[Dict[str, Any]]:
             break  # a line cut by a crash: everything before it is intact
         if not isinstance(r, dict):
             break
-        back = restored_row(r)
-        if back is not None and result_epoch(back) not in seen and result_epoch(back) != result_epoch(r):
+        epoch, back = result_epoch(r), restored_row(r)
+        if back is not None and back["epoch"] not in seen and back["epoch"] != epoch:
             rows.append(back)
-            seen.add(result_epoch(back))
+            seen.add(back["epoch"])
         rows.append(r)
-        seen.add(result_epoch(r))
+        seen.add(epoch)
     return rows
-
-
-def restored_row(result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The row of the epoch a continued trial restored (see :func:`read_results`), or None."""
-    raw = result.get("restored_metrics")
-    if not raw or not isinstance(raw, str):
-        return None
-    try:
-        m = json.loads(raw)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(m, dict) or not isinstance(m.get("epoch"), (int, float)):
-        return None
-    row = {k: v for k, v in m.items() if isinstance(v, (int, float))}
-    row["epoch"] = int(row["epoch"])
-    for k in ("trial_id", "node_id"):
-        if k in result:
-            row[k] = result[k]
-    row["restored"] = 1
-    return row
 
 
 def _error_line(trial_dir: Path, error_file) -> str:

@@ -1,5 +1,6 @@
 """What a study records, without Ray or MLflow: the keys of a Tune result that are bookkeeping, a
-result's epoch, a trial's flat config, the study's default MLflow store and git revision.
+result's epoch, the epoch row a continued trial restored, a trial's flat config, the study's default
+MLflow store and git revision.
 
 Kept apart from :mod:`study.tracking` (whose callbacks subclass Ray Tune's ``Callback``) so that
 the CLI, export and report can use them without importing Ray Tune (1.2 s), and ``otstudy run``
@@ -7,6 +8,7 @@ can import Tune while Ray starts.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -40,3 +42,23 @@ def flat_config(config: Dict[str, Any]) -> Dict[str, Any]:
     out = {k: v for k, v in config.items() if not k.startswith("__")}
     out.update(config.get("__case__") or {})
     return out
+
+
+def restored_row(result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The row of the epoch a continued trial restored (see :func:`study.export.read_results`), or None."""
+    raw = result.get("restored_metrics")
+    if not raw or not isinstance(raw, str):
+        return None
+    try:
+        m = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(m, dict) or not isinstance(m.get("epoch"), (int, float)):
+        return None
+    row = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+    row["epoch"] = int(row["epoch"])
+    for k in ("trial_id", "node_id"):
+        if k in result:
+            row[k] = result[k]
+    row["restored"] = 1
+    return row

@@ -221,6 +221,7 @@ class _Reporter:
 
 
 CKPT_STAGING = "otstudy-ckpt-"  # <tmp>/otstudy-ckpt-<pid>-*: a checkpoint on its way to Tune
+_swept = False  # this process has swept the temp directory once
 
 
 def sweep_checkpoint_staging(tmp: Optional[str] = None) -> int:
@@ -243,9 +244,6 @@ def sweep_checkpoint_staging(tmp: Optional[str] = None) -> int:
         shutil.rmtree(d, ignore_errors=True)
         removed += 1
     return removed
-
-
-_swept = False
 
 
 def _process_alive(pid: int) -> bool:

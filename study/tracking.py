@@ -25,7 +25,7 @@ from ray.tune import Callback
 
 from trainables.cache import cache_dir, write_atomically
 
-from .records import RAY_KEYS, flat_config, git_revision, result_epoch
+from .records import RAY_KEYS, flat_config, git_revision, restored_row, result_epoch
 
 TRIAL_TAG = "otstudy.trial_id"
 ROLE_TAG = "otstudy.role"
@@ -222,12 +222,11 @@ class MLflowTracker(Callback):
         step = result_epoch(result)
         if step <= self._last_step.get(trial.trial_id, -1):
             return  # already logged by an earlier driver before a resume
-        metrics = self._metrics(result, step, int(time.time() * 1000))
-        from .export import restored_row
-
+        ts = int(time.time() * 1000)
+        metrics = self._metrics(result, step, ts)
         back = restored_row(result)  # the epoch the trial continued from, if this store lacks it
         if back is not None and self._last_step.get(trial.trial_id, -1) < result_epoch(back) < step:
-            metrics = self._metrics(back, result_epoch(back), int(time.time() * 1000)) + metrics
+            metrics = self._metrics(back, result_epoch(back), ts) + metrics
         self._guard(f"log metrics of trial {trial.trial_id}", self._client.log_batch, run_id, metrics=metrics)
         self._last_step[trial.trial_id] = step  # a failed batch is not retried: training goes on
 

@@ -752,8 +752,12 @@ def _sinkhorn_while_fast(tol: float, warmup: int, budget: int, window: int = 3):
 
     def stop(err: float) -> bool:
         errs.append(err)
-        if len(errs) < warmup or len(errs) <= window:
-            return len(errs) >= warmup and budget == 0
+        if len(errs) < warmup:
+            return False
+        if budget == 0:
+            return True
+        if len(errs) <= window:
+            return False
         rate = (err / errs[-1 - window]) ** (1.0 / window) if errs[-1 - window] > 0 else 0.0
         if not rate < 1.0:
             return True
