@@ -215,7 +215,8 @@ def embedding_plot(res: pd.DataFrame, study_dir: Optional[Path], knobs: List[str
     picks = []
     for kind, rows in (("baseline", base), ("best", best)):
         row = rows.sort_values("seed").iloc[0] if "seed" in rows.columns else rows.iloc[0]
-        found = sorted((Path(study_dir) / "ray" / f"trial_{row['trial_id']}").glob("checkpoint_*/embeddings.npz"))
+        tdir = row.get("trial_dir") if isinstance(row.get("trial_dir"), str) else f"trial_{row['trial_id']}"
+        found = sorted((Path(study_dir) / "ray" / tdir).glob("checkpoint_*/embeddings.npz"))
         if not found:
             return None
         f = found[-1]

@@ -3,7 +3,8 @@
 Reads only files: Tune's experiment state (trial statuses, errors) and every
 trial directory's ``params.json`` / ``result.json``. Writes
 
-* ``results.parquet``: one row per trial: ``trial_id``, ``status``
+* ``results.parquet``: one row per trial: ``trial_id``, ``trial_dir`` (its
+  directory under ``ray/``, see :func:`trial_dirs`), ``status``
   (completed | pruned | failed | running | pending), ``error``, ``n_epochs``,
   the flat config (one column per key, the same names as everywhere),
   the last reported metrics, and medians over epochs of the timings
@@ -28,7 +29,7 @@ from typing import Any, Dict, List, Tuple
 
 import pandas as pd
 
-from .records import RAY_KEYS, flat_config, restored_row, result_epoch
+from .records import RAY_KEYS, RECOVERED_FILE, flat_config, restored_rows, result_epoch
 
 TIMINGS = ("step_time_ms", "ot_time_ms", "epoch_time_s", "images_per_s", "data_time_ms")
 
@@ -60,10 +61,14 @@ def _latest_state(exp_dir: Path) -> Dict[str, Dict[str, Any]]:
 def read_results(path: Path) -> List[Dict[str, Any]]:
     """The results in a trial's ``result.json``, up to a line cut by a crash.
 
-    A trial continued from a checkpoint sends the metrics of that checkpoint's epoch with its first
-    result (``restored_metrics``). Where ``result.json`` lacks that epoch (the driver was killed after
-    Tune persisted the checkpoint but before the epoch's result reached storage), its row is put back
-    here, before the result that carried it, marked ``restored: 1``.
+    A trial continued from a checkpoint sends the metrics of that checkpoint's last epochs with its
+    first result (``restored_metrics``; the checkpoint keeps the last ``RECENT_EPOCHS`` = 16). Where
+    ``result.json`` lacks one of them (the driver was killed after Tune persisted the checkpoint but
+    before those epochs' results reached storage: Tune syncs ``result.json`` at least every second
+    checkpoint, so the gap is a few epochs), its row is put back here, before the result that
+    carried it, marked ``restored: 1``. A trial that had finished when the driver died is not run
+    again; the epochs its ``result.json`` lacks are recovered from its last checkpoint at the resume
+    (``recovered_results.json`` beside it, rows also marked ``restored: 1``) and added here.
     """
     rows: List[Dict[str, Any]] = []
     if not path.exists():
@@ -79,12 +84,23 @@ def read_results(path: Path) -> List[Dict[str, Any]]:
             break  # a line cut by a crash: everything before it is intact
         if not isinstance(r, dict):
             break
-        epoch, back = result_epoch(r), restored_row(r)
-        if back is not None and back["epoch"] not in seen and back["epoch"] != epoch:
-            rows.append(back)
-            seen.add(back["epoch"])
+        epoch = result_epoch(r)
+        for back in restored_rows(r):
+            if back["epoch"] not in seen and back["epoch"] != epoch:
+                rows.append(back)
+                seen.add(back["epoch"])
         rows.append(r)
         seen.add(epoch)
+    recovered = path.parent / RECOVERED_FILE
+    if recovered.exists():
+        for line in recovered.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if isinstance(r, dict) and result_epoch(r) not in seen:
+                rows.append(r)
+                seen.add(result_epoch(r))
     return rows
 
 
@@ -140,16 +156,40 @@ def searcher_states(exp_dir: Path) -> Dict[str, str]:
     return out
 
 
+def trial_dirs(exp_dir: Path, state: Dict[str, Dict[str, Any]]) -> Dict[str, Path]:
+    """Trial id -> its directory: the one Tune's state names, else ``trial_<id>``.
+
+    A driver killed after it started a trial but before its next state snapshot leaves a directory
+    the restored state does not know; Tune then starts the trial afresh in ``trial_<id>_<4 hex>``
+    (its directory name existed). That first directory is a superseded attempt: it stays on disk
+    and is left out here, so the trial is counted once, with the history of the attempt that ran.
+    """
+    named = {tid: exp_dir / st["logdir"] for tid, st in state.items() if st.get("logdir")}
+    found: Dict[str, List[Path]] = {}
+    for p in sorted(exp_dir.glob("trial_*")):
+        if not p.is_dir() or p in named.values():
+            continue
+        tid = p.name[len("trial_"):]
+        if tid not in state and state:  # trial_<id>_<4 hex>, started after the state's last snapshot
+            base = tid.rsplit("_", 1)[0]
+            tid = base if base in state else tid
+        found.setdefault(tid, []).append(p)
+    # a trial the state names no directory for yet: its newest attempt
+    newest = {tid: max(ps, key=lambda p: (p / "result.json").stat().st_mtime if (p / "result.json").exists() else 0)
+              for tid, ps in found.items() if tid not in named}
+    return {**newest, **named}
+
+
 def collect(study_dir: Path) -> Tuple[pd.DataFrame, pd.DataFrame]:
     exp_dir = Path(study_dir) / "ray"
     state = _latest_state(exp_dir)
     searcher = searcher_states(exp_dir)
-    trial_dirs = {p.name[len("trial_"):]: p for p in exp_dir.glob("trial_*") if p.is_dir()}
-    ids = list(dict.fromkeys(list(state) + sorted(trial_dirs)))
+    dirs = trial_dirs(exp_dir, state)
+    ids = list(dict.fromkeys(list(state) + sorted(dirs)))
     results, history = [], []
     for tid in ids:
         st = state.get(tid, {})
-        tdir = trial_dirs.get(tid, exp_dir / (st.get("logdir") or f"trial_{tid}"))
+        tdir = dirs.get(tid, exp_dir / f"trial_{tid}")
         params = {}
         if (tdir / "params.json").exists():
             try:
@@ -178,7 +218,7 @@ def collect(study_dir: Path) -> Tuple[pd.DataFrame, pd.DataFrame]:
             status = "pending"
         else:
             status = "running"  # RUNNING / PAUSED, or a driver that died mid-trial
-        row: Dict[str, Any] = {"trial_id": tid, "status": status, "tune_status": tune_status,
+        row: Dict[str, Any] = {"trial_id": tid, "trial_dir": tdir.name, "status": status, "tune_status": tune_status,
                                "error": _error_line(tdir, st.get("error_file")) if status == "failed" else "",
                                "num_failures": int(st.get("num_failures", 0) or 0), "n_epochs": len(epochs),
                                "searcher_state": searcher.get(tid, "")}

@@ -1,5 +1,5 @@
 """What a study records, without Ray or MLflow: the keys of a Tune result that are bookkeeping, a
-result's epoch, the epoch row a continued trial restored, a trial's flat config, the study's default
+result's epoch, the epoch rows a continued trial restored, a trial's flat config, the study's default
 MLflow store and git revision.
 
 Kept apart from :mod:`study.tracking` (whose callbacks subclass Ray Tune's ``Callback``) so that
@@ -11,13 +11,18 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 # keys Ray adds to every result, and otstudy's restored_metrics (see export.read_results); they are
 # bookkeeping, not metrics
 RAY_KEYS = {"timestamp", "done", "training_iteration", "trial_id", "date", "time_this_iter_s", "time_total_s",
             "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
             "checkpoint_dir_name", "config", "should_checkpoint", "experiment_tag", "restored_metrics"}
+
+
+# in a trial directory: the epochs a resume recovered from the trial's last checkpoint (see
+# study.runner.recover_finished_trials); read_results adds them to result.json's
+RECOVERED_FILE = "recovered_results.json"
 
 
 def git_revision(cwd: Optional[str] = None) -> str:
@@ -37,6 +42,24 @@ def result_epoch(result: Dict[str, Any]) -> int:
     return int(result.get("epoch", result.get("training_iteration", 0)))
 
 
+def trial_result_file(trial, experiment_dir: Optional[str]) -> Optional[Path]:
+    """A Tune trial's ``result.json``: in its storage directory, else in the study's local copy of the
+    experiment (an object store's mirror), under the directory Tune gave it (``trial_<id>``, or
+    ``trial_<id>_<4 hex>`` when that existed at a resume; see :func:`study.export.trial_dirs`)."""
+    candidates = []
+    try:  # a new trial has no directory yet: Ray raises instead of returning None
+        candidates.append(Path(trial.storage.trial_fs_path) / "result.json")
+    except (AttributeError, RuntimeError):
+        pass
+    if experiment_dir:
+        name = getattr(trial, "relative_logdir", None) or f"trial_{trial.trial_id}"
+        candidates.append(Path(experiment_dir) / name / "result.json")
+    for c in candidates:
+        if c.exists():
+            return c
+    return None
+
+
 def flat_config(config: Dict[str, Any]) -> Dict[str, Any]:
     """The trial's flat config: a grid ``__case__`` dict merged in, Ray's private keys dropped."""
     out = {k: v for k, v in config.items() if not k.startswith("__")}
@@ -44,21 +67,28 @@ def flat_config(config: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def restored_row(result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The row of the epoch a continued trial restored (see :func:`study.export.read_results`), or None."""
+def restored_rows(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The epoch rows a continued trial restored, oldest first (see :func:`study.export.read_results`).
+
+    ``restored_metrics`` is a JSON list of the metrics of the checkpoint's last epochs (a JSON object,
+    the checkpoint's epoch alone, from studies before that); every row is marked ``restored: 1``.
+    """
     raw = result.get("restored_metrics")
     if not raw or not isinstance(raw, str):
-        return None
+        return []
     try:
-        m = json.loads(raw)
+        got = json.loads(raw)
     except json.JSONDecodeError:
-        return None
-    if not isinstance(m, dict) or not isinstance(m.get("epoch"), (int, float)):
-        return None
-    row = {k: v for k, v in m.items() if isinstance(v, (int, float))}
-    row["epoch"] = int(row["epoch"])
-    for k in ("trial_id", "node_id"):
-        if k in result:
-            row[k] = result[k]
-    row["restored"] = 1
-    return row
+        return []
+    rows = []
+    for m in got if isinstance(got, list) else [got]:
+        if not isinstance(m, dict) or not isinstance(m.get("epoch"), (int, float)):
+            continue
+        row = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+        row["epoch"] = int(row["epoch"])
+        for k in ("trial_id", "node_id"):
+            if k in result:
+                row[k] = result[k]
+        row["restored"] = 1
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["epoch"])

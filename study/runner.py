@@ -292,11 +292,13 @@ def tune_trainable(config: Dict[str, Any]) -> None:
         raise TrialDiverged(diverged)
     ckpt = tune.get_checkpoint()
     restore = files.restore(ckpt) if ckpt is not None else None
-    # the metrics of the epoch this trial continues from: a driver killed after Tune persisted that
-    # epoch's checkpoint but before its result reached the trial's result.json in storage would leave a
-    # gap in the history; read_results fills it from here (a JSON string: one key in every first result,
-    # so Tune's progress.csv keeps its columns)
-    setup: Dict[str, Any] = {"restored_metrics": json.dumps((restore or {}).get("metrics") or {})}
+    # the metrics of the last epochs before the one this trial continues from: a driver killed after
+    # Tune persisted a checkpoint but before those epochs' results reached the trial's result.json in
+    # storage would leave a gap in the history; read_results fills it from here (a JSON string: one
+    # key in every first result, so Tune's progress.csv keeps its columns)
+    back = restore or {}
+    recent = back.get("recent_metrics") or ([back["metrics"]] if back.get("metrics") else [])
+    setup: Dict[str, Any] = {"restored_metrics": json.dumps(recent)}
     carried: Dict[str, float] = {}
     node_id = ray.get_runtime_context().get_node_id()  # which cluster node ran the trial
 
@@ -638,6 +640,12 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
     import pyarrow.fs as pafs
 
     repair_recorded_checkpoints(study_dir, remote.fs if remote is not None else pafs.LocalFileSystem())
+    for repair in (repair_grid_generator if spec.sampler == "grid" else repair_search_generator,
+                   recover_finished_trials):
+        try:
+            repair(study_dir, remote)
+        except Exception as exc:  # a repair must never stop a resume: Tune restores what it can
+            print(f"[otstudy] warning: {repair.__name__} failed ({one_line(exc)}); resuming without it")
     init_ray(address)
     tuner = tune.Tuner.restore(exp_path, trainable=_trainable(spec), resume_unfinished=True,
                                resume_errored=not restart_errored, restart_errored=restart_errored)
@@ -693,6 +701,173 @@ def repair_recorded_checkpoints(study_dir: Path, fs) -> List[str]:
                   f"stopped; it resumes from a copy of {source.rsplit('/', 1)[-1]}")
             done.append(path)
     return done
+
+
+def _snapshot_trials(study_dir: Path) -> Optional[List[Dict[str, Any]]]:
+    """The trials of the experiment snapshot Tune restores (the newest by name): id, status, config,
+    directory; None without a readable one."""
+    states = sorted((Path(study_dir) / EXPERIMENT_DIR).glob("experiment_state-*.json"))
+    if not states:
+        return None
+    try:
+        out = []
+        for entry in json.loads(states[-1].read_text()).get("trial_data", []):
+            t = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
+            config = t.get("config") if isinstance(t.get("config"), dict) else {}
+            out.append({"trial_id": t["trial_id"], "status": t.get("status"), "config": config,
+                        "logdir": t.get("relative_logdir")})
+        return out
+    except (OSError, TypeError, KeyError, IndexError, json.JSONDecodeError):
+        return None
+
+
+def _save_tune_state(path: Path, state: Any, remote) -> None:
+    """Replace a pickled Tune state file in the experiment directory (and on the study's storage)."""
+    import ray.cloudpickle as cloudpickle
+
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        cloudpickle.dump(state, f)
+    os.replace(tmp, path)
+    if remote is not None:
+        remote.put_experiment_file(path.name, path)
+
+
+def repair_search_generator(study_dir: Path, remote=None) -> Optional[str]:
+    """Put an Optuna study's seed groups back in step with the experiment snapshot's trials (see
+    :func:`study.searcher.reconcile_with_snapshot`). Returns what was done, or None."""
+    import ray.cloudpickle as cloudpickle
+
+    from .searcher import reconcile_with_snapshot
+
+    trials = _snapshot_trials(study_dir)
+    gens = sorted((Path(study_dir) / EXPERIMENT_DIR).glob("search_gen_state-*.json"))
+    if not trials or not gens:
+        return None
+    try:
+        with open(gens[-1], "rb") as f:
+            state = cloudpickle.load(f)
+    except Exception:  # not a state this Ray version writes: Tune will say what is wrong
+        return None
+    what = reconcile_with_snapshot(state, {t["trial_id"]: t for t in trials})
+    if what is not None:
+        _save_tune_state(gens[-1], state, remote)
+        print(f"[otstudy] {what}")
+    return what
+
+
+def recover_finished_trials(study_dir: Path, remote=None) -> List[str]:
+    """Recover the last epochs of trials that finished just before the driver died.
+
+    Tune records a trial as finished in its snapshot as soon as the driver has processed the final
+    result, but the trial's ``result.json`` reaches storage later (on an object store, with the next
+    upload); a driver killed in between leaves a finished trial whose history stops short of its last
+    epochs, the final metrics included, and a resume does not run it again (seen in the object-store
+    kill test: the trial was counted as pruned). Its last checkpoint holds the metrics of its last
+    epochs (``recent_metrics``): the missing ones are written to ``recovered_results.json`` in the
+    trial directory (marked ``restored: 1``), which :func:`study.export.read_results` adds. Returns
+    the trial ids recovered.
+    """
+    import pyarrow.fs as pafs
+
+    from .export import read_results
+    from .records import RECOVERED_FILE
+
+    exp = Path(study_dir) / EXPERIMENT_DIR
+    fs = remote.fs if remote is not None else pafs.LocalFileSystem()
+    done = []
+    for t in _snapshot_trials(study_dir) or []:
+        tid, logdir = t["trial_id"], t["logdir"]
+        if t["status"] != "TERMINATED" or not logdir or (exp / logdir / RECOVERED_FILE).exists():
+            continue
+        rows = read_results(exp / logdir / "result.json")
+        if rows and rows[-1].get("final"):
+            continue
+        last = max((int(r.get("epoch", 0)) for r in rows), default=0)
+        where = f"{remote.path}/{EXPERIMENT_DIR}/{logdir}" if remote is not None else str((exp / logdir).resolve())
+        ckpts = sorted((i.path for i in fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
+                        if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")), reverse=True)
+        if not ckpts:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / CHECKPOINT_FILE
+            try:
+                with fs.open_input_stream(f"{ckpts[0]}/{CHECKPOINT_FILE}") as src, open(local, "wb") as out:
+                    out.write(src.readall())
+            except OSError:
+                continue
+            state = load_checkpoint(local) or {}
+        recent = state.get("recent_metrics") or ([state["metrics"]] if state.get("metrics") else [])
+        missing = [m for m in recent if isinstance(m, dict) and int(m.get("epoch", 0)) > last]
+        if not missing:  # a pruned trial: its last checkpoint is not newer than its history
+            continue
+        out_file = exp / logdir / RECOVERED_FILE
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text("".join(json.dumps({**m, "epoch": int(m["epoch"]), "trial_id": tid, "restored": 1})
+                                    + "\n" for m in missing))
+        if remote is not None:
+            remote.put_experiment_file(f"{logdir}/{RECOVERED_FILE}", out_file)
+        print(f"[otstudy] {logdir}: finished before the driver stopped; epoch(s) "
+              f"{', '.join(str(int(m['epoch'])) for m in missing)} recovered from its last checkpoint")
+        done.append(tid)
+    return done
+
+
+def repair_grid_generator(study_dir: Path, remote=None) -> Optional[str]:
+    """Put the grid's trial generator back at the experiment snapshot's trials.
+
+    Tune saves a study as two files: the experiment state (its trials) and the state of the search
+    algorithm (for a grid, Tune's variant generator: which grid points it has handed out). A driver
+    killed between writing them, or, on an object store, while uploading them (in no fixed order),
+    leaves a generator that is ahead of the trials (a grid point handed out that the experiment never
+    recorded: the resumed study would end one trial short, seen in the object-store kill test) or
+    behind them (a grid point recorded that it would hand out again, under the same trial id). The
+    generator is rebuilt from the grid and moved on by the recorded trials, after checking that it
+    hands out the same trial ids in the same order; anything else is left to Tune. Returns a
+    one-line description of the repair, or None.
+    """
+    import ray.cloudpickle as cloudpickle
+    from ray.tune.search.basic_variant import _TrialIterator
+
+    snapshot = _snapshot_trials(study_dir)
+    gens = sorted((Path(study_dir) / EXPERIMENT_DIR).glob("basic-variant-state-*.json"))
+    if snapshot is None or not gens:
+        return None
+    trials = [(t["trial_id"], t["status"]) for t in snapshot]
+    try:
+        with open(gens[-1], "rb") as f:
+            gen = cloudpickle.load(f)
+        (old,) = gen["_iterators"]
+    except Exception:  # not a state this Ray version writes: Tune will say what is wrong
+        return None
+    trials.sort()  # the snapshot lists them in no fixed order; their ids count up (<prefix>_00000, ...)
+    if old.num_points_to_evaluate or old.counter == len(trials):  # one grid: it counts from 0
+        return None
+    fresh = _TrialIterator(uuid_prefix=old.uuid_prefix, num_samples=old.num_samples,
+                           unresolved_spec=old.unresolved_spec, constant_grid_search=old.constant_grid_search,
+                           lazy_eval=old.lazy_eval, random_state=old.random_state)
+
+    def count(resolved_vars, spec) -> str:  # the trial id create_trial would give, without a Trial
+        fresh.counter += 1
+        return fresh.uuid_prefix + "%05d" % (fresh.counter - 1)
+
+    fresh.create_trial = count
+    try:
+        for tid, _ in trials:
+            if next(fresh) != tid:
+                return None
+    except StopIteration:
+        return None
+    finally:
+        del fresh.create_trial
+    ids = {tid for tid, _ in trials}
+    unfinished = {tid for tid, status in trials if status not in ("TERMINATED", "ERROR")}
+    what = (f"the grid generator had handed out {old.counter} trials, the snapshot records "
+            f"{len(trials)}: it goes on from trial {len(trials) + 1}")
+    gen.update(_iterators=[fresh], _finished=False, _live_trials=(set(gen["_live_trials"]) & ids) | unfinished)
+    _save_tune_state(gens[-1], gen, remote)
+    print(f"[otstudy] {what}")
+    return what
 
 
 def _finish(study_dir: Path) -> Path:

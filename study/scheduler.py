@@ -11,27 +11,12 @@ an uninterrupted study would make.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 from ray.tune.schedulers import ASHAScheduler
 
 from .export import read_results
-
-
-def _result_file(trial, experiment_dir: Optional[str]) -> Optional[Path]:
-    candidates = []
-    try:  # a new trial has no directory yet: Ray raises instead of returning None
-        path = trial.storage.trial_fs_path
-        candidates.append(Path(path) / "result.json")
-    except (AttributeError, RuntimeError):
-        pass
-    if experiment_dir:
-        candidates.append(Path(experiment_dir) / f"trial_{trial.trial_id}" / "result.json")
-    for c in candidates:
-        if c.exists():
-            return c
-    return None
+from .records import trial_result_file
 
 
 class ReplayASHA(ASHAScheduler):
@@ -45,7 +30,7 @@ class ReplayASHA(ASHAScheduler):
 
     def replay(self, trial) -> int:
         """Feed the trial's recorded results to its bracket; returns how many were replayed."""
-        f = _result_file(trial, self._experiment_dir)
+        f = trial_result_file(trial, self._experiment_dir)
         if f is None or self._metric is None:
             return 0
         bracket = self._trial_info[trial.trial_id]

@@ -10,11 +10,13 @@ Two fixes over the stock integration:
   finished; a configuration with any pruned seed is pruned, any failed seed
   fails it. Its bookkeeping is saved with the experiment (get_state), so a
   resumed study keeps its groups; a seed that only finishes after a resume
-  still completes its group.
+  still completes its group. :func:`reconcile_with_snapshot` puts the groups
+  back in step with Tune's recorded trials when a kill left them apart.
 """
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Dict, List, Optional
 
@@ -22,10 +24,17 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 FINAL_KEY = "final"  # the trainable's last report carries final=1
+logger = logging.getLogger(__name__)
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: Optional[Dict] = None, error: bool = False):
+        if trial_id not in self._ot_trials and trial_id not in self._completed_trials:
+            # a suggestion whose record was lost with a killed driver (its state saved before the
+            # seed groups'): OptunaSearch would raise KeyError and end the study
+            logger.warning(f"Optuna has no record of trial {trial_id} (lost with a killed driver); "
+                           "its result does not inform the sampler")
+            return
         if result is not None and not error and not result.get(FINAL_KEY):
             result = None  # OptunaSearch records "no value, no error" as PRUNED
         super().on_trial_complete(trial_id, result=result, error=error)
@@ -48,17 +57,19 @@ class SeedRepeater(Searcher):
         return ok
 
     def suggest(self, trial_id: str) -> Optional[Dict]:
-        group = self._groups.get(self._current) if self._current else None
-        if group is None or len(group["members"]) >= len(self.seeds):
+        # the oldest group short of seeds (only the current one, unless a resume took seeds back:
+        # see reconcile_with_snapshot), else a new configuration
+        gid = next((g for g, grp in self._groups.items() if len(grp["members"]) < len(self.seeds)), None)
+        if gid is None:
             config = self.searcher.suggest(trial_id)
             if config is None or config == Searcher.FINISHED:
                 return config
-            self._current = trial_id
-            group = self._groups[trial_id] = {"config": copy.deepcopy(config), "members": [],
-                                              "outcomes": {}, "told": False}
+            gid = self._current = trial_id
+            self._groups[gid] = {"config": copy.deepcopy(config), "members": [], "outcomes": {}, "told": False}
+        group = self._groups[gid]
         seed = self.seeds[len(group["members"])]
         group["members"].append(trial_id)
-        self._trial_group[trial_id] = self._current
+        self._trial_group[trial_id] = gid
         return {**group["config"], "seed": seed}
 
     def on_trial_complete(self, trial_id: str, result: Optional[Dict] = None, error: bool = False):
@@ -98,3 +109,61 @@ class SeedRepeater(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         self.searcher.restore(checkpoint_path)
+
+
+def reconcile_with_snapshot(state: Dict, trials: Dict[str, Dict]) -> Optional[str]:
+    """Make a saved ``SearchGenerator`` state (SeedRepeater inside) agree with Tune's recorded trials.
+
+    Tune saves its trials and the search algorithm's state as separate files; a driver killed between
+    them (or, on an object store, during their upload, in no fixed order) can leave seed groups that
+    name a trial the snapshot never recorded (its seed would never run: the configuration's group
+    never completes, Optuna never hears of it and the study ends a trial short) or a recorded trial
+    the groups do not know (it would be ignored and its seed run again). ``trials`` maps the
+    snapshot's trial ids to ``{"status", "config"}``. Seeds handed out but never recorded (the newest
+    of their groups) are taken back, to go out again (:meth:`SeedRepeater.suggest` fills the oldest
+    group short of seeds first), and recorded trials that are a group's next seeds join it; the
+    trial counter and the concurrency limiter's live trials follow. ``state`` is changed in place.
+    Returns what was done, or None when nothing needed doing or the difference is not of that kind
+    (Tune then goes on as it would have).
+    """
+    rep, lim = state.get("name:SeedRepeater"), state.get("name:ConcurrencyLimiter")
+    if not rep:
+        return None
+    handed, groups, seeds = rep["_trial_group"], rep["_groups"], rep["seeds"]
+    phantoms = {t for t in handed if t not in trials}
+    unknown = [t for t in trials if t not in handed]
+    if not phantoms and not unknown:
+        return None
+    # handed out, never recorded: the newest seeds of their groups
+    for gid in {handed[t] for t in phantoms}:
+        members = groups[gid]["members"]
+        n = len([t for t in members if t in phantoms])
+        if set(members[len(members) - n:]) != {t for t in phantoms if handed[t] == gid}:
+            return None
+    # recorded, not handed out (as far as the saved state knows): a group's next seeds
+    members = {gid: [t for t in g["members"] if t not in phantoms] for gid, g in groups.items()}
+    added = []
+    for t in sorted(unknown, key=lambda t: seeds.index(trials[t]["config"].get("seed"))
+                    if trials[t]["config"].get("seed") in seeds else len(seeds)):
+        config = trials[t]["config"]
+        gid = next((g for g, grp in groups.items() if len(members[g]) < len(seeds)
+                    and config.get("seed") == seeds[len(members[g])]
+                    and all(config.get(k) == v for k, v in grp["config"].items())), None)
+        if gid is None:
+            return None
+        members[gid].append(t)
+        added.append((t, gid))
+    for t in phantoms:
+        groups[handed.pop(t)]["outcomes"].pop(t, None)
+    for t, gid in added:
+        handed[t] = gid
+    for gid, g in groups.items():
+        g["members"] = members[gid]
+    state["counter"] += len(added) - len(phantoms)
+    if lim is not None:
+        live = (set(lim["live_trials"]) - phantoms) | {
+            t for t, _ in added if trials[t].get("status") not in ("TERMINATED", "ERROR")}
+        lim["live_trials"], lim["num_unfinished_live_trials"] = live, len(live)
+    parts = ([f"{len(phantoms)} seed(s) handed out but never recorded go out again"] if phantoms else []) + \
+        ([f"{len(added)} recorded trial(s) rejoin their seed group"] if added else [])
+    return "the searcher's state was out of step with the trials: " + "; ".join(parts)

@@ -136,6 +136,10 @@ class Remote:
                     self.fs.create_dir(f"{self.path}/{Path(rel).parent.as_posix()}")
                     self._put(f, rel)
 
+    def put_experiment_file(self, name: str, src: Path) -> None:
+        """Replace one file at the top of ``<home>/ray`` (Tune's experiment directory)."""
+        self._put(Path(src), f"ray/{name}")
+
     def pull_home(self, study_dir: Path) -> None:
         """Copy the home's driver files into ``study_dir`` (files already there are replaced)."""
         for name in HOME_FILES:

@@ -25,7 +25,7 @@ from ray.tune import Callback
 
 from trainables.cache import cache_dir, write_atomically
 
-from .records import RAY_KEYS, flat_config, git_revision, restored_row, result_epoch
+from .records import RAY_KEYS, flat_config, git_revision, restored_rows, result_epoch, trial_result_file
 
 TRIAL_TAG = "otstudy.trial_id"
 ROLE_TAG = "otstudy.role"
@@ -178,7 +178,7 @@ class MLflowTracker(Callback):
                 run_id = run.info.run_id
                 c.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in sorted(cfg.items())])
                 self._last_step[tid] = -1
-            self._backfill(run_id, tid)
+            self._backfill(run_id, trial)
             return run_id
 
         run_id = self._guard(f"create run for trial {tid}", find_or_create)
@@ -193,13 +193,15 @@ class MLflowTracker(Callback):
                 if k not in RAY_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
                 and math.isfinite(float(v))]
 
-    def _backfill(self, run_id: str, tid: str) -> None:
+    def _backfill(self, run_id: str, trial) -> None:
         """Log the epochs Tune recorded but this store has not seen (a driver killed between the two,
         or an MLflow store restored from an older copy), from the trial's ``result.json``."""
         from .export import read_results
 
+        tid = trial.trial_id
         metrics, last = [], self._last_step.get(tid, -1)
-        for r in read_results(Path(self.study_dir) / "ray" / f"trial_{tid}" / "result.json"):
+        f = trial_result_file(trial, str(Path(self.study_dir) / "ray"))
+        for r in read_results(f) if f is not None else []:
             step = result_epoch(r)
             if step > last:
                 metrics += self._metrics(r, step, int(1000 * float(r.get("timestamp", time.time()))))
@@ -224,9 +226,10 @@ class MLflowTracker(Callback):
             return  # already logged by an earlier driver before a resume
         ts = int(time.time() * 1000)
         metrics = self._metrics(result, step, ts)
-        back = restored_row(result)  # the epoch the trial continued from, if this store lacks it
-        if back is not None and self._last_step.get(trial.trial_id, -1) < result_epoch(back) < step:
-            metrics = self._metrics(back, result_epoch(back), ts) + metrics
+        # the epochs before the checkpoint the trial continued from, where this store lacks them
+        done = self._last_step.get(trial.trial_id, -1)
+        back = [m for r in restored_rows(result) if done < r["epoch"] < step for m in self._metrics(r, r["epoch"], ts)]
+        metrics = back + metrics
         self._guard(f"log metrics of trial {trial.trial_id}", self._client.log_batch, run_id, metrics=metrics)
         self._last_step[trial.trial_id] = step  # a failed batch is not retried: training goes on
 

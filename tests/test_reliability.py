@@ -42,27 +42,262 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
 
 
 def test_a_history_gap_left_by_a_killed_driver_is_filled_from_the_restored_checkpoint(tmp_path):
-    # epochs 1-4 reached result.json; the driver died after Tune persisted epoch 5's checkpoint but before
-    # epoch 5's result reached storage; the trial continued from that checkpoint and sent its metrics along
+    # epochs 1-3 reached result.json; the driver died after Tune persisted the checkpoints of epochs 4 and
+    # 5 but before their results reached storage; the trial continued from epoch 5's checkpoint and sent
+    # the metrics of its last epochs along
     from study.export import read_results
 
-    rows = [{"epoch": e, "train_loss": 1.0 / e, "restored_metrics": "{}" if e == 1 else None,
-             "trial_id": "t1"} for e in range(1, 5)]
+    rows = [{"epoch": e, "train_loss": 1.0 / e, "restored_metrics": "[]" if e == 1 else None,
+             "trial_id": "t1"} for e in range(1, 4)]
+    recent = [{"epoch": float(e), "train_loss": 1.0 / e} for e in range(2, 5)] + \
+        [{"epoch": 5.0, "train_loss": 0.2, "knn_acc": 0.5}]
     rows.append({"epoch": 6, "train_loss": 1 / 6, "trial_id": "t1", "node_id": "n",
-                 "restored_metrics": json.dumps({"epoch": 5.0, "train_loss": 0.2, "knn_acc": 0.5})})
-    # a second resume from epoch 6, whose result is already there: nothing added
+                 "restored_metrics": json.dumps(recent)})
+    # a second resume from epoch 6, whose result is already there: nothing added (a study from before
+    # recent_metrics sent the checkpoint's epoch alone, as an object)
     rows.append({"epoch": 7, "train_loss": 1 / 7, "trial_id": "t1",
                  "restored_metrics": json.dumps({"epoch": 6.0, "train_loss": 1 / 6})})
+    # the trial had finished (epoch 8) before the driver died, and reports its final checkpoint again:
+    # epoch 7 is there, so nothing is added
+    rows.append({"epoch": 8, "train_loss": 1 / 8, "trial_id": "t1", "final": 1,
+                 "restored_metrics": json.dumps([{"epoch": float(e), "train_loss": 1 / e} for e in (7, 8)])})
     f = tmp_path / "result.json"
-    f.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 8, "tra')  # cut by a crash
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 9, "tra')  # cut by a crash
     got = read_results(f)
-    assert [r["epoch"] for r in got] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["epoch"] for r in got] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert got[3] == {"epoch": 4, "train_loss": 0.25, "trial_id": "t1", "node_id": "n", "restored": 1}
     assert got[4] == {"epoch": 5, "train_loss": 0.2, "knn_acc": 0.5, "trial_id": "t1", "node_id": "n",
                       "restored": 1}
-    assert all("restored" not in r for r in got[:4] + got[5:])
+    assert all("restored" not in r for r in got[:3] + got[5:])
+    # a finished trial restored at its last epoch: the epochs before it come back, the final one is not doubled
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows[:3] + rows[5:]))
+    got = read_results(f)
+    assert [(r["epoch"], r.get("restored", 0)) for r in got] == [(1, 0), (2, 0), (3, 0), (7, 1), (8, 0)]
     record("driver killed between a checkpoint and its result", "test_a_history_gap_left_by_a_killed_driver_"
-           "is_filled_from_the_restored_checkpoint", "the epoch's row is rebuilt from the metrics the "
-           "continued trial sends with its first result (marked restored: 1); no duplicate when it is there")
+           "is_filled_from_the_restored_checkpoint", "the epochs' rows are rebuilt from the metrics of its last "
+           "16 epochs the continued trial sends with its first result (marked restored: 1); no duplicate when "
+           "they are there")
+
+
+def test_a_trial_restarted_in_a_new_directory_is_counted_once_with_the_attempt_that_ran(tmp_path):
+    # the driver died after starting trial t_00001 but before the state snapshot named its directory;
+    # on resume Tune started it afresh in trial_t_00001_<4 hex> (seen in the object-store kill test)
+    from study.export import collect
+
+    exp = tmp_path / "ray"
+
+    def trial(name, epochs, final=False):
+        (exp / name).mkdir(parents=True)
+        (exp / name / "params.json").write_text(json.dumps({"beta": 0.5}))
+        (exp / name / "result.json").write_text("".join(
+            json.dumps({"epoch": e, "train_loss": 1.0 / e, **({"final": 1} if final and e == epochs else {})}) + "\n"
+            for e in range(1, epochs + 1)))
+
+    trial("trial_t_00000", 3, final=True)
+    trial("trial_t_00001", 2)  # the superseded attempt
+    trial("trial_t_00001_9f3c", 3, final=True)
+    trial("trial_t_00002", 1)  # started after the snapshot: not in the state at all
+    states = [("t_00000", "trial_t_00000"), ("t_00001", "trial_t_00001_9f3c")]
+    (exp / "experiment_state-1.json").write_text(json.dumps({"trial_data": [
+        [json.dumps({"trial_id": tid, "status": "TERMINATED", "relative_logdir": d}), "{}"] for tid, d in states]}))
+    res, hist = collect(tmp_path)
+    res = res.set_index("trial_id")
+    assert sorted(res.index) == ["t_00000", "t_00001", "t_00002"]
+    assert res.loc["t_00001", "trial_dir"] == "trial_t_00001_9f3c" and res.loc["t_00001", "status"] == "completed"
+    assert sorted(hist[hist["trial_id"] == "t_00001"]["epoch"]) == [1, 2, 3]
+    assert res.loc["t_00002", "trial_dir"] == "trial_t_00002" and res.loc["t_00002", "n_epochs"] == 1
+    assert (exp / "trial_t_00001" / "result.json").exists()  # kept on disk
+    # exported while the resumed run goes on, before a snapshot names the new directory: the newest attempt
+    os.utime(exp / "trial_t_00001" / "result.json", (1, 1))
+    states[1] = ("t_00001", None)
+    (exp / "experiment_state-1.json").write_text(json.dumps({"trial_data": [
+        [json.dumps({"trial_id": tid, "status": "RUNNING", "relative_logdir": d}), "{}"] for tid, d in states]}))
+    res = collect(tmp_path)[0].set_index("trial_id")
+    assert sorted(res.index) == ["t_00000", "t_00001", "t_00002"]
+    assert res.loc["t_00001", "trial_dir"] == "trial_t_00001_9f3c"
+    record("driver killed between starting a trial and the next state snapshot",
+           "test_a_trial_restarted_in_a_new_directory_is_counted_once_with_the_attempt_that_ran",
+           "Tune restarts the trial in trial_<id>_<4 hex>; export, report, MLflow backfill and ASHA replay "
+           "read the directory Tune's state names (else the newest attempt): one row, a complete history")
+
+
+@pytest.mark.parametrize("handed_out, recorded", [(2, 1), (1, 2), (2, 2)])
+def test_the_grid_generator_is_put_back_at_the_recorded_trials(tmp_path, handed_out, recorded, capsys):
+    # Tune saves its trials and its grid generator as two files; a driver killed between them (or while
+    # an object store receives them) leaves a generator ahead of the trials (a grid point never run: seen
+    # in the object-store kill test, whose resumed study ended one trial short) or behind them (a grid
+    # point run twice under one trial id)
+    from ray import tune
+    from ray.tune.experiment import Experiment
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from study.runner import repair_grid_generator
+
+    def make():
+        gen = BasicVariantGenerator(max_concurrent=2)
+        gen.add_configurations([Experiment("grid", lambda config: None, storage_path=str(tmp_path / "store"),
+                                           config={"beta": tune.grid_search([0.0, 0.4, 0.8]),
+                                                   "seed": tune.grid_search([0, 1])})])
+        return gen
+
+    exp = tmp_path / "ray"
+    exp.mkdir()
+    gen = make()
+    trials = [gen.next_trial() for _ in range(handed_out)]
+    gen.save_to_dir(str(exp), "2026-01-01_00-00-00")
+    if recorded > handed_out:
+        trials.append(make().next_trial())  # only its id and config matter: the generator's next one
+        trials[-1].trial_id = trials[0].trial_id[:-5] + "00001"
+    states = [json.dumps({"trial_id": t.trial_id, "status": "TERMINATED" if i == 0 else "RUNNING"})
+              for i, t in enumerate(trials[:recorded])]
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(
+        json.dumps({"trial_data": [[st, "{}"] for st in reversed(states)]}))  # Tune lists them in no fixed order
+    before = (exp / "basic-variant-state-2026-01-01_00-00-00.json").read_bytes()
+    what = repair_grid_generator(tmp_path)
+    if handed_out == recorded:
+        assert what is None and (exp / "basic-variant-state-2026-01-01_00-00-00.json").read_bytes() == before
+        return
+    assert what == (f"the grid generator had handed out {handed_out} trials, the snapshot records {recorded}: "
+                    f"it goes on from trial {recorded + 1}") and what in capsys.readouterr().out
+    restored = make()
+    restored.restore_from_dir(str(exp))
+    prefix = trials[0].trial_id[:-5]
+    rest = []
+    while (t := restored.next_trial()) is not None:
+        rest.append((t.trial_id, t.config))
+        restored.on_trial_complete(t.trial_id)
+    restored.on_trial_complete(prefix + "00001")  # the recorded running trial ends
+    while (t := restored.next_trial()) is not None:
+        rest.append((t.trial_id, t.config))
+        restored.on_trial_complete(t.trial_id)
+    grid = [{"beta": b, "seed": s} for s in (0, 1) for b in (0.0, 0.4, 0.8)]
+    assert rest == [(prefix + "%05d" % i, grid[i]) for i in range(recorded, 6)]
+    record("driver killed between saving its trials and its grid generator",
+           "test_the_grid_generator_is_put_back_at_the_recorded_trials",
+           "a generator 1 trial ahead of the snapshot (a grid point would never run) or behind it (a point run "
+           "twice under one id) is rebuilt at the recorded trials: the resumed grid hands out exactly the "
+           "missing points, in order")
+
+
+def test_a_trial_finished_before_the_driver_died_gets_its_last_epochs_from_its_checkpoint(tmp_path, capsys):
+    # Tune's snapshot says TERMINATED, but result.json reached storage without the last epochs (seen in
+    # the object-store kill test: the finished trial was exported as pruned, its final metrics lost)
+    from study.export import collect, read_results
+    from study.runner import recover_finished_trials
+
+    exp = tmp_path / "ray"
+
+    def trial(name, results, ckpt_epoch, epochs=6):
+        d = exp / name
+        (d / f"checkpoint_{ckpt_epoch:06d}").mkdir(parents=True)
+        (d / "params.json").write_text(json.dumps({"beta": 0.5}))
+        metric = [{"epoch": float(e), "train_loss": 1.0 / e, **({"final": 1.0} if e == epochs else {})}
+                  for e in range(1, epochs + 1)]
+        (d / "result.json").write_text("".join(json.dumps({**m, "epoch": int(m["epoch"])}) + "\n"
+                                               for m in metric[:results]))
+        torch.save({"epoch": ckpt_epoch, "metrics": metric[ckpt_epoch - 1], "recent_metrics": metric[:ckpt_epoch]},
+                   d / f"checkpoint_{ckpt_epoch:06d}" / "state.pt")
+
+    trial("trial_t_00000", 4, 6)  # finished; epochs 5 and 6 never reached result.json
+    trial("trial_t_00001", 3, 3)  # pruned by ASHA at epoch 3: nothing to recover
+    trial("trial_t_00002", 6, 6)  # complete
+    (exp / "experiment_state-1.json").write_text(json.dumps({"trial_data": [
+        [json.dumps({"trial_id": f"t_0000{i}", "status": "TERMINATED", "relative_logdir": f"trial_t_0000{i}"}), "{}"]
+        for i in range(3)]}))
+    assert recover_finished_trials(tmp_path) == ["t_00000"]
+    assert "trial_t_00000: finished before the driver stopped; epoch(s) 5, 6 recovered" in capsys.readouterr().out
+    got = read_results(exp / "trial_t_00000" / "result.json")
+    assert [(r["epoch"], r.get("restored", 0)) for r in got] == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (6, 1)]
+    res = collect(tmp_path)[0].set_index("trial_id")
+    assert list(res["status"]) == ["completed", "pruned", "completed"]
+    assert res.loc["t_00000", "train_loss"] == pytest.approx(1 / 6) and res.loc["t_00000", "n_epochs"] == 6
+    assert recover_finished_trials(tmp_path) == []  # once
+    record("driver killed after a trial finished, before its last results reached storage",
+           "test_a_trial_finished_before_the_driver_died_gets_its_last_epochs_from_its_checkpoint",
+           "the resume recovers the missing epochs (final metrics included) from the trial's last checkpoint "
+           "(marked restored: 1): exported as completed, not as pruned; a pruned trial is left as it is")
+
+
+@pytest.mark.parametrize("handed_out, recorded", [(2, 1), (1, 2), (3, 1)])
+def test_the_seed_groups_are_put_back_in_step_with_the_recorded_trials(tmp_path, handed_out, recorded, capsys):
+    # the same two files for an Optuna study: the search generator's state (trial count, seed groups,
+    # concurrency limiter) and the snapshot's trials, out of step after a kill
+    import optuna
+    from ray.tune.experiment import Experiment
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.search_generator import SearchGenerator
+
+    from study.runner import repair_search_generator
+    from study.searcher import PrunedAwareOptunaSearch, SeedRepeater
+
+    def make():
+        inner = PrunedAwareOptunaSearch(space={"beta": optuna.distributions.FloatDistribution(0, 1)},
+                                        metric="knn_acc", mode="max", sampler=optuna.samplers.RandomSampler(seed=0))
+        gen = SearchGenerator(ConcurrencyLimiter(SeedRepeater(inner, [0, 1]), max_concurrent=4))
+        gen.add_configurations([Experiment("opt", lambda config: None, config={"lr": 0.1}, num_samples=6,
+                                           storage_path=str(tmp_path / "store"))])
+        return gen
+
+    exp = tmp_path / "ray"
+    exp.mkdir()
+    gen = make()
+    trials = [gen.next_trial() for _ in range(min(handed_out, recorded))]
+    gen.save_to_dir(str(exp), "s1")
+    trials += [gen.next_trial() for _ in range(max(handed_out, recorded) - len(trials))]
+    if handed_out > recorded:
+        gen.save_to_dir(str(exp), "s1")  # the generator's state is the newer file
+    (exp / "experiment_state-s1.json").write_text(json.dumps({"trial_data": [
+        [json.dumps({"trial_id": t.trial_id, "status": "RUNNING", "config": t.config}), "{}"]
+        for t in reversed(trials[:recorded])]}))
+    what = repair_search_generator(tmp_path)
+    assert what is not None and what in capsys.readouterr().out
+    restored = make()
+    restored.restore_from_dir(str(exp))
+    lim, rep = restored.searcher, restored.searcher.searcher
+    assert lim.live_trials == {t.trial_id for t in trials[:recorded]} and restored._counter == recorded
+    nxt = [restored.next_trial() for _ in range(4 - recorded)]
+    configs = [(t.config["beta"], t.config["seed"]) for t in trials[:recorded] + nxt]
+    # every configuration runs once per seed, in order, whatever the kill left behind
+    assert [c[1] for c in configs] == [0, 1, 0, 1]
+    assert configs[0][0] == configs[1][0] and configs[2][0] == configs[3][0] != configs[0][0]
+    for t in trials[:recorded] + nxt:  # each trial's result reaches its group and Optuna
+        restored.on_trial_complete(t.trial_id, result={"knn_acc": 0.5, "final": 1.0})
+    assert all(g["told"] for g in rep._groups.values()) and len(rep._groups) == 2
+    assert sorted(t.state.name for t in rep.searcher._ot_study.trials) == ["COMPLETE", "COMPLETE"]
+    record("driver killed between saving its trials and its searcher",
+           "test_the_seed_groups_are_put_back_in_step_with_the_recorded_trials",
+           "seed groups naming a trial never recorded (its seed would never run, the study a trial short) or "
+           "missing a recorded one are put back in step: every configuration runs once per seed and Optuna "
+           "hears each mean")
+
+
+def test_the_live_mlflow_run_gets_the_restored_epochs_once(tmp_path):
+    # the tracker logs the restored epochs the store lacks with the result that carried them, and a
+    # new driver (a fresh tracker on the same store) does not log them twice
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from study.tracking import MLflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trial = SimpleNamespace(trial_id="t1", config={"seed": 0, "beta": 0.5})
+
+    def result(epoch, recent=()):
+        return {"epoch": epoch, "train_loss": 1.0 / epoch, "trial_id": "t1",
+                "restored_metrics": json.dumps([{"epoch": float(e), "train_loss": 1.0 / e} for e in recent])}
+
+    tracker = MLflowTracker(uri, "gap", str(tmp_path), {"search": {"beta": {}}})
+    for r in (result(1), result(2), result(5, recent=(2, 3, 4))):  # epochs 3 and 4 never reached it
+        tracker.on_trial_result(0, [], trial, r)
+    again = MLflowTracker(uri, "gap", str(tmp_path), {"search": {"beta": {}}})
+    again.on_trial_result(0, [], trial, result(7, recent=(4, 5, 6)))
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("gap").experiment_id],
+                                filter_string="tags.`otstudy.role` = 'trial'")
+    hist = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted((m.step, m.value) for m in hist) == [(e, pytest.approx(1.0 / e)) for e in range(1, 8)]
+    assert tracker.failures == again.failures == 0
 
 
 def test_staged_checkpoints_of_dead_trial_processes_are_swept(tmp_path):
@@ -220,10 +455,12 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path):
     assert lines <= 8 + 2
     # and the retry's first result carries the metrics of the epoch it continued from
     first = [json.loads(ln) for ln in (study / "ray" / name / "result.json").read_text().splitlines()]
-    restored = [json.loads(r["restored_metrics"]) for r in first if r.get("restored_metrics", "{}") != "{}"]
-    assert len(restored) == 1 and restored[0]["epoch"] >= 2
-    assert hist[(hist["trial_id"] == tid) & (hist["epoch"] == restored[0]["epoch"])]["train_loss"].item() \
-        == pytest.approx(restored[0]["train_loss"])
+    restored = [json.loads(r["restored_metrics"]) for r in first if r.get("restored_metrics", "[]") != "[]"]
+    assert len(restored) == 1 and restored[0][-1]["epoch"] >= 2
+    assert [m["epoch"] for m in restored[0]] == list(range(1, int(restored[0][-1]["epoch"]) + 1))
+    for m in restored[0]:
+        assert hist[(hist["trial_id"] == tid) & (hist["epoch"] == m["epoch"])]["train_loss"].item() \
+            == pytest.approx(m["train_loss"])
     record("trial worker killed (SIGKILL at epoch >= 3)", "test_killed_worker_is_retried_from_its_checkpoint",
            f"retried from its checkpoint (num_failures={int(res.loc[tid, 'num_failures'])}), "
            f"{lines - 8} epoch(s) repeated, study completed 2/2")

@@ -19,15 +19,17 @@ every ``probe_every`` epochs and at the last one. The last epoch adds
 ``linear_acc`` (val), ``test_linear_acc``, ``test_knn_acc``, ``test_knn5_acc``,
 ``align``, ``uniform`` and ``final: 1``; its checkpoint also carries
 ``embeddings`` (frozen test features and labels, at most 2,000) for the
-report's embedding picture.
+report's embedding picture. Every checkpoint keeps ``metrics`` (its epoch's) and
+``recent_metrics`` (the last ``RECENT_EPOCHS`` epochs', oldest first).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import resource
 import statistics
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Deque, Dict, Optional
 
 import torch
 
@@ -40,6 +42,7 @@ from .probes import align_uniform, extract_features, knn_accuracy, linear_probe,
 
 Report = Callable[..., None]
 EMBED_MAX = 2000  # test images whose frozen features are kept for the embedding picture
+RECENT_EPOCHS = 16  # epochs whose metrics each checkpoint keeps (``recent_metrics``)
 
 
 class TrialDiverged(RuntimeError):
@@ -99,6 +102,9 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
     train_x = pool.to(device)  # uint8 stays uint8 on the device; views are made float per batch
 
     start_epoch = 0
+    # the metrics of the last epochs, kept in each checkpoint: a runner whose record of them was lost
+    # with its driver gets them back from the checkpoint it continues from (see study.export)
+    recent: Deque[Dict[str, float]] = collections.deque(maxlen=RECENT_EPOCHS)
     if restore is not None:
         model.load_state_dict(restore["model"])
         opt.load_state_dict(restore["optimizer"])
@@ -107,6 +113,7 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
         aug_gen.set_state(restore["aug_rng"])
         torch.set_rng_state(restore["torch_rng"])
         start_epoch = int(restore["epoch"])
+        recent.extend(restore.get("recent_metrics") or ([restore["metrics"]] if restore.get("metrics") else []))
         if start_epoch >= cfg.epochs and restore.get("metrics"):
             # finished before the runner recorded it (e.g. the driver died): report, do not retrain
             report(dict(restore["metrics"]), restore)
@@ -180,6 +187,8 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
             "torch_rng": torch.get_rng_state(),
             "metrics": {k: float(v) for k, v in metrics.items()},
         }
+        recent.append(checkpoint["metrics"])
+        checkpoint["recent_metrics"] = list(recent)
         if embeddings is not None:
             # frozen test features for the report's embedding picture; a runner may store them apart
             checkpoint["embeddings"] = embeddings
