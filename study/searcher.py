@@ -121,10 +121,10 @@ def reconcile_with_snapshot(state: Dict, trials: Dict[str, Dict]) -> Optional[st
     the groups do not know (it would be ignored and its seed run again). ``trials`` maps the
     snapshot's trial ids to ``{"status", "config"}``. Seeds handed out but never recorded (the newest
     of their groups) are taken back, to go out again (:meth:`SeedRepeater.suggest` fills the oldest
-    group short of seeds first), and recorded trials that are a group's next seeds join it; the
-    trial counter and the concurrency limiter's live trials follow. ``state`` is changed in place.
-    Returns what was done, or None when nothing needed doing or the difference is not of that kind
-    (Tune then goes on as it would have).
+    group short of seeds first), and recorded trials that are a group's next seeds join it (or, for
+    a first seed, open a group); the trial counter and the concurrency limiter's live trials follow.
+    ``state`` is changed in place. Returns what was done, or None when nothing needed doing or the
+    difference is not of that kind (Tune then goes on as it would have).
     """
     rep, lim = state.get("name:SeedRepeater"), state.get("name:ConcurrencyLimiter")
     if not rep:
@@ -149,6 +149,13 @@ def reconcile_with_snapshot(state: Dict, trials: Dict[str, Dict]) -> Optional[st
         gid = next((g for g, grp in groups.items() if len(members[g]) < len(seeds)
                     and config.get("seed") == seeds[len(members[g])]
                     and all(config.get(k) == v for k, v in grp["config"].items())), None)
+        if gid is None and seeds and config.get("seed") == seeds[0]:
+            # the first seed of a configuration suggested after the groups were saved: it opens its
+            # group (Optuna hears its mean only if its own state, saved apart, knows the trial)
+            gid = rep["_current"] = t
+            groups[gid] = {"config": {k: v for k, v in config.items() if k != "seed"}, "members": [],
+                           "outcomes": {}, "told": False}
+            members[gid] = []
         if gid is None:
             return None
         members[gid].append(t)
@@ -165,5 +172,5 @@ def reconcile_with_snapshot(state: Dict, trials: Dict[str, Dict]) -> Optional[st
             t for t, _ in added if trials[t].get("status") not in ("TERMINATED", "ERROR")}
         lim["live_trials"], lim["num_unfinished_live_trials"] = live, len(live)
     parts = ([f"{len(phantoms)} seed(s) handed out but never recorded go out again"] if phantoms else []) + \
-        ([f"{len(added)} recorded trial(s) rejoin their seed group"] if added else [])
+        ([f"{len(added)} recorded trial(s) join their seed groups"] if added else [])
     return "the searcher's state was out of step with the trials: " + "; ".join(parts)

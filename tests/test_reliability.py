@@ -218,7 +218,7 @@ def test_a_trial_finished_before_the_driver_died_gets_its_last_epochs_from_its_c
            "(marked restored: 1): exported as completed, not as pruned; a pruned trial is left as it is")
 
 
-@pytest.mark.parametrize("handed_out, recorded", [(2, 1), (1, 2), (3, 1)])
+@pytest.mark.parametrize("handed_out, recorded", [(2, 1), (1, 2), (3, 1), (2, 3)])
 def test_the_seed_groups_are_put_back_in_step_with_the_recorded_trials(tmp_path, handed_out, recorded, capsys):
     # the same two files for an Optuna study: the search generator's state (trial count, seed groups,
     # concurrency limiter) and the snapshot's trials, out of step after a kill
@@ -263,7 +263,10 @@ def test_the_seed_groups_are_put_back_in_step_with_the_recorded_trials(tmp_path,
     for t in trials[:recorded] + nxt:  # each trial's result reaches its group and Optuna
         restored.on_trial_complete(t.trial_id, result={"knn_acc": 0.5, "final": 1.0})
     assert all(g["told"] for g in rep._groups.values()) and len(rep._groups) == 2
-    assert sorted(t.state.name for t in rep.searcher._ot_study.trials) == ["COMPLETE", "COMPLETE"]
+    # (2, 3): the second configuration was suggested after Optuna's state was saved; Optuna cannot hear
+    # of it, and says so instead of raising
+    known = 1 if (handed_out, recorded) == (2, 3) else 2
+    assert sorted(t.state.name for t in rep.searcher._ot_study.trials) == ["COMPLETE"] * known
     record("driver killed between saving its trials and its searcher",
            "test_the_seed_groups_are_put_back_in_step_with_the_recorded_trials",
            "seed groups naming a trial never recorded (its seed would never run, the study a trial short) or "
