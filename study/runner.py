@@ -681,9 +681,17 @@ def repair_recorded_checkpoints(study_dir: Path, fs) -> List[str]:
         for entry in entries:
             try:
                 runtime = decoder.decode(entry[1]) if isinstance(entry[1], str) else entry[1]
-                result = runtime["checkpoint_manager"].latest_checkpoint_result
+                manager = runtime["checkpoint_manager"]
+                result = manager.latest_checkpoint_result
+                older = [r.checkpoint.path.rstrip("/") for r in manager._checkpoint_results if r is not result]
             except Exception:  # an entry from another Ray version: Tune will say what is wrong
                 continue
+            for path in older:
+                # an older kept checkpoint already deleted: Tune deletes it again when the next one
+                # arrives and logs an ERROR with a traceback (harmless: the new one is registered
+                # first); an empty directory lets it delete quietly (restores skip it: no state.pt)
+                if fs.get_file_info(path).type == pafs.FileType.NotFound:
+                    fs.create_dir(path)
             if result is None:
                 continue
             path = result.checkpoint.path.rstrip("/")

@@ -313,14 +313,21 @@ def test_a_checkpoint_deleted_before_the_snapshot_is_recreated_from_the_next_one
         (trial / f"checkpoint_00000{i}").mkdir(parents=True)
         (trial / f"checkpoint_00000{i}" / "state.pt").write_text(text)
     manager = _CheckpointManager(CheckpointConfig(num_to_keep=2))
-    manager._latest_checkpoint_result = _TrainingResult(
-        checkpoint=Checkpoint(path=str(trial / "checkpoint_000003")), metrics={})
+    older, latest = (_TrainingResult(checkpoint=Checkpoint(path=str(trial / f"checkpoint_00000{i}")), metrics={})
+                     for i in (2, 3))
+    manager._checkpoint_results, manager._latest_checkpoint_result = [older, latest], latest
     runtime = json.dumps({"checkpoint_manager": manager}, cls=TuneFunctionEncoder)
     (tmp_path / "ray" / "experiment_state-1.json").write_text(json.dumps({"trial_data": [["{}", runtime]]}))
     fs = pafs.LocalFileSystem()
     assert repair_recorded_checkpoints(tmp_path, fs) == [str(trial / "checkpoint_000003")]
     assert (trial / "checkpoint_000003" / "state.pt").read_text() == "epoch 4"  # the closest later state
     assert repair_recorded_checkpoints(tmp_path, fs) == []  # nothing missing any more
+    # the older kept one is there again (empty), so Tune's next registration deletes it without an error
+    assert (trial / "checkpoint_000002").is_dir() and not any((trial / "checkpoint_000002").iterdir())
+    (trial / "checkpoint_000006").mkdir()
+    manager.register_checkpoint(_TrainingResult(checkpoint=Checkpoint(path=str(trial / "checkpoint_000006")),
+                                                metrics={}))
+    assert not (trial / "checkpoint_000002").exists()
 
 
 def test_a_new_sqlite_store_is_a_copy_of_a_migrated_empty_one(tmp_path, monkeypatch):
