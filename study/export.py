@@ -25,7 +25,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pandas as pd
 
@@ -34,9 +34,10 @@ from .records import RAY_KEYS, RECOVERED_FILE, flat_config, restored_rows, resul
 TIMINGS = ("step_time_ms", "ot_time_ms", "epoch_time_s", "images_per_s", "data_time_ms")
 
 
-def _latest_state(exp_dir: Path) -> Dict[str, Dict[str, Any]]:
-    """trial_id -> {status, num_failures, error_file, logdir, config} from Tune's newest state file."""
-    files = sorted(exp_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+def latest_state(exp_dir: Path) -> Dict[str, Dict[str, Any]]:
+    """trial_id -> {status, num_failures, error_file, logdir, config} from Tune's newest state file
+    (the one Tune restores: the greatest name, a session time stamp)."""
+    files = sorted(exp_dir.glob("experiment_state-*.json"))
     if not files:
         return {}
     try:
@@ -71,19 +72,8 @@ def read_results(path: Path) -> List[Dict[str, Any]]:
     (``recovered_results.json`` beside it, rows also marked ``restored: 1``) and added here.
     """
     rows: List[Dict[str, Any]] = []
-    if not path.exists():
-        return rows
     seen = set()
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut by a crash: everything before it is intact
-        if not isinstance(r, dict):
-            break
+    for r in _json_lines(path):
         epoch = result_epoch(r)
         for back in restored_rows(r):
             if back["epoch"] not in seen and back["epoch"] != epoch:
@@ -91,17 +81,28 @@ def read_results(path: Path) -> List[Dict[str, Any]]:
                 seen.add(back["epoch"])
         rows.append(r)
         seen.add(epoch)
-    recovered = path.parent / RECOVERED_FILE
-    if recovered.exists():
-        for line in recovered.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if isinstance(r, dict) and result_epoch(r) not in seen:
-                rows.append(r)
-                seen.add(result_epoch(r))
+    for r in _json_lines(path.parent / RECOVERED_FILE):
+        if result_epoch(r) not in seen:
+            rows.append(r)
+            seen.add(result_epoch(r))
     return rows
+
+
+def _json_lines(path: Path) -> Iterator[Dict[str, Any]]:
+    """The JSON objects of a file written one per line, up to a line cut by a crash."""
+    if not path.exists():
+        return
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            return  # a line cut by a crash: everything before it is intact
+        if not isinstance(r, dict):
+            return
+        yield r
 
 
 def _error_line(trial_dir: Path, error_file) -> str:
@@ -182,7 +183,7 @@ def trial_dirs(exp_dir: Path, state: Dict[str, Dict[str, Any]]) -> Dict[str, Pat
 
 def collect(study_dir: Path) -> Tuple[pd.DataFrame, pd.DataFrame]:
     exp_dir = Path(study_dir) / "ray"
-    state = _latest_state(exp_dir)
+    state = latest_state(exp_dir)
     searcher = searcher_states(exp_dir)
     dirs = trial_dirs(exp_dir, state)
     ids = list(dict.fromkeys(list(state) + sorted(dirs)))

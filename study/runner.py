@@ -61,6 +61,17 @@ def restore_state(candidates: List[Path]) -> Optional[Dict[str, Any]]:
     return None
 
 
+def fetch_checkpoint_file(fs, ckpt_dir: str, dst: Path) -> bool:
+    """Copy one checkpoint's state file (not its embeddings) from the storage to ``dst``; False if
+    it cannot be read."""
+    try:
+        with fs.open_input_stream(f"{ckpt_dir}/{CHECKPOINT_FILE}") as src, open(dst, "wb") as out:
+            out.write(src.readall())
+        return True
+    except OSError:
+        return False
+
+
 class _TrialFiles:
     """The trial directory on the study's storage (a local or shared path, or an object store),
     read and written through the storage's pyarrow filesystem, as Tune does."""
@@ -98,15 +109,11 @@ class _TrialFiles:
             return restore_state([p for p in (Path(d) / CHECKPOINT_FILE for d in order) if p.exists()])
         with tempfile.TemporaryDirectory() as tmp:
             local = []
-            for i, d in enumerate(order):  # copy only the checkpoint file, not the embeddings
+            for i, d in enumerate(order):
                 dst = Path(tmp) / f"{i}_{Path(d).name}" / CHECKPOINT_FILE
                 dst.parent.mkdir()
-                try:
-                    with self.fs.open_input_stream(f"{d}/{CHECKPOINT_FILE}") as src, open(dst, "wb") as out:
-                        out.write(src.readall())
-                except OSError:
-                    continue
-                local.append(dst)
+                if fetch_checkpoint_file(self.fs, d, dst):
+                    local.append(dst)
             return restore_state(local)
 
 
@@ -276,7 +283,7 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from trainables.pretrain_probe import TrialDiverged, run
+    from trainables.pretrain_probe import TrialDiverged, recent_metrics, run
 
     for name in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" once per epoch is noise
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -296,9 +303,7 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     # Tune persisted a checkpoint but before those epochs' results reached the trial's result.json in
     # storage would leave a gap in the history; read_results fills it from here (a JSON string: one
     # key in every first result, so Tune's progress.csv keeps its columns)
-    back = restore or {}
-    recent = back.get("recent_metrics") or ([back["metrics"]] if back.get("metrics") else [])
-    setup: Dict[str, Any] = {"restored_metrics": json.dumps(recent)}
+    setup: Dict[str, Any] = {"restored_metrics": json.dumps(recent_metrics(restore or {}))}
     carried: Dict[str, float] = {}
     node_id = ray.get_runtime_context().get_node_id()  # which cluster node ran the trial
 
@@ -711,24 +716,6 @@ def repair_recorded_checkpoints(study_dir: Path, fs) -> List[str]:
     return done
 
 
-def _snapshot_trials(study_dir: Path) -> Optional[List[Dict[str, Any]]]:
-    """The trials of the experiment snapshot Tune restores (the newest by name): id, status, config,
-    directory; None without a readable one."""
-    states = sorted((Path(study_dir) / EXPERIMENT_DIR).glob("experiment_state-*.json"))
-    if not states:
-        return None
-    try:
-        out = []
-        for entry in json.loads(states[-1].read_text()).get("trial_data", []):
-            t = json.loads(entry[0]) if isinstance(entry[0], str) else entry[0]
-            config = t.get("config") if isinstance(t.get("config"), dict) else {}
-            out.append({"trial_id": t["trial_id"], "status": t.get("status"), "config": config,
-                        "logdir": t.get("relative_logdir")})
-        return out
-    except (OSError, TypeError, KeyError, IndexError, json.JSONDecodeError):
-        return None
-
-
 def _save_tune_state(path: Path, state: Any, remote) -> None:
     """Replace a pickled Tune state file in the experiment directory (and on the study's storage)."""
     import ray.cloudpickle as cloudpickle
@@ -746,9 +733,10 @@ def repair_search_generator(study_dir: Path, remote=None) -> Optional[str]:
     :func:`study.searcher.reconcile_with_snapshot`). Returns what was done, or None."""
     import ray.cloudpickle as cloudpickle
 
+    from .export import latest_state
     from .searcher import reconcile_with_snapshot
 
-    trials = _snapshot_trials(study_dir)
+    trials = latest_state(Path(study_dir) / EXPERIMENT_DIR)
     gens = sorted((Path(study_dir) / EXPERIMENT_DIR).glob("search_gen_state-*.json"))
     if not trials or not gens:
         return None
@@ -757,7 +745,7 @@ def repair_search_generator(study_dir: Path, remote=None) -> Optional[str]:
             state = cloudpickle.load(f)
     except Exception:  # not a state this Ray version writes: Tune will say what is wrong
         return None
-    what = reconcile_with_snapshot(state, {t["trial_id"]: t for t in trials})
+    what = reconcile_with_snapshot(state, {tid: {**t, "config": t["config"] or {}} for tid, t in trials.items()})
     if what is not None:
         _save_tune_state(gens[-1], state, remote)
         print(f"[otstudy] {what}")
@@ -778,14 +766,16 @@ def recover_finished_trials(study_dir: Path, remote=None) -> List[str]:
     """
     import pyarrow.fs as pafs
 
-    from .export import read_results
+    from trainables.pretrain_probe import recent_metrics
+
+    from .export import latest_state, read_results
     from .records import RECOVERED_FILE
 
     exp = Path(study_dir) / EXPERIMENT_DIR
     fs = remote.fs if remote is not None else pafs.LocalFileSystem()
     done = []
-    for t in _snapshot_trials(study_dir) or []:
-        tid, logdir = t["trial_id"], t["logdir"]
+    for tid, t in latest_state(exp).items():
+        logdir = t["logdir"]
         if t["status"] != "TERMINATED" or not logdir or (exp / logdir / RECOVERED_FILE).exists():
             continue
         rows = read_results(exp / logdir / "result.json")
@@ -799,14 +789,8 @@ def recover_finished_trials(study_dir: Path, remote=None) -> List[str]:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / CHECKPOINT_FILE
-            try:
-                with fs.open_input_stream(f"{ckpts[0]}/{CHECKPOINT_FILE}") as src, open(local, "wb") as out:
-                    out.write(src.readall())
-            except OSError:
-                continue
-            state = load_checkpoint(local) or {}
-        recent = state.get("recent_metrics") or ([state["metrics"]] if state.get("metrics") else [])
-        missing = [m for m in recent if isinstance(m, dict) and int(m.get("epoch", 0)) > last]
+            state = (load_checkpoint(local) if fetch_checkpoint_file(fs, ckpts[0], local) else None) or {}
+        missing = [m for m in recent_metrics(state) if isinstance(m, dict) and int(m.get("epoch", 0)) > last]
         if not missing:  # a pruned trial: its last checkpoint is not newer than its history
             continue
         out_file = exp / logdir / RECOVERED_FILE
@@ -837,11 +821,12 @@ def repair_grid_generator(study_dir: Path, remote=None) -> Optional[str]:
     import ray.cloudpickle as cloudpickle
     from ray.tune.search.basic_variant import _TrialIterator
 
-    snapshot = _snapshot_trials(study_dir)
+    from .export import latest_state
+
+    trials = [(tid, t["status"]) for tid, t in latest_state(Path(study_dir) / EXPERIMENT_DIR).items()]
     gens = sorted((Path(study_dir) / EXPERIMENT_DIR).glob("basic-variant-state-*.json"))
-    if snapshot is None or not gens:
+    if not trials or not gens:
         return None
-    trials = [(t["trial_id"], t["status"]) for t in snapshot]
     try:
         with open(gens[-1], "rb") as f:
             gen = cloudpickle.load(f)

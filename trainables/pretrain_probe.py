@@ -29,7 +29,7 @@ import contextlib
 import resource
 import statistics
 import time
-from typing import Any, Callable, Deque, Dict, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 import torch
 
@@ -47,6 +47,12 @@ RECENT_EPOCHS = 16  # epochs whose metrics each checkpoint keeps (``recent_metri
 
 class TrialDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+def recent_metrics(checkpoint: Dict[str, Any]) -> List[Dict[str, float]]:
+    """The metrics of a checkpoint's last epochs, oldest first (its own epoch's alone for a checkpoint
+    written before ``recent_metrics`` existed)."""
+    return list(checkpoint.get("recent_metrics") or ([checkpoint["metrics"]] if checkpoint.get("metrics") else []))
 
 
 def pick_device(name: str) -> torch.device:
@@ -113,7 +119,7 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
         aug_gen.set_state(restore["aug_rng"])
         torch.set_rng_state(restore["torch_rng"])
         start_epoch = int(restore["epoch"])
-        recent.extend(restore.get("recent_metrics") or ([restore["metrics"]] if restore.get("metrics") else []))
+        recent.extend(recent_metrics(restore))
         if start_epoch >= cfg.epochs and restore.get("metrics"):
             # finished before the runner recorded it (e.g. the driver died): report, do not retrain
             report(dict(restore["metrics"]), restore)
