@@ -29,15 +29,47 @@ logger = logging.getLogger(__name__)
 
 class PrunedAwareOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: Optional[Dict] = None, error: bool = False):
+        final = bool(result and not error and result.get(FINAL_KEY))
         if trial_id not in self._ot_trials and trial_id not in self._completed_trials:
-            # a suggestion whose record was lost with a killed driver (its state saved before the
-            # seed groups'): OptunaSearch would raise KeyError and end the study
-            logger.warning(f"Optuna has no record of trial {trial_id} (lost with a killed driver); "
-                           "its result does not inform the sampler")
+            # a suggestion whose record was lost with a killed driver (its Optuna state saved before
+            # the suggestion): OptunaSearch would raise KeyError and end the study
+            self._add_lost_trial(trial_id, result, error, final)
             return
-        if result is not None and not error and not result.get(FINAL_KEY):
+        if result is not None and not final:
             result = None  # OptunaSearch records "no value, no error" as PRUNED
         super().on_trial_complete(trial_id, result=result, error=error)
+
+    def _add_lost_trial(self, trial_id: str, result: Optional[Dict], error: bool, final: bool) -> None:
+        """Tell Optuna's study a finished trial it never handed out, from the trial's ``config``.
+
+        The distributions come from the space itself (a define-by-run space is replayed on an
+        ``optuna.trial.FixedTrial`` of the config), so the sampler weighs the trial like its own.
+        """
+        import optuna
+        from ray.tune.utils import flatten_dict
+
+        config = flatten_dict(dict((result or {}).get("config") or {}))
+        try:
+            if callable(self._space):
+                fixed = optuna.trial.FixedTrial(config)
+                self._space(fixed)
+                params, dists = fixed.params, fixed.distributions
+            else:
+                dists = dict(self._space)
+                params = {k: config[k] for k in dists}
+            value = result.get(self.metric) if final else None
+            state = (optuna.trial.TrialState.COMPLETE if value is not None else
+                     optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED)
+            self._ot_study.add_trial(optuna.trial.create_trial(params=params, distributions=dists,
+                                                               value=value, state=state))
+        except Exception as exc:  # no config, or one the space does not produce
+            logger.warning(f"Optuna has no record of trial {trial_id} (lost with a killed driver) and it "
+                           f"could not be added back ({type(exc).__name__}: {exc}); its result does not "
+                           "inform the sampler")
+            return
+        self._completed_trials.add(trial_id)
+        logger.warning(f"Optuna had no record of trial {trial_id} (lost with a killed driver): added back "
+                       f"as {state.name}")
 
 
 class SeedRepeater(Searcher):
@@ -84,16 +116,17 @@ class SeedRepeater(Searcher):
             return
         group["told"] = True
         outs = list(group["outcomes"].values())
+        config = {"config": copy.deepcopy(group["config"])}  # lets the inner searcher add a lost trial back
         if any(o["error"] for o in outs):
-            self.searcher.on_trial_complete(gid, result=None, error=True)
+            self.searcher.on_trial_complete(gid, result=config, error=True)
         elif not all(o["final"] and o["value"] is not None for o in outs):
-            self.searcher.on_trial_complete(gid, result=None, error=False)  # pruned
+            self.searcher.on_trial_complete(gid, result=config, error=False)  # pruned: no final flag
         else:
             mean = sum(float(o["value"]) for o in outs) / len(outs)
             if math.isnan(mean):
-                self.searcher.on_trial_complete(gid, result=None, error=True)
+                self.searcher.on_trial_complete(gid, result=config, error=True)
             else:
-                self.searcher.on_trial_complete(gid, result={self.metric: mean, FINAL_KEY: 1.0})
+                self.searcher.on_trial_complete(gid, result={self.metric: mean, FINAL_KEY: 1.0, **config})
 
     # Tune saves a wrapper's own state with get_state() next to the base searcher's
     # save_to_dir(), and restores both: the seed groups survive a resume.
@@ -151,7 +184,7 @@ def reconcile_with_snapshot(state: Dict, trials: Dict[str, Dict]) -> Optional[st
                     and all(config.get(k) == v for k, v in grp["config"].items())), None)
         if gid is None and seeds and config.get("seed") == seeds[0]:
             # the first seed of a configuration suggested after the groups were saved: it opens its
-            # group (Optuna hears its mean only if its own state, saved apart, knows the trial)
+            # group (Optuna, whose own state was saved apart, gets it added back when the group completes)
             gid = rep["_current"] = t
             groups[gid] = {"config": {k: v for k, v in config.items() if k != "seed"}, "members": [],
                            "outcomes": {}, "told": False}

@@ -263,15 +263,53 @@ def test_the_seed_groups_are_put_back_in_step_with_the_recorded_trials(tmp_path,
     for t in trials[:recorded] + nxt:  # each trial's result reaches its group and Optuna
         restored.on_trial_complete(t.trial_id, result={"knn_acc": 0.5, "final": 1.0})
     assert all(g["told"] for g in rep._groups.values()) and len(rep._groups) == 2
-    # (2, 3): the second configuration was suggested after Optuna's state was saved; Optuna cannot hear
-    # of it, and says so instead of raising
-    known = 1 if (handed_out, recorded) == (2, 3) else 2
-    assert sorted(t.state.name for t in rep.searcher._ot_study.trials) == ["COMPLETE"] * known
+    # (2, 3): the second configuration was suggested after Optuna's state was saved; Optuna's study
+    # never handed it out, and gets it added back with its parameters and its mean
+    told = sorted((t.params["beta"], t.state.name, t.value) for t in rep.searcher._ot_study.trials)
+    assert told == sorted([(configs[0][0], "COMPLETE", 0.5), (configs[2][0], "COMPLETE", 0.5)])
     record("driver killed between saving its trials and its searcher",
            "test_the_seed_groups_are_put_back_in_step_with_the_recorded_trials",
            "seed groups naming a trial never recorded (its seed would never run, the study a trial short) or "
            "missing a recorded one are put back in step: every configuration runs once per seed and Optuna "
            "hears each mean")
+
+
+def test_a_trial_optuna_lost_is_added_back_with_its_parameters_and_outcome(caplog):
+    # the define-by-run space of a real study (a method choice and a conditional knob): trials whose
+    # Optuna record was lost with a killed driver are added back as COMPLETE / PRUNED / FAIL from
+    # their config, and the sampler then counts them
+    import optuna
+
+    from search_spaces.spaces import DefineByRun
+    from study.searcher import PrunedAwareOptunaSearch
+
+    space = DefineByRun({"beta": {"low": 0.1, "high": 1.0, "log": True}, "sinkhorn_iters": {"grid": [5, 40]},
+                         "lr": {"low": 1e-3, "high": 1e-1}}, ["sinsim", "simclr"])
+    search = PrunedAwareOptunaSearch(space=space, metric="knn_acc", mode="max",
+                                     sampler=optuna.samplers.RandomSampler(seed=0))
+    own = search.suggest("own")
+    search.on_trial_complete("own", result={"knn_acc": 0.7, "final": 1.0, "config": own})
+    sinsim = {"method": "sinsim", "beta": 0.3, "sinkhorn_iters": 40, "lr": 0.01, "seed": 3}
+    with caplog.at_level("WARNING"):
+        search.on_trial_complete("lost1", result={"knn_acc": 0.9, "final": 1.0, "config": sinsim})
+        search.on_trial_complete("lost2", result={"knn_acc": 0.2, "config": {"method": "simclr", "lr": 0.02}})
+        search.on_trial_complete("lost3", result={"config": {**sinsim, "beta": 0.5}}, error=True)
+        search.on_trial_complete("lost4", result={"knn_acc": 0.9, "final": 1.0})  # no config: cannot
+    trials = search._ot_study.trials
+    assert [(t.state.name, t.value) for t in trials] == [("COMPLETE", 0.7), ("COMPLETE", 0.9),
+                                                          ("PRUNED", None), ("FAIL", None)]
+    assert trials[1].params == {"method": "sinsim", "beta": 0.3, "sinkhorn_iters": 40, "lr": 0.01}
+    assert trials[2].params == {"method": "simclr", "lr": 0.02}  # simclr has no beta, no iterations
+    assert trials[1].distributions["beta"] == optuna.distributions.FloatDistribution(0.1, 1.0, log=True)
+    assert search._ot_study.best_value == 0.9
+    assert "added back as COMPLETE" in caplog.text and "could not be added back (ValueError" in caplog.text
+    search.on_trial_complete("lost1", result={"knn_acc": 0.1, "final": 1.0, "config": sinsim})
+    assert len(search._ot_study.trials) == 4  # told once
+    record("Optuna's record of a trial lost with a killed driver",
+           "test_a_trial_optuna_lost_is_added_back_with_its_parameters_and_outcome",
+           "the finished trial is added back to Optuna's study from its config (parameters and distributions "
+           "replayed through the space; COMPLETE with its mean, PRUNED or FAIL), so the sampler counts it; "
+           "without a config it warns instead of ending the study")
 
 
 def test_the_live_mlflow_run_gets_the_restored_epochs_once(tmp_path):
