@@ -16,7 +16,7 @@ worker, as the loop measures it) and
 the rest (start-up, gaps between trials, tear-down), so the fixed cost and the per-trial cost
 are separated. The projected ratio for a longer study follows from the two.
 
-    .venv/bin/python -m benchmarks.platform_overhead [--epochs E]
+    .venv/bin/python -m benchmarks.platform_overhead [--epochs E] [--rounds R]
 """
 from __future__ import annotations
 
@@ -124,46 +124,97 @@ def with_running_ray(epochs):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def one_round(epochs: int, rotate: int = 0) -> dict:
+    """Every runner once, one after another (a few minutes), starting with runner ``rotate`` (so that
+    no runner always runs first or last): the ratios of one round compare runs made close together in
+    time. This machine's speed drifts by up to ~40% over minutes (steps of the same trial measured
+    106-152 ms in one run), so a single round can mislead."""
+    r = {}
+    runners = [("l1", lambda: plain_loops(epochs, 1)), ("l2", lambda: plain_loops(epochs, 2)),
+               ("c1", lambda: through_otstudy(epochs, 1)), ("c2", lambda: through_otstudy(epochs, 2)),
+               ("a1", lambda: with_running_ray(epochs))]
+    for key, run in runners[rotate % len(runners):] + runners[:rotate % len(runners)]:
+        out = run()
+        names = ("wall", "in", "step") if key.startswith("l") else ("wall", "in", "times", "step")
+        r.update({f"{key}_{n}": v for n, v in zip(names, out)})
+    # ratios of this round
+    r["c1_ratio"] = r["c1_wall"] / r["l1_wall"]
+    r["c2_ratio"] = r["c2_wall"] / (r["l1_wall"] / 2)
+    r["a1_ratio"] = r["a1_wall"] / r["l1_wall"]
+    r["l2_ratio"] = r["l2_wall"] / (r["l1_wall"] / 2)
+    r["fixed"] = r["c1_wall"] - r["c1_in"] - (r["l1_wall"] - r["l1_in"])  # beyond the loop's own process start
+    r["per_trial"] = r["c1_in"] / r["l1_in"]
+    r["throughput_otstudy"] = r["c1_wall"] / r["c2_wall"]
+    r["throughput_plain"] = r["l1_wall"] / r["l2_wall"]
+    r["amortised"] = 2 * r["c1_in"] / r["c2_in"]
+    r["step1"] = r["c1_step"] / r["l1_step"]
+    r["step2"] = r["c2_step"] / r["l2_step"]
+    return r
+
+
+def _spread(rounds, key, fmt="{:.2f}"):
+    vals = [r[key] for r in rounds]
+    med = statistics.median(vals)
+    return fmt.format(med) if len(vals) == 1 else (fmt + " (" + fmt + "-" + fmt + ")").format(med, min(vals), max(vals))
+
+
 def main():
     ensure_malloc_env()
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=3, help="every runner once per round; medians over rounds")
     args = p.parse_args()
-    l1_wall, l1_in, l1_step = plain_loops(args.epochs, 1)
-    l2_wall, l2_in, l2_step = plain_loops(args.epochs, 2)
-    c1_wall, c1_in, c1_times, c1_step = through_otstudy(args.epochs, 1)
-    c2_wall, c2_in, c2_times, c2_step = through_otstudy(args.epochs, 2)
-    a1_wall, a1_in, a1_times, a1_step = with_running_ray(args.epochs)
-    fixed = c1_wall - c1_in - (l1_wall - l1_in)  # outside trials, beyond the loop's own process start
-    per_trial = c1_in / l1_in
-    rows = [["plain loop, 1 process", 1, l1_wall, l1_in, 1.0, "", l1_step],
-            ["plain loops, 2 processes", 2, l2_wall, l2_in, l2_wall / (l1_wall / 2), "", l2_step],
-            ["otstudy run", 1, c1_wall, c1_in, c1_wall / l1_wall, f"{c1_wall - c1_in:.1f}", c1_step],
-            ["otstudy run", 2, c2_wall, c2_in, c2_wall / (l1_wall / 2), f"{c2_wall - c2_in / 2:.1f}", c2_step],
-            ["otstudy run --address (Ray already running)", 1, a1_wall, a1_in, a1_wall / l1_wall,
-             f"{a1_wall - a1_in:.1f}", a1_step]]
-    body = markdown_table(["runner", "concurrent trials", "wall s", "time inside trials s",
+    rounds = []
+    for i in range(args.rounds):
+        rounds.append(one_round(args.epochs, rotate=i))
+        print(f"round {i + 1}/{args.rounds}: " + ", ".join(f"{k} {v:.3g}" for k, v in rounds[-1].items()
+                                                        if isinstance(v, float)), flush=True)
+    rows = []
+    for i, r in enumerate(rounds, 1):
+        rows += [[i, "plain loop, 1 process", 1, r["l1_wall"], r["l1_in"], 1.0, "", r["l1_step"]],
+                 [i, "plain loops, 2 processes", 2, r["l2_wall"], r["l2_in"], r["l2_ratio"], "", r["l2_step"]],
+                 [i, "otstudy run", 1, r["c1_wall"], r["c1_in"], r["c1_ratio"], f"{r['c1_wall'] - r['c1_in']:.1f}",
+                  r["c1_step"]],
+                 [i, "otstudy run", 2, r["c2_wall"], r["c2_in"], r["c2_ratio"],
+                  f"{r['c2_wall'] - r['c2_in'] / 2:.1f}", r["c2_step"]],
+                 [i, "otstudy run --address (Ray already running)", 1, r["a1_wall"], r["a1_in"], r["a1_ratio"],
+                  f"{r['a1_wall'] - r['a1_in']:.1f}", r["a1_step"]]]
+    body = markdown_table(["round", "runner", "concurrent trials", "wall s", "time inside trials s",
                            "wall / (loop wall / concurrency)", "outside trials s",
                            "training step ms (median)"], rows)
+    summary = [
+        ["otstudy run / plain loop, 1 at a time (goal <= 1.15)", _spread(rounds, "c1_ratio")],
+        ["otstudy run, 2 at a time / (plain loop / 2) (goal <= 1.15)", _spread(rounds, "c2_ratio")],
+        ["otstudy run --address (Ray already running) / plain loop", _spread(rounds, "a1_ratio")],
+        ["throughput, 2 at a time vs 1: otstudy (goal >= 1.7)", _spread(rounds, "throughput_otstudy")],
+        ["throughput, 2 at a time vs 1: plain processes (the machine's own ceiling)",
+         _spread(rounds, "throughput_plain")],
+        ["throughput, 2 at a time vs 1, fixed cost amortised (2 x in-trial time 1 at a time / 2 at a time)",
+         _spread(rounds, "amortised")],
+        ["otstudy's time per trial / the loop's, 1 at a time", _spread(rounds, "per_trial", "{:.3f}")],
+        ["fixed cost per study, s (outside trials, beyond the loop's own process start)",
+         _spread(rounds, "fixed", "{:.1f}")],
+        ["training step, otstudy / plain, 1 at a time", _spread(rounds, "step1")],
+        ["training step, otstudy / plain, 2 at a time", _spread(rounds, "step2")],
+        ["s from the command to the first trial's data loaded, 1 at a time",
+         _spread([{"v": r["c1_times"][0]} for r in rounds], "v", "{:.1f}")],
+        ["... 2 at a time", _spread([{"v": r["c2_times"][0]} for r in rounds], "v", "{:.1f}")],
+        ["... 1 at a time, --address", _spread([{"v": r["a1_times"][0]} for r in rounds], "v", "{:.1f}")],
+        ["s from the results to the exit, 1 at a time",
+         _spread([{"v": r["c1_times"][1]} for r in rounds], "v", "{:.2f}")],
+    ]
     hour = 3600.0
-    body += (
-        f"\n\n4 trials x {args.epochs} epochs. Through otstudy (1 at a time) each trial takes "
-        f"{per_trial:.3f}x its time in the plain loop; the rest is a fixed {fixed:.1f} s per study "
-        f"(Python + torch imports in the CLI, Ray's start, a worker process importing torch, the export, "
-        f"Ray's shutdown). Projected for a study of 1 h of trials: {(per_trial * hour + fixed) / hour:.3f}x. "
-        f"Throughput of 2 concurrent trials vs 1: otstudy {c1_wall / c2_wall:.2f}x; plain processes "
-        f"{l1_wall / l2_wall:.2f}x (the machine's own ceiling: 2 one-thread trials on 2 cores); in-trial "
-        f"time with 2 at a time vs 1: otstudy {c2_in / c1_in:.2f}x, plain {l2_in / l1_in:.2f}x, so in the "
-        f"long run (fixed cost amortised) 2 at a time give {2 * c1_in / c2_in:.2f}x the throughput of 1. "
-        f"A training step under otstudy takes {c1_step / l1_step:.2f}x the plain loop's, 1 at a time, and "
-        f"{c2_step / l2_step:.2f}x the plain processes', 2 at a time (step medians over all epochs). "
-        f"Joining a Ray that is already running (`ray start --head`, then `otstudy run --address`) changes the "
-        f"time outside trials by {(a1_wall - a1_in) - (c1_wall - c1_in):+.1f} s. Time inside trials varies by "
-        f"about +-10% between runs on this machine: compare rows of one run, and runs with each other.")
-    body += "\n\nWhere the fixed cost sits (time stamps of each `otstudy run`'s output):\n\n" + markdown_table(
-        ["otstudy run", "s from the command to the first trial's data loaded", "s from the results to the exit"],
-        [["1 at a time", *c1_times], ["2 at a time", *c2_times], ["1 at a time, --address", *a1_times]])
-    record("platform_overhead: otstudy run vs plain loops", body)
+    fixed, per_trial = (statistics.median(r[k] for r in rounds) for k in ("fixed", "per_trial"))
+    head = (f"4 trials x {args.epochs} epochs, {args.rounds} round(s); in each round every runner runs once, "
+            f"one after another (round i starts with the i-th runner of the table), and each ratio compares "
+            f"runs of one round (this machine's speed drifts over "
+            f"minutes). Medians over rounds, with the range:\n\n"
+            + markdown_table(["ratio", f"median (min-max over {args.rounds} rounds)"], summary)
+            + f"\n\nProjected for a study of 1 h of trials (1 at a time): "
+            f"{(per_trial * hour + fixed) / hour:.3f}x the plain loop. The fixed cost is Python + torch imports "
+            f"in the CLI, Ray's start, a worker process importing torch, the export and Ray's shutdown. "
+            f"Per round:\n\n")
+    record("platform_overhead: otstudy run vs plain loops", head + body)
 
 
 if __name__ == "__main__":
