@@ -128,7 +128,7 @@ def one_round(epochs: int, rotate: int = 0) -> dict:
     """Every runner once, one after another (a few minutes), starting with runner ``rotate`` (so that
     no runner always runs first or last): the ratios of one round compare runs made close together in
     time. This machine's speed drifts by up to ~40% over minutes (steps of the same trial measured
-    106-152 ms in one run), so a single round can mislead."""
+    101-169 ms in one run), so a single round can mislead."""
     r = {}
     runners = [("l1", lambda: plain_loops(epochs, 1)), ("l2", lambda: plain_loops(epochs, 2)),
                ("c1", lambda: through_otstudy(epochs, 1)), ("c2", lambda: through_otstudy(epochs, 2)),
@@ -149,6 +149,8 @@ def one_round(epochs: int, rotate: int = 0) -> dict:
     r["amortised"] = 2 * r["c1_in"] / r["c2_in"]
     r["step1"] = r["c1_step"] / r["l1_step"]
     r["step2"] = r["c2_step"] / r["l2_step"]
+    for key in ("c1", "c2", "a1"):  # where the fixed cost sits: time stamps of the command's output
+        r[f"{key}_first"], r[f"{key}_exit"] = r[f"{key}_times"]
     return r
 
 
@@ -164,6 +166,8 @@ def main():
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--rounds", type=int, default=3, help="every runner once per round; medians over rounds")
     args = p.parse_args()
+    if args.rounds < 1 or args.epochs < 1:
+        p.error(f"--rounds and --epochs must be >= 1, got {args.rounds} and {args.epochs}")
     rounds = []
     for i in range(args.rounds):
         rounds.append(one_round(args.epochs, rotate=i))
@@ -196,12 +200,10 @@ def main():
          _spread(rounds, "fixed", "{:.1f}")],
         ["training step, otstudy / plain, 1 at a time", _spread(rounds, "step1")],
         ["training step, otstudy / plain, 2 at a time", _spread(rounds, "step2")],
-        ["s from the command to the first trial's data loaded, 1 at a time",
-         _spread([{"v": r["c1_times"][0]} for r in rounds], "v", "{:.1f}")],
-        ["... 2 at a time", _spread([{"v": r["c2_times"][0]} for r in rounds], "v", "{:.1f}")],
-        ["... 1 at a time, --address", _spread([{"v": r["a1_times"][0]} for r in rounds], "v", "{:.1f}")],
-        ["s from the results to the exit, 1 at a time",
-         _spread([{"v": r["c1_times"][1]} for r in rounds], "v", "{:.2f}")],
+        ["s from the command to the first trial's data loaded, 1 at a time", _spread(rounds, "c1_first", "{:.1f}")],
+        ["... 2 at a time", _spread(rounds, "c2_first", "{:.1f}")],
+        ["... 1 at a time, --address", _spread(rounds, "a1_first", "{:.1f}")],
+        ["s from the results to the exit, 1 at a time", _spread(rounds, "c1_exit", "{:.2f}")],
     ]
     hour = 3600.0
     fixed, per_trial = (statistics.median(r[k] for r in rounds) for k in ("fixed", "per_trial"))
@@ -209,7 +211,7 @@ def main():
             f"one after another (round i starts with the i-th runner of the table), and each ratio compares "
             f"runs of one round (this machine's speed drifts over "
             f"minutes). Medians over rounds, with the range:\n\n"
-            + markdown_table(["ratio", f"median (min-max over {args.rounds} rounds)"], summary)
+            + markdown_table(["ratio", f"median (min-max over {args.rounds} round(s))"], summary)
             + f"\n\nProjected for a study of 1 h of trials (1 at a time): "
             f"{(per_trial * hour + fixed) / hour:.3f}x the plain loop. The fixed cost is Python + torch imports "
             f"in the CLI, Ray's start, a worker process importing torch, the export and Ray's shutdown. "

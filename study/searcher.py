@@ -4,7 +4,9 @@ Two fixes over the stock integration:
 
 * :class:`PrunedAwareOptunaSearch` tells Optuna ``PRUNED`` for a trial the
   scheduler stopped before its last epoch (stock OptunaSearch records it as
-  ``COMPLETE`` with its low-fidelity value, which misleads TPE).
+  ``COMPLETE`` with its low-fidelity value, which misleads TPE), and adds back
+  a finished trial whose Optuna record a killed driver lost (stock
+  OptunaSearch raises ``KeyError`` there, which ends the study).
 * :class:`SeedRepeater` runs each suggested configuration once per seed and
   tells the inner searcher the mean over seeds only when every seed has
   finished; a configuration with any pruned seed is pruned, any failed seed
