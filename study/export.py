@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pandas as pd
 
-from .records import RAY_KEYS, RECOVERED_FILE, flat_config, restored_rows, result_epoch
+from .records import ABANDONED_FILE, RAY_KEYS, RECOVERED_FILE, flat_config, restored_rows, result_epoch
 
 TIMINGS = ("step_time_ms", "ot_time_ms", "epoch_time_s", "images_per_s", "data_time_ms")
 
@@ -181,12 +181,22 @@ def trial_dirs(exp_dir: Path, state: Dict[str, Dict[str, Any]]) -> Dict[str, Pat
     return {**newest, **named}
 
 
+def _abandoned(exp_dir: Path) -> Dict[str, str]:
+    """Trial id -> directory of the trials a resume set aside (``runner.set_aside_abandoned_trials``)."""
+    try:
+        data = json.loads((exp_dir / ABANDONED_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def collect(study_dir: Path) -> Tuple[pd.DataFrame, pd.DataFrame]:
     exp_dir = Path(study_dir) / "ray"
     state = latest_state(exp_dir)
     searcher = searcher_states(exp_dir)
     dirs = trial_dirs(exp_dir, state)
-    ids = list(dict.fromkeys(list(state) + sorted(dirs)))
+    abandoned = _abandoned(exp_dir)  # started after a dead driver's last snapshot, run again under new ids
+    ids = [t for t in dict.fromkeys(list(state) + sorted(dirs)) if t not in abandoned or t in state]
     results, history = [], []
     for tid in ids:
         st = state.get(tid, {})

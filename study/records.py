@@ -23,6 +23,9 @@ RAY_KEYS = {"timestamp", "done", "training_iteration", "trial_id", "date", "time
 # in a trial directory: the epochs a resume recovered from the trial's last checkpoint (see
 # study.runner.recover_finished_trials); read_results adds them to result.json's
 RECOVERED_FILE = "recovered_results.json"
+# trial id -> its directory, for trials a killed driver had started after its last snapshot: Tune's
+# restored state does not know them, so they never run again (their seeds run under new ids)
+ABANDONED_FILE = "abandoned_trials.json"
 
 
 def git_revision(cwd: Optional[str] = None) -> str:

@@ -654,7 +654,7 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
 
     repair_recorded_checkpoints(study_dir, remote.fs if remote is not None else pafs.LocalFileSystem())
     for repair in (repair_grid_generator if spec.sampler == "grid" else repair_search_generator,
-                   recover_finished_trials):
+                   recover_finished_trials, set_aside_abandoned_trials):
         try:
             repair(study_dir, remote)
         except Exception as exc:  # a repair must never stop a resume: Tune restores what it can
@@ -668,6 +668,56 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
         tuner._local_tuner.get_run_config().callbacks = _callbacks(spec, study_dir)
     tuner.fit()
     return _finish(study_dir)
+
+
+def set_aside_abandoned_trials(study_dir: Path, remote=None) -> List[str]:
+    """Set aside the trials a killed driver had started after its last state snapshot.
+
+    Tune's restored state does not know them, so they are never continued: the search algorithm,
+    restored to the same snapshot, hands their configurations out again under new trial ids. Their
+    directories (checkpoints, perhaps a few results) are kept, listed in ``abandoned_trials.json``
+    for the export to leave out (they would show as extra pending or running trials without a
+    result), and their MLflow runs, left RUNNING by the dead driver, are ended as KILLED with the
+    tag ``otstudy.abandoned``. A restart of a recorded trial (``trial_<id>_<4 hex>``) is not one of
+    them. Returns the trial ids set aside.
+    """
+    from .export import latest_state
+    from .records import ABANDONED_FILE
+
+    exp = Path(study_dir) / EXPERIMENT_DIR
+    state = latest_state(exp)
+    if not state:
+        return []
+    named = {st["logdir"] for st in state.values() if st.get("logdir")}
+    listed = exp / ABANDONED_FILE
+    try:
+        known = json.loads(listed.read_text()) if listed.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    new = {}
+    for d in sorted(exp.glob("trial_*")):
+        tid = d.name[len("trial_"):]
+        if not d.is_dir() or d.name in named or tid in state or tid in known:
+            continue
+        if tid.rsplit("_", 1)[0] in state:  # a restart attempt of a recorded trial
+            continue
+        new[tid] = d.name
+    if not new:
+        return []
+    listed.write_text(json.dumps({**known, **new}, indent=1))
+    if remote is not None:
+        remote.put_experiment_file(ABANDONED_FILE, listed)
+    spec = read_study(study_dir)
+    try:
+        from .tracking import end_abandoned_runs
+
+        end_abandoned_runs(spec.mlflow_uri or default_tracking_uri(study_dir), spec.name, list(new))
+    except Exception as exc:  # noqa: BLE001 - the runs only stay RUNNING in MLflow
+        print(f"[otstudy] warning: the MLflow runs of abandoned trials were not ended ({one_line(exc)})")
+    print(f"[otstudy] {len(new)} trial(s) started after the last snapshot were lost with the driver "
+          f"({', '.join(sorted(new))}): their configurations start again under new trial ids; their "
+          f"directories are kept and left out of the results")
+    return sorted(new)
 
 
 def repair_recorded_checkpoints(study_dir: Path, fs) -> List[str]:

@@ -272,6 +272,30 @@ class MLflowTracker(Callback):
                         status="FINISHED" if done else "KILLED")
 
 
+def end_abandoned_runs(tracking_uri: str, experiment: str, trial_ids) -> int:
+    """End the MLflow runs of trials a killed driver had started after its last snapshot (see
+    ``runner.set_aside_abandoned_trials``): KILLED, tagged ``otstudy.abandoned``. Returns how many."""
+    import os
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # an unreachable server: fail fast
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return 0
+    ended = 0
+    for tid in trial_ids:
+        for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{tid}'"):
+            client.set_tag(run.info.run_id, "otstudy.abandoned",
+                           "started after the driver's last snapshot; lost with the driver, run again under a new id")
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status="KILLED")
+                ended += 1
+    return ended
+
+
 def error_summary(trial) -> str:
     """The last line of a failed trial's error (e.g. 'TrialDiverged: train_loss became nan ...')."""
     msg = getattr(trial, "error_msg", None)

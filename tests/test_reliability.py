@@ -218,6 +218,51 @@ def test_a_trial_finished_before_the_driver_died_gets_its_last_epochs_from_its_c
            "(marked restored: 1): exported as completed, not as pruned; a pruned trial is left as it is")
 
 
+def test_trials_started_after_the_last_snapshot_are_set_aside_once(tmp_path, capsys):
+    # seen in a 3-kill random-sampler study: two trials started after the dead driver's last snapshot
+    # were handed out again under new ids by the resumed searcher, and their directories (checkpoints,
+    # no results) were exported as 2 extra pending trials, their MLflow runs left RUNNING for ever
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from study.export import collect
+    from study.records import default_tracking_uri
+    from study.runner import set_aside_abandoned_trials
+    from study.tracking import TRIAL_TAG
+
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(
+        {"name": "ab", "method": "simclr", "dataset": "digits", "search": {"lr": {"low": 1e-4, "high": 1e-2}},
+         "sampler": "random", "num_samples": 2, "seeds": [0, 1], "metric": "knn_acc", "mode": "max"}))
+    exp = tmp_path / "ray"
+    for name in ("trial_t1", "trial_t1_ab12", "trial_t2", "trial_t3"):  # t1_ab12: a restart of t1
+        (exp / name / "checkpoint_000000").mkdir(parents=True)
+    for name in ("trial_t1", "trial_t1_ab12", "trial_t3"):
+        (exp / name / "result.json").write_text(json.dumps({"epoch": 1, "knn_acc": 0.5, "final": 1.0}) + "\n")
+    (exp / "experiment_state-1.json").write_text(json.dumps({"trial_data": [
+        [json.dumps({"trial_id": t, "status": "TERMINATED", "relative_logdir": f"trial_{t}"}), "{}"]
+        for t in ("t1", "t3")]}))
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    eid = client.create_experiment("ab")
+    runs = {t: client.create_run(eid, tags={TRIAL_TAG: t}).info.run_id for t in ("t1", "t2")}
+    client.set_terminated(runs["t1"], status="FINISHED")
+    assert set_aside_abandoned_trials(tmp_path) == ["t2"]
+    assert "1 trial(s) started after the last snapshot were lost with the driver (t2)" in capsys.readouterr().out
+    assert json.loads((exp / "abandoned_trials.json").read_text()) == {"t2": "trial_t2"}
+    assert (exp / "trial_t2" / "checkpoint_000000").is_dir()  # kept
+    assert client.get_run(runs["t2"]).info.status == "KILLED"
+    assert "otstudy.abandoned" in client.get_run(runs["t2"]).data.tags
+    assert client.get_run(runs["t1"]).info.status == "FINISHED" and "otstudy.abandoned" not in \
+        client.get_run(runs["t1"]).data.tags
+    res = collect(tmp_path)[0]
+    assert sorted(res["trial_id"]) == ["t1", "t3"] and set(res["status"]) == {"completed"}
+    assert set_aside_abandoned_trials(tmp_path) == []  # once
+    record("driver killed after starting trials, before its next snapshot",
+           "test_trials_started_after_the_last_snapshot_are_set_aside_once",
+           "the resume sets the lost trials aside (their configurations run again under new ids): their "
+           "directories are kept but left out of the results, their MLflow runs ended as KILLED and tagged "
+           "otstudy.abandoned; a restart of a recorded trial is not touched")
+
+
 @pytest.mark.parametrize("handed_out, recorded", [(2, 1), (1, 2), (3, 1), (2, 3)])
 def test_the_seed_groups_are_put_back_in_step_with_the_recorded_trials(tmp_path, handed_out, recorded, capsys):
     # the same two files for an Optuna study: the search generator's state (trial count, seed groups,
