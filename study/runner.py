@@ -679,14 +679,16 @@ def set_aside_abandoned_trials(study_dir: Path, remote=None) -> List[str]:
     for the export to leave out (they would show as extra pending or running trials without a
     result), and their MLflow runs, left RUNNING by the dead driver, are ended as KILLED with the
     tag ``otstudy.abandoned``. A restart of a recorded trial (``trial_<id>_<4 hex>``) is not one of
-    them. Returns the trial ids set aside.
+    them, and neither is any trial of a grid study: Tune's grid generator numbers its trials, so the
+    restored generator starts the same trial id again (in ``trial_<id>_<4 hex>``, which the export
+    follows). Returns the trial ids set aside.
     """
     from .export import latest_state
     from .records import ABANDONED_FILE
 
     exp = Path(study_dir) / EXPERIMENT_DIR
     state = latest_state(exp)
-    if not state:
+    if not state or read_study(study_dir).sampler == "grid":
         return []
     named = {st["logdir"] for st in state.values() if st.get("logdir")}
     listed = exp / ABANDONED_FILE

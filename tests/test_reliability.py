@@ -256,6 +256,12 @@ def test_trials_started_after_the_last_snapshot_are_set_aside_once(tmp_path, cap
     res = collect(tmp_path)[0]
     assert sorted(res["trial_id"]) == ["t1", "t3"] and set(res["status"]) == {"completed"}
     assert set_aside_abandoned_trials(tmp_path) == []  # once
+    # a grid study's generator numbers its trials: the same id runs again, so nothing is set aside
+    spec = yaml.safe_load((tmp_path / "spec.yaml").read_text())
+    spec.update(sampler="grid", search={"lr": {"grid": [1e-3, 1e-2]}})
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    (exp / "trial_t4" / "checkpoint_000000").mkdir(parents=True)
+    assert set_aside_abandoned_trials(tmp_path) == [] and "t4" in set(collect(tmp_path)[0]["trial_id"])
     record("driver killed after starting trials, before its next snapshot",
            "test_trials_started_after_the_last_snapshot_are_set_aside_once",
            "the resume sets the lost trials aside (their configurations run again under new ids): their "
