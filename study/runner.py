@@ -688,7 +688,8 @@ def set_aside_abandoned_trials(study_dir: Path, remote=None) -> List[str]:
 
     exp = Path(study_dir) / EXPERIMENT_DIR
     state = latest_state(exp)
-    if not state or read_study(study_dir).sampler == "grid":
+    spec = read_study(study_dir)
+    if not state or spec.sampler == "grid":
         return []
     named = {st["logdir"] for st in state.values() if st.get("logdir")}
     listed = exp / ABANDONED_FILE
@@ -709,7 +710,6 @@ def set_aside_abandoned_trials(study_dir: Path, remote=None) -> List[str]:
     listed.write_text(json.dumps({**known, **new}, indent=1))
     if remote is not None:
         remote.put_experiment_file(ABANDONED_FILE, listed)
-    spec = read_study(study_dir)
     try:
         from .tracking import end_abandoned_runs
 
