@@ -25,7 +25,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pandas as pd
 
@@ -171,17 +171,23 @@ def trial_dirs(exp_dir: Path, state: Dict[str, Dict[str, Any]]) -> Dict[str, Pat
         if not p.is_dir() or p in named.values():
             continue
         tid = p.name[len("trial_"):]
-        if tid not in state and state:  # trial_<id>_<4 hex>, started after the state's last snapshot
-            base = tid.rsplit("_", 1)[0]
-            tid = base if base in state else tid
-        found.setdefault(tid, []).append(p)
+        found.setdefault(recorded_id(tid, state) or tid, []).append(p)
     # a trial the state names no directory for yet: its newest attempt
     newest = {tid: max(ps, key=lambda p: (p / "result.json").stat().st_mtime if (p / "result.json").exists() else 0)
               for tid, ps in found.items() if tid not in named}
     return {**newest, **named}
 
 
-def _abandoned(exp_dir: Path) -> Dict[str, str]:
+def recorded_id(tid: str, state: Dict[str, Dict[str, Any]]) -> Optional[str]:
+    """The recorded trial a directory ``trial_<tid>`` belongs to: ``tid`` itself, or, for a restart in
+    ``trial_<id>_<4 hex>`` (started after the state's last snapshot), ``<id>``; None if neither."""
+    if tid in state:
+        return tid
+    base = tid.rsplit("_", 1)[0]
+    return base if base in state else None
+
+
+def abandoned_trials(exp_dir: Path) -> Dict[str, str]:
     """Trial id -> directory of the trials a resume set aside (``runner.set_aside_abandoned_trials``)."""
     try:
         data = json.loads((exp_dir / ABANDONED_FILE).read_text())
@@ -195,7 +201,7 @@ def collect(study_dir: Path) -> Tuple[pd.DataFrame, pd.DataFrame]:
     state = latest_state(exp_dir)
     searcher = searcher_states(exp_dir)
     dirs = trial_dirs(exp_dir, state)
-    abandoned = _abandoned(exp_dir)  # started after a dead driver's last snapshot, run again under new ids
+    abandoned = abandoned_trials(exp_dir)  # started after a dead driver's last snapshot, run again under new ids
     ids = [t for t in dict.fromkeys(list(state) + sorted(dirs)) if t not in abandoned or t in state]
     results, history = [], []
     for tid in ids:

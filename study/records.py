@@ -9,6 +9,7 @@ can import Tune while Ray starts.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -34,6 +35,13 @@ def git_revision(cwd: Optional[str] = None) -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def mlflow_fail_fast() -> None:
+    """An unreachable tracking server must not stall the driver for minutes of retries (MLflow reads
+    these when it makes a request)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 
 def default_tracking_uri(study_dir: Path) -> str:

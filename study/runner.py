@@ -17,7 +17,7 @@ import yaml
 
 from .spec import Spec, parse_spec
 from .storage import Remote, StorageError, display, is_remote, join, one_line, remote_of
-from .records import default_tracking_uri, flat_config, git_revision
+from .records import default_tracking_uri, flat_config, git_revision, mlflow_fail_fast
 
 EXPERIMENT_DIR = "ray"  # <study>/ray holds Tune's experiment state
 CHECKPOINT_FILE = "state.pt"
@@ -505,9 +505,7 @@ def init_ray(address: Optional[str] = None) -> None:
         return
     # per-epoch checkpoints are the point (resume loses at most one epoch): silence Tune's warning about them
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # an unreachable tracking server must not stall the driver for minutes of retries
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    mlflow_fail_fast()
     kwargs: Dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING",
                               "log_to_driver": True}
     if address:
@@ -683,7 +681,7 @@ def set_aside_abandoned_trials(study_dir: Path, remote=None) -> List[str]:
     restored generator starts the same trial id again (in ``trial_<id>_<4 hex>``, which the export
     follows). Returns the trial ids set aside.
     """
-    from .export import latest_state
+    from .export import abandoned_trials, latest_state, recorded_id
     from .records import ABANDONED_FILE
 
     exp = Path(study_dir) / EXPERIMENT_DIR
@@ -692,21 +690,16 @@ def set_aside_abandoned_trials(study_dir: Path, remote=None) -> List[str]:
     if not state or spec.sampler == "grid":
         return []
     named = {st["logdir"] for st in state.values() if st.get("logdir")}
-    listed = exp / ABANDONED_FILE
-    try:
-        known = json.loads(listed.read_text()) if listed.exists() else {}
-    except (OSError, json.JSONDecodeError):
-        known = {}
+    known = abandoned_trials(exp)
     new = {}
     for d in sorted(exp.glob("trial_*")):
         tid = d.name[len("trial_"):]
-        if not d.is_dir() or d.name in named or tid in state or tid in known:
-            continue
-        if tid.rsplit("_", 1)[0] in state:  # a restart attempt of a recorded trial
-            continue
-        new[tid] = d.name
+        # a recorded trial, or a restart attempt of one (trial_<id>_<4 hex>), is not abandoned
+        if d.is_dir() and d.name not in named and tid not in known and recorded_id(tid, state) is None:
+            new[tid] = d.name
     if not new:
         return []
+    listed = exp / ABANDONED_FILE
     listed.write_text(json.dumps({**known, **new}, indent=1))
     if remote is not None:
         remote.put_experiment_file(ABANDONED_FILE, listed)
@@ -788,26 +781,35 @@ def _save_tune_state(path: Path, state: Any, remote) -> None:
         remote.put_experiment_file(path.name, path)
 
 
+def _load_tune_state(study_dir: Path, pattern: str):
+    """(the newest pickled Tune state file matching ``pattern`` in the experiment directory, its
+    contents), or None when there is none or it is not a state this Ray version reads."""
+    import ray.cloudpickle as cloudpickle
+
+    files = sorted((Path(study_dir) / EXPERIMENT_DIR).glob(pattern))
+    if not files:
+        return None
+    try:
+        with open(files[-1], "rb") as f:
+            return files[-1], cloudpickle.load(f)
+    except Exception:  # not a state this Ray version writes: Tune will say what is wrong
+        return None
+
+
 def repair_search_generator(study_dir: Path, remote=None) -> Optional[str]:
     """Put an Optuna study's seed groups back in step with the experiment snapshot's trials (see
     :func:`study.searcher.reconcile_with_snapshot`). Returns what was done, or None."""
-    import ray.cloudpickle as cloudpickle
-
     from .export import latest_state
     from .searcher import reconcile_with_snapshot
 
     trials = latest_state(Path(study_dir) / EXPERIMENT_DIR)
-    gens = sorted((Path(study_dir) / EXPERIMENT_DIR).glob("search_gen_state-*.json"))
-    if not trials or not gens:
+    loaded = _load_tune_state(study_dir, "search_gen_state-*.json")
+    if not trials or loaded is None:
         return None
-    try:
-        with open(gens[-1], "rb") as f:
-            state = cloudpickle.load(f)
-    except Exception:  # not a state this Ray version writes: Tune will say what is wrong
-        return None
+    path, state = loaded
     what = reconcile_with_snapshot(state, {tid: {**t, "config": t["config"] or {}} for tid, t in trials.items()})
     if what is not None:
-        _save_tune_state(gens[-1], state, remote)
+        _save_tune_state(path, state, remote)
         print(f"[otstudy] {what}")
     return what
 
@@ -878,18 +880,16 @@ def repair_grid_generator(study_dir: Path, remote=None) -> Optional[str]:
     hands out the same trial ids in the same order; anything else is left to Tune. Returns a
     one-line description of the repair, or None.
     """
-    import ray.cloudpickle as cloudpickle
     from ray.tune.search.basic_variant import _TrialIterator
 
     from .export import latest_state
 
     trials = [(tid, t["status"]) for tid, t in latest_state(Path(study_dir) / EXPERIMENT_DIR).items()]
-    gens = sorted((Path(study_dir) / EXPERIMENT_DIR).glob("basic-variant-state-*.json"))
-    if not trials or not gens:
+    loaded = _load_tune_state(study_dir, "basic-variant-state-*.json")
+    if not trials or loaded is None:
         return None
+    path, gen = loaded
     try:
-        with open(gens[-1], "rb") as f:
-            gen = cloudpickle.load(f)
         (old,) = gen["_iterators"]
     except Exception:  # not a state this Ray version writes: Tune will say what is wrong
         return None
@@ -918,7 +918,7 @@ def repair_grid_generator(study_dir: Path, remote=None) -> Optional[str]:
     what = (f"the grid generator had handed out {old.counter} trials, the snapshot records "
             f"{len(trials)}: it goes on from trial {len(trials) + 1}")
     gen.update(_iterators=[fresh], _finished=False, _live_trials=(set(gen["_live_trials"]) & ids) | unfinished)
-    _save_tune_state(gens[-1], gen, remote)
+    _save_tune_state(path, gen, remote)
     print(f"[otstudy] {what}")
     return what
 

@@ -25,7 +25,8 @@ from ray.tune import Callback
 
 from trainables.cache import cache_dir, write_atomically
 
-from .records import RAY_KEYS, flat_config, git_revision, restored_rows, result_epoch, trial_result_file
+from .records import (RAY_KEYS, flat_config, git_revision, mlflow_fail_fast, restored_rows, result_epoch,
+                      trial_result_file)
 
 TRIAL_TAG = "otstudy.trial_id"
 ROLE_TAG = "otstudy.role"
@@ -275,10 +276,7 @@ class MLflowTracker(Callback):
 def end_abandoned_runs(tracking_uri: str, experiment: str, trial_ids) -> int:
     """End the MLflow runs of trials a killed driver had started after its last snapshot (see
     ``runner.set_aside_abandoned_trials``): KILLED, tagged ``otstudy.abandoned``. Returns how many."""
-    import os
-
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # an unreachable server: fail fast
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    mlflow_fail_fast()
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
