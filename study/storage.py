@@ -167,14 +167,18 @@ class Remote:
         Every small file (experiment and searcher state, ``params.json``,
         ``result.json``, errors) is refreshed; of the checkpoint directories only
         ``embeddings.npz`` (the final frozen features, for the report) is copied,
-        once. Returns the number of files copied.
+        once. A trial directory that holds only checkpoints (a trial the driver
+        started shortly before it died: its results had not been synced yet) is
+        mirrored as an empty directory, so the resume's repairs see every trial
+        the local storage would show. Returns the number of files copied.
         """
         n = 0
         local = Path(study_dir)
         for rel in self._list("ray"):
             parts = rel.split("/")
-            in_ckpt = any(p.startswith("checkpoint_") for p in parts)
-            if in_ckpt and (parts[-1] != EMBEDDINGS_FILE or (local / rel).exists()):
+            ckpt = next((i for i, p in enumerate(parts) if p.startswith("checkpoint_")), None)
+            if ckpt is not None and (parts[-1] != EMBEDDINGS_FILE or (local / rel).exists()):
+                (local / "/".join(parts[:ckpt])).mkdir(parents=True, exist_ok=True)
                 continue
             self._get(rel, local / rel)
             n += 1

@@ -218,6 +218,54 @@ def test_a_trial_finished_before_the_driver_died_gets_its_last_epochs_from_its_c
            "(marked restored: 1): exported as completed, not as pruned; a pruned trial is left as it is")
 
 
+def test_on_an_object_store_a_trial_with_only_checkpoints_is_mirrored_and_set_aside(tmp_path):
+    # on an object store a trial's results reach the bucket with the driver's syncs, its checkpoints
+    # straight from the worker: a trial started shortly before the driver died holds only checkpoints
+    # there, and the mirror (which skips checkpoints) had no directory for it, so its MLflow run stayed
+    # RUNNING after the resume (the bucket is a file:// URI here; the mirroring is pyarrow's either way)
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from study.export import collect
+    from study.records import default_tracking_uri
+    from study.runner import set_aside_abandoned_trials
+    from study.storage import Remote
+    from study.tracking import TRIAL_TAG
+
+    bucket, local = tmp_path / "bucket" / "ab", tmp_path / "local" / "ab"
+    local.mkdir(parents=True)
+    (local / "spec.yaml").write_text(yaml.safe_dump(
+        {"name": "ab", "method": "simclr", "dataset": "digits", "search": {"lr": {"low": 1e-4, "high": 1e-2}},
+         "sampler": "random", "num_samples": 2, "seeds": [0], "metric": "knn_acc", "mode": "max"}))
+    files = {"ray/experiment_state-1.json": json.dumps({"trial_data": [[json.dumps(
+                 {"trial_id": "t1", "status": "TERMINATED", "relative_logdir": "trial_t1"}), "{}"]]}),
+             "ray/trial_t1/result.json": json.dumps({"epoch": 1, "knn_acc": 0.5, "final": 1.0}) + "\n",
+             "ray/trial_t1/checkpoint_000000/state.pt": "weights",
+             "ray/trial_t1/checkpoint_000000/embeddings.npz": "features",
+             "ray/trial_t2/checkpoint_000000/state.pt": "weights"}
+    for rel, text in files.items():
+        (bucket / rel).parent.mkdir(parents=True, exist_ok=True)
+        (bucket / rel).write_text(text)
+    remote = Remote(bucket.as_uri())
+    assert remote.pull_experiment(local) == 3  # the state, t1's results and its embeddings
+    exp = local / "ray"
+    assert (exp / "trial_t2").is_dir() and not any((exp / "trial_t2").iterdir())
+    assert not list(exp.rglob("state.pt")) and (exp / "trial_t1" / "checkpoint_000000" / "embeddings.npz").is_file()
+    client = MlflowClient(default_tracking_uri(local))
+    eid = client.create_experiment("ab")
+    runs = {t: client.create_run(eid, tags={TRIAL_TAG: t}).info.run_id for t in ("t1", "t2")}
+    client.set_terminated(runs["t1"], status="FINISHED")
+    assert set_aside_abandoned_trials(local, remote) == ["t2"]
+    assert client.get_run(runs["t2"]).info.status == "KILLED"
+    assert json.loads((bucket / "ray" / "abandoned_trials.json").read_text()) == {"t2": "trial_t2"}
+    assert list(collect(local)[0]["trial_id"]) == ["t1"]
+    assert (bucket / "ray" / "trial_t2" / "checkpoint_000000" / "state.pt").is_file()  # kept in the bucket
+    record("object store: driver killed after starting a trial that had written only checkpoints",
+           "test_on_an_object_store_a_trial_with_only_checkpoints_is_mirrored_and_set_aside",
+           "the mirror keeps an empty directory for it, so the resume sets it aside like on local storage: "
+           "its MLflow run ended as KILLED, left out of the results, its checkpoints kept in the bucket")
+
+
 def test_trials_started_after_the_last_snapshot_are_set_aside_once(tmp_path, capsys):
     # seen in a 3-kill random-sampler study: two trials started after the dead driver's last snapshot
     # were handed out again under new ids by the resumed searcher, and their directories (checkpoints,
