@@ -97,7 +97,7 @@ def _load_run_spec(args):
 
 
 def cmd_run(args) -> int:
-    from study.runner import StudyExists, run_study, study_dir_for
+    from study.runner import ResourceError, StudyExists, run_study, study_dir_for
     from study.spec import SpecError
 
     try:
@@ -120,16 +120,19 @@ def cmd_run(args) -> int:
     try:
         run_study(spec, storage=args.storage, address=args.address, smoke=args.smoke_test,
                   workdir=args.workdir)
-    except (StudyExists, StorageError) as exc:
+    except (StudyExists, StorageError, ResourceError) as exc:
         return _fail(str(exc))
     return 0
 
 
 def cmd_resume(args) -> int:
-    from study.runner import resume_study
+    from study.runner import ResourceError, resume_study
 
     d = _study_dir(args.dir, args.workdir, refresh=False)  # resume_study refreshes the mirror itself
-    resume_study(d, address=args.address, restart_errored=args.restart_errored)
+    try:
+        resume_study(d, address=args.address, restart_errored=args.restart_errored)
+    except ResourceError as exc:
+        return _fail(f"{exc}; the study is unchanged")
     return 0
 
 

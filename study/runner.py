@@ -25,6 +25,10 @@ EMBEDDINGS_FILE = "embeddings.npz"  # in the final checkpoint directory: the fro
 DIVERGED_FILE = "diverged.txt"  # in the trial directory: why the loss diverged (retries fail at once)
 
 
+class ResourceError(ValueError):
+    """A trial asks for more than any node of the (local) cluster has; the message is one line."""
+
+
 class StudyExists(ValueError):
     pass
 
@@ -356,12 +360,41 @@ def tune_trainable(config: Dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- building the Tuner
 
 
+def trial_resources(spec: Spec) -> Dict[str, float]:
+    # always book CPUs too: {"gpu": 0.5} alone would book 0 CPUs and oversubscribe the node
+    return {"cpu": float(spec.resources.get("cpu", 1)), "gpu": float(spec.resources.get("gpu", 0))}
+
+
 def _trainable(spec: Spec):
     from ray import tune
 
-    res = {"cpu": float(spec.resources.get("cpu", 1)), "gpu": float(spec.resources.get("gpu", 0))}
-    # always book CPUs too: {"gpu": 0.5} alone would book 0 CPUs and oversubscribe the node
-    return tune.with_resources(tune_trainable, res)
+    return tune.with_resources(tune_trainable, trial_resources(spec))
+
+
+def check_resources(spec: Spec, *, joined: bool) -> None:
+    """Fail (or, on a cluster that may add nodes, warn) when no node can hold one trial.
+
+    Tune would keep such a trial pending for ever, saying only every 60 s that no trial started
+    (e.g. ``resources: {gpu: 1}`` copied from a GPU cluster to a laptop). A local cluster started by
+    this process never grows: :class:`ResourceError`. A cluster joined with ``--address`` may be
+    autoscaling: one warning line, and the trials wait for a node that fits.
+    """
+    import ray
+
+    need = trial_resources(spec)
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(res.get("CPU", 0) >= need["cpu"] and res.get("GPU", 0) >= need["gpu"] for res in nodes):
+        return
+    most = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)), default={})
+    ask = f"{need['cpu']:g} CPU(s)" + (f" and {need['gpu']:g} GPU(s)" if need["gpu"] else "")
+    have = f"{most.get('CPU', 0):g} CPU(s) and {most.get('GPU', 0):g} GPU(s)"
+    if joined:
+        print(f"[otstudy] warning: resources: each trial asks for {ask}, but the largest node of the "
+              f"cluster has {have}; the trials wait until a node that fits joins (Ctrl-C stops the study, "
+              f"`otstudy resume` continues it)")
+        return
+    raise ResourceError(f"resources: each trial asks for {ask}, but this machine's Ray has {have}; lower "
+                        f"resources in the spec, or run on a cluster that has them (--address)")
 
 
 def _search(spec: Spec):
@@ -603,18 +636,22 @@ def run_study(spec: Spec, *, storage: Optional[str] = None, address: Optional[st
     if study_dir.exists():
         study_dir.rmdir()
     write_study_files(spec, study_dir, smoke=smoke, home=home)
-    if remote is not None:
-        try:
-            remote.push_home(study_dir)  # resumable from any machine from now on
-        except OSError as exc:  # e.g. no write permission: nothing has run, leave nothing behind
-            import shutil
-
-            shutil.rmtree(study_dir, ignore_errors=True)
-            raise StorageError(f"storage {display(home)}: cannot be written ({one_line(exc)})") from None
     print(f"[otstudy] study {spec.name}: {spec.n_trials()} trials ({spec.n_configs()} configurations x "
           f"{len(spec.seeds)} seeds), sampler={spec.sampler}, in {study_dir}"
           + (f" (trials and checkpoints in {display(home)})" if home else ""))
-    start_ray_and_store(address, spec.mlflow_uri or default_tracking_uri(study_dir))
+    try:  # until the first trial starts, an error leaves nothing behind: nothing has run
+        start_ray_and_store(address, spec.mlflow_uri or default_tracking_uri(study_dir))
+        check_resources(spec, joined=bool(address))
+        if remote is not None:
+            try:
+                remote.push_home(study_dir)  # resumable from any machine from now on
+            except OSError as exc:  # e.g. no write permission
+                raise StorageError(f"storage {display(home)}: cannot be written ({one_line(exc)})") from None
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(study_dir, ignore_errors=True)
+        raise
     build_tuner(spec, study_dir).fit()
     return _finish(study_dir)
 
@@ -630,6 +667,8 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
 
     study_dir = Path(study_dir)
     spec = read_study(study_dir)
+    init_ray(address)
+    check_resources(spec, joined=bool(address))  # before anything of the study is touched
     exp = study_dir / EXPERIMENT_DIR
     remote = remote_of(study_dir)
     if remote is not None:
@@ -645,7 +684,6 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
         if exp.is_dir():
             exp.rename(study_dir / f"{EXPERIMENT_DIR}.unrecorded-{time.strftime('%Y%m%d-%H%M%S')}")
         print(f"[otstudy] {study_dir} stopped before its first snapshot: starting its trials now")
-        init_ray(address)
         build_tuner(spec, study_dir).fit()
         return _finish(study_dir)
     import pyarrow.fs as pafs
@@ -657,7 +695,6 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
             repair(study_dir, remote)
         except Exception as exc:  # a repair must never stop a resume: Tune restores what it can
             print(f"[otstudy] warning: {repair.__name__} failed ({one_line(exc)}); resuming without it")
-    init_ray(address)
     tuner = tune.Tuner.restore(exp_path, trainable=_trainable(spec), resume_unfinished=True,
                                resume_errored=not restart_errored, restart_errored=restart_errored)
     # Tune restores the callbacks pickled when the study started, bound to the directory (and MLflow

@@ -229,8 +229,63 @@ def test_documented_cluster_specs_are_valid_but_for_the_data(path):
     assert all(ln.startswith("fixed.data_root:") for ln in info.value.problems), info.value.problems
 
 
+def test_check_resources_fails_on_a_local_cluster_and_warns_on_a_joined_one(monkeypatch, capsys):
+    import ray
+
+    from study.runner import ResourceError, check_resources
+
+    two_nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}},
+                 {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]  # a dead node holds nothing
+    monkeypatch.setattr(ray, "nodes", lambda: two_nodes)
+    spec = parse_spec(with_(resources={"cpu": 2, "gpu": 0.5}))
+    check_resources(spec, joined=False)  # the second node holds it
+    spec = parse_spec(with_(resources={"cpu": 3}))  # 4 CPUs in all, but no node has 3
+    with pytest.raises(ResourceError) as info:
+        check_resources(spec, joined=False)
+    assert str(info.value) == ("resources: each trial asks for 3 CPU(s), but this machine's Ray has 2 CPU(s) "
+                               "and 1 GPU(s); lower resources in the spec, or run on a cluster that has them "
+                               "(--address)")
+    check_resources(spec, joined=True)  # a cluster may be adding nodes: the trials wait, with one line
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("[otstudy] warning: resources: each trial asks for 3 CPU(s), "
+                                               "but the largest node of the cluster has 2 CPU(s) and 1 GPU(s)")
+
+
+def test_a_study_asking_for_a_gpu_on_a_machine_without_one_fails_at_once(tmp_path):
+    # Tune would keep the trials pending for ever (its only word: "no trial started" every 60 s)
+    from helpers import OTSTUDY, spec_file
+
+    from study.runner import write_study_files
+
+    spec, _ = spec_file(tmp_path, "gpu", resources={"cpu": 1, "gpu": 1})
+    storage = tmp_path / "studies"
+    proc = subprocess.run([OTSTUDY, "run", str(spec), "--storage", str(storage)], capture_output=True, text=True,
+                          timeout=300)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("otstudy: error:")]
+    assert proc.returncode == 2 and errors == [
+        "otstudy: error: resources: each trial asks for 1 CPU(s) and 1 GPU(s), but this machine's Ray has "
+        f"{_ray_cpus()} CPU(s) and 0 GPU(s); lower resources in the spec, or run on a cluster that has them "
+        "(--address)"], proc.stderr[-2000:]
+    assert not (storage / "gpu").exists()  # nothing ran, nothing is left
+    # a study made elsewhere (the spec a GPU cluster ran) is refused too, and left as it was
+    study = tmp_path / "elsewhere" / "gpu"
+    write_study_files(load_spec_file(spec), study, smoke=False)
+    before = {p.name: p.read_bytes() for p in study.iterdir()}
+    proc = subprocess.run([OTSTUDY, "resume", str(study)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "1 GPU(s), but this machine's Ray has" in proc.stderr
+    assert proc.stderr.rstrip().endswith("; the study is unchanged")
+    assert {p.name: p.read_bytes() for p in study.iterdir()} == before
+
+
+def _ray_cpus() -> str:
+    import os
+
+    return f"{len(os.sched_getaffinity(0)):g}"
+
+
 def test_bad_input_cases_are_counted():
-    n_spec, n_cli = len(BAD) + 3 + 2, 9 + 2  # BAD + malformed YAML + data root; CLI arguments + empty/existing study
+    n_spec, n_cli = len(BAD) + 3 + 2, 9 + 2 + 2  # BAD + malformed YAML + data root; CLI arguments + empty/existing
+    # study + resources no node has (run, resume)
     assert n_spec + n_cli >= 20
     record("bad input", "test_spec.py (test_bad_spec_names_the_problem, test_cli_exits_2_and_creates_nothing, "
            "test_cli_argument_errors, ...)",
