@@ -636,21 +636,26 @@ def run_study(spec: Spec, *, storage: Optional[str] = None, address: Optional[st
     if study_dir.exists():
         study_dir.rmdir()
     write_study_files(spec, study_dir, smoke=smoke, home=home)
+    if remote is not None:
+        try:
+            remote.push_home(study_dir)  # resumable from any machine from now on
+        except OSError as exc:  # e.g. no write permission: nothing has run, leave nothing behind
+            import shutil
+
+            shutil.rmtree(study_dir, ignore_errors=True)
+            raise StorageError(f"storage {display(home)}: cannot be written ({one_line(exc)})") from None
     print(f"[otstudy] study {spec.name}: {spec.n_trials()} trials ({spec.n_configs()} configurations x "
           f"{len(spec.seeds)} seeds), sampler={spec.sampler}, in {study_dir}"
           + (f" (trials and checkpoints in {display(home)})" if home else ""))
-    try:  # until the first trial starts, an error leaves nothing behind: nothing has run
-        start_ray_and_store(address, spec.mlflow_uri or default_tracking_uri(study_dir))
+    start_ray_and_store(address, spec.mlflow_uri or default_tracking_uri(study_dir))
+    try:
         check_resources(spec, joined=bool(address))
-        if remote is not None:
-            try:
-                remote.push_home(study_dir)  # resumable from any machine from now on
-            except OSError as exc:  # e.g. no write permission
-                raise StorageError(f"storage {display(home)}: cannot be written ({one_line(exc)})") from None
-    except BaseException:
+    except ResourceError:  # no trial could ever start: leave nothing behind
         import shutil
 
         shutil.rmtree(study_dir, ignore_errors=True)
+        if remote is not None:
+            remote.delete_home_files(("spec.yaml", "study.json"))  # all push_home found to copy
         raise
     build_tuner(spec, study_dir).fit()
     return _finish(study_dir)

@@ -136,6 +136,15 @@ class Remote:
                     self.fs.create_dir(f"{self.path}/{Path(rel).parent.as_posix()}")
                     self._put(f, rel)
 
+    def delete_home_files(self, names: Iterable[str]) -> None:
+        """Remove files this study wrote at the top of its home (best effort: a file left is only a
+        file; the home is refused as an existing study only while its ``spec.yaml`` is there)."""
+        for name in names:
+            try:
+                self.fs.delete_file(f"{self.path}/{name}")
+            except OSError:
+                pass
+
     def put_experiment_file(self, name: str, src: Path) -> None:
         """Replace one file at the top of ``<home>/ray`` (Tune's experiment directory)."""
         self._put(Path(src), f"ray/{name}")

@@ -292,6 +292,14 @@ def test_object_store_storage_survives_kill_9_and_resumes_on_another_machine(tmp
         assert proc.returncode == 2 and "storage s3://no-such-bucket/studies/objstore: cannot be" in proc.stderr, \
             proc.stderr[-2000:]
         assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "e" / "objstore").exists()
+        # a trial no node can hold (found once Ray has started): exit 2, nothing left here or in the bucket
+        gpu_spec, _ = spec_file(tmp_path, "objgpu", storage=storage, resources={"cpu": 1, "gpu": 1})
+        proc = subprocess.run([OTSTUDY, "run", str(gpu_spec), "--workdir", str(tmp_path / "f")], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and "1 GPU(s), but this machine's Ray has" in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "f" / "objgpu").exists()
+        assert not fs.get_file_info(pafs.FileSelector("otstudy-test/studies/objgpu", recursive=True,
+                                                      allow_not_found=True))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -387,3 +395,4 @@ print(json.dumps({"types": sorted(procs), "alive": alive, "initialized": ray.is_
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert "monitor" in got["types"] and "raylet" in got["types"] and "gcs_server" in got["types"]
     assert got["alive"] == [] and got["initialized"] is False
+
