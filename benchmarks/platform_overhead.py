@@ -17,6 +17,10 @@ the rest (start-up, gaps between trials, tear-down), so the fixed cost and the p
 are separated. The projected ratio for a longer study follows from the two.
 
     .venv/bin/python -m benchmarks.platform_overhead [--epochs E] [--rounds R]
+    .venv/bin/python -m benchmarks.platform_overhead --part head [--pairs P]
+
+``--part head`` compares, pair by pair, a 1-trial study started with Ray's full head
+(``OTSTUDY_RAY_FULL_HEAD=1``: its API server and autoscaler monitor) and with otstudy's lean one.
 """
 from __future__ import annotations
 
@@ -160,14 +164,101 @@ def _spread(rounds, key, fmt="{:.2f}"):
     return fmt.format(med) if len(vals) == 1 else (fmt + " (" + fmt + "-" + fmt + ")").format(med, min(vals), max(vals))
 
 
+RAY_START = """
+import json, time
+t0 = time.perf_counter()
+import ray
+from study.runner import init_ray, shutdown_ray
+t1 = time.perf_counter()
+init_ray()
+t2 = time.perf_counter()
+@ray.remote(num_cpus=1, runtime_env={"env_vars": {"PL_DISABLE_FORK": "1"}})  # as Tune starts a trial
+def task():
+    return 1
+ray.get(task.remote())
+t3 = time.perf_counter()
+shutdown_ray()
+print(json.dumps([t2 - t1, t3 - t2, time.perf_counter() - t0]))
+"""
+
+
+def _one_trial_study(env) -> tuple:
+    """(s to the trial's first line, wall s) of `otstudy run` on a 1-trial, 1-epoch study."""
+    one = {"name": "h", "method": "sinsim", "dataset": "digits",
+           "fixed": {"epochs": 1, "batch_size": 256, "eps": 0.05, "sinkhorn_iters": 40},
+           "search": {"beta": {"grid": [0.0]}}, "sampler": "grid", "seeds": [0], "metric": "knn_acc",
+           "mode": "max", "resources": {"cpu": 1}}
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "h.yaml"
+        f.write_text(yaml.safe_dump(one))
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "otstudy"), "run", str(f), "--storage", d],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        first = None
+        for line in proc.stdout:
+            if first is None and "[otstudy trial]" in line:
+                first = time.perf_counter() - t0
+        if proc.wait() != 0:
+            raise RuntimeError(f"otstudy run failed with exit code {proc.returncode}")
+        return first, time.perf_counter() - t0
+
+
+def head_pairs(pairs: int) -> None:
+    """Ray's full head (API server and autoscaler monitor, ``OTSTUDY_RAY_FULL_HEAD=1``) vs otstudy's lean
+    one, ``pairs`` times each, alternately (the order flips every pair), compared pair by pair:
+
+    * Ray alone, in a fresh process: ``runner.init_ray()``, one task started as Tune starts a trial
+      (in a worker with a runtime env), ``runner.shutdown_ray()``;
+    * a 1-trial, 1-epoch `otstudy run`: to the trial's first line, and the command's wall time.
+    """
+    import os
+
+    root = str(Path(__file__).resolve().parents[1])
+    runs = {"full": [], "lean": []}
+    for i in range(pairs):
+        for head in (("full", "lean") if i % 2 == 0 else ("lean", "full")):
+            env = {**os.environ, "OTSTUDY_RAY_FULL_HEAD": "1" if head == "full" else "0"}
+            out = subprocess.run([sys.executable, "-c", RAY_START], capture_output=True, text=True, cwd=root,
+                                 env=env, timeout=300)
+            if out.returncode != 0:
+                raise RuntimeError(f"Ray's start failed: {out.stderr[-2000:]}")
+            ray_times = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[head].append([*ray_times, *_one_trial_study(env)])
+            print(f"pair {i + 1}/{pairs} {head}: " + ", ".join(f"{v:.2f}" for v in runs[head][-1]), flush=True)
+    names = ["ray.init s", "a trial-like task s", "Ray alone: process s", "study: first trial line s",
+             "study: wall s"]
+    med = statistics.median
+    summary, rows = [], []
+    for k, name in enumerate(names):
+        full, lean = [r[k] for r in runs["full"]], [r[k] for r in runs["lean"]]
+        diff = [a - b for a, b in zip(full, lean)]
+        summary.append([name, f"{med(full):.2f}", f"{med(lean):.2f}", f"{med(diff):+.2f} ({min(diff):+.2f} to "
+                        f"{max(diff):+.2f})", f"{sum(x > 0 for x in diff)} of {pairs}"])
+    for i, (a, b) in enumerate(zip(runs["full"], runs["lean"]), 1):
+        rows.append([i, *(f"{x:.2f} / {y:.2f}" for x, y in zip(a, b))])
+    head = (f"{pairs} pairs, alternately (full head first in odd pairs). Medians, and the full head's time minus "
+            f"the lean one's within each pair:\n\n"
+            + markdown_table(["time", "full head", "lean head", "full - lean, median (range)", "lean faster in"],
+                             summary)
+            + "\n\nPer pair (full / lean):\n\n")
+    record("platform_overhead --part head: Ray's full head vs otstudy's lean head",
+           head + markdown_table(["pair", *names], rows))
+
+
 def main():
     ensure_malloc_env()
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--rounds", type=int, default=3, help="every runner once per round; medians over rounds")
+    p.add_argument("--part", choices=("study", "head"), default="study",
+                   help="study: otstudy vs plain loops (default); head: Ray's full head vs the lean one, paired")
+    p.add_argument("--pairs", type=int, default=8, help="--part head: pairs of runs")
     args = p.parse_args()
-    if args.rounds < 1 or args.epochs < 1:
-        p.error(f"--rounds and --epochs must be >= 1, got {args.rounds} and {args.epochs}")
+    if args.rounds < 1 or args.epochs < 1 or args.pairs < 1:
+        p.error(f"--rounds, --epochs and --pairs must be >= 1, got {args.rounds}, {args.epochs}, {args.pairs}")
+    if args.part == "head":
+        head_pairs(args.pairs)
+        return
     rounds = []
     for i in range(args.rounds):
         rounds.append(one_round(args.epochs, rotate=i))

@@ -5,6 +5,7 @@ searcher.py and tracking.py), so Ray's API churn touches one place.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -552,7 +553,49 @@ def init_ray(address: Optional[str] = None) -> None:
         # environment it inherits; a cluster joined with --address keeps its own settings.
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         os.environ.setdefault("RAY_enable_worker_prestart", "0")
-        ray.init(**kwargs)
+        with _lean_head():
+            ray.init(**kwargs)
+
+
+FULL_HEAD_ENV = "OTSTUDY_RAY_FULL_HEAD"  # =1: a local cluster with Ray's API server and autoscaler monitor
+
+
+@contextlib.contextmanager
+def _lean_head():
+    """While a local cluster starts, skip two head processes a study on one machine never uses.
+
+    * Ray's API server (``dashboard.py``): it starts even with ``include_dashboard=False`` (then only to
+      report usage statistics), and ``ray.init`` waits for it to publish its URL before it starts the
+      raylet. It serves the dashboard, job submission and the state API (``ray list ...``).
+    * The autoscaler's monitor: a local cluster has nothing to scale. Its one message a study could
+      meet, a trial no node can hold, is :func:`check_resources`' error, raised before any trial.
+
+    Together they are ~2 CPU-s of Python imports on the critical path of the start: a 1-trial study
+    printed its first trial's line ~1 s sooner (paired runs in BENCHMARKS.md). Ray's private
+    ``Node`` methods are replaced only for the duration of ``ray.init`` in this process; where a Ray
+    version lacks them, the full head starts. ``OTSTUDY_RAY_FULL_HEAD=1`` keeps Ray's defaults (e.g.
+    to inspect a local study with ``ray list actors``); a cluster joined with ``--address`` is never
+    touched.
+    """
+    saved = {}
+    if os.environ.get(FULL_HEAD_ENV, "") not in ("1", "true", "yes"):
+        try:
+            from ray._private.node import Node
+        except ImportError:  # a Ray without this private module: its full head
+            Node = None
+        for name in ("start_api_server", "start_monitor"):
+            if Node is not None and callable(getattr(Node, name, None)):
+                saved[name] = getattr(Node, name)
+                setattr(Node, name, _skip_head_process)
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(Node, name, method)
+
+
+def _skip_head_process(self, *args, **kwargs) -> None:
+    return None
 
 
 def shutdown_ray() -> None:
@@ -561,7 +604,8 @@ def shutdown_ray() -> None:
     ``ray.shutdown()`` stops the processes ``ray.init()`` started one after another, giving each 1 s to
     exit after SIGTERM; the autoscaler's monitor never exits in that time (measured: 1.02 s of a
     1.38 s shutdown; the raylet, GCS and the others take 0.02-0.04 s each). It holds nothing of a
-    study (a local cluster has nothing to autoscale), so it is killed first. Connected to a cluster
+    study (a local cluster has nothing to autoscale), so it is killed first (otstudy's own local
+    cluster starts without it, see :func:`_lean_head`, unless ``OTSTUDY_RAY_FULL_HEAD=1``). Connected to a cluster
     started elsewhere, this process owns no Ray process and only disconnects.
     """
     import ray

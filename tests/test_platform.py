@@ -396,3 +396,34 @@ print(json.dumps({"types": sorted(procs), "alive": alive, "initialized": ray.is_
     assert "monitor" in got["types"] and "raylet" in got["types"] and "gcs_server" in got["types"]
     assert got["alive"] == [] and got["initialized"] is False
 
+
+def test_a_local_cluster_starts_without_the_api_server_and_the_monitor_unless_asked(tmp_path):
+    # the two head processes a study on one machine never uses (~1 s of each start, BENCHMARKS.md);
+    # OTSTUDY_RAY_FULL_HEAD=1 keeps Ray's defaults
+    code = """
+import json, os, ray
+from ray._private.node import Node
+from study.runner import init_ray, shutdown_ray
+init_ray()
+types = sorted(ray._private.worker._global_node.all_processes)
+@ray.remote(num_cpus=1, runtime_env={"env_vars": {"OTSTUDY_X": "1"}})  # as Tune starts a trial
+def trial():
+    return os.environ["OTSTUDY_X"]
+got = ray.get(trial.remote(), timeout=120)
+restored = Node.start_api_server.__name__ == "start_api_server" and Node.start_monitor.__name__ == "start_monitor"
+shutdown_ray()
+print(json.dumps({"types": types, "got": got, "restored": restored}))
+"""
+    root = str(Path(__file__).resolve().parents[1])
+    out = {}
+    for full in ("", "1"):
+        env = {**os.environ, "OTSTUDY_RAY_FULL_HEAD": full}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=root,
+                              env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[full] = json.loads(proc.stdout.strip().splitlines()[-1])
+    lean, full = out[""], out["1"]
+    assert {"gcs_server", "raylet", "log_monitor"} <= set(lean["types"])
+    assert "dashboard" not in lean["types"] and "monitor" not in lean["types"]
+    assert "dashboard" in full["types"] and "monitor" in full["types"]
+    assert lean["got"] == full["got"] == "1" and lean["restored"] and full["restored"]
