@@ -570,8 +570,9 @@ def _lean_head():
     * The autoscaler's monitor: a local cluster has nothing to scale. Its one message a study could
       meet, a trial no node can hold, is :func:`check_resources`' error, raised before any trial.
 
-    Together they are ~2 CPU-s of Python imports on the critical path of the start: a 1-trial study
-    printed its first trial's line ~1 s sooner (paired runs in BENCHMARKS.md). Ray's private
+    Both are Python processes importing Ray's modules beside the raylet's agents on a small machine:
+    without them ``ray.init`` took 2.51 s instead of 3.46 s (medians; Ray's start 0.86 s shorter in
+    10 of 10 paired runs, ``benchmarks/platform_overhead --part head``). Ray's private
     ``Node`` methods are replaced only for the duration of ``ray.init`` in this process; where a Ray
     version lacks them, the full head starts. ``OTSTUDY_RAY_FULL_HEAD=1`` keeps Ray's defaults (e.g.
     to inspect a local study with ``ray list actors``); a cluster joined with ``--address`` is never
@@ -605,8 +606,8 @@ def shutdown_ray() -> None:
     exit after SIGTERM; the autoscaler's monitor never exits in that time (measured: 1.02 s of a
     1.38 s shutdown; the raylet, GCS and the others take 0.02-0.04 s each). It holds nothing of a
     study (a local cluster has nothing to autoscale), so it is killed first (otstudy's own local
-    cluster starts without it, see :func:`_lean_head`, unless ``OTSTUDY_RAY_FULL_HEAD=1``). Connected to a cluster
-    started elsewhere, this process owns no Ray process and only disconnects.
+    cluster starts without it, see :func:`_lean_head`, unless ``OTSTUDY_RAY_FULL_HEAD=1``). Connected
+    to a cluster started elsewhere, this process owns no Ray process and only disconnects.
     """
     import ray
 
