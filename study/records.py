@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -42,6 +43,12 @@ def mlflow_fail_fast() -> None:
     these when it makes a request)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+
+# the driver's thread preparing the MLflow store (importing mlflow, creating or checking a sqlite
+# store: seconds), started with Ray by runner.start_ray_and_store; the tracker holds its MLflow calls
+# until it has finished, so the first trial need not wait for it
+STORE_PREP: Optional[threading.Thread] = None
 
 
 def default_tracking_uri(study_dir: Path) -> str:

@@ -10,6 +10,8 @@ All writes happen in the driver process, in batches (one ``log_batch`` per
 result), so concurrent trials never hammer a SQLite store from several
 processes. A tracking failure never stops the study: it is counted, written to
 ``mlflow_errors.log`` in the study directory, and reported by export/report.
+While the driver still prepares the MLflow store at the start of a study, the
+tracker holds its calls and makes them, in order, once the store is ready.
 """
 from __future__ import annotations
 
@@ -19,16 +21,18 @@ import shutil
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ray.tune import Callback
 
 from trainables.cache import cache_dir, write_atomically
 
+from . import records
 from .records import (RAY_KEYS, flat_config, git_revision, mlflow_fail_fast, restored_rows, result_epoch,
                       trial_result_file)
 
 TRIAL_TAG = "otstudy.trial_id"
+STORE_WAIT_S = 60.0  # the longest the tracker waits for the driver's thread preparing the store
 ROLE_TAG = "otstudy.role"
 
 
@@ -82,6 +86,7 @@ class MLflowTracker(Callback):
         self._reset()
 
     def _reset(self):
+        self._pending: List[Tuple[Any, tuple]] = []  # calls held while the driver prepares the store
         self._client = None
         self._experiment_id = None
         self._parent_id = None
@@ -211,14 +216,37 @@ class MLflowTracker(Callback):
             self._client.log_batch(run_id, metrics=metrics[i:i + 1000])
         self._last_step[tid] = last
 
+    def _ready(self, wait: bool = False) -> bool:
+        """Whether MLflow may be called now: not while the driver's thread still prepares the store
+        (``records.STORE_PREP``: importing mlflow, creating a sqlite store, seconds that would delay
+        the first trial), unless ``wait``. Once it may, the calls held meanwhile are made, in order."""
+        prep = records.STORE_PREP
+        if prep is not None and prep.is_alive():
+            if not wait:
+                return False
+            prep.join(timeout=STORE_WAIT_S)
+        while self._pending:
+            fn, args = self._pending.pop(0)
+            fn(*args)
+        return True
+
+    def _call(self, fn, *args) -> None:
+        if self._ready():
+            fn(*args)
+        else:
+            self._pending.append((fn, args))
+
     # ------------------------------------------------------------------ Tune hooks
     def setup(self, **info):
-        self._ensure()
+        self._call(self._ensure)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_for(trial)
+        self._call(self._run_for, trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._call(self._log_result, trial, dict(result))
+
+    def _log_result(self, trial, result: Dict[str, Any]) -> None:
         run_id = self._run_for(trial)
         if run_id is None:
             return
@@ -251,12 +279,13 @@ class MLflowTracker(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         outcome = "completed" if last.get("final") else "pruned"
-        self._finish(trial, "FINISHED" if outcome == "completed" else "KILLED", outcome)
+        self._call(self._finish, trial, "FINISHED" if outcome == "completed" else "KILLED", outcome)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, "FAILED", "failed", error=error_summary(trial))
+        self._call(self._finish, trial, "FAILED", "failed", error_summary(trial))
 
     def on_experiment_end(self, trials, **info):
+        self._ready(wait=True)
         # trials that ended under an earlier driver get no callbacks after a resume: make sure the
         # store holds each of them, finished and complete (it may be a copy older than Tune's records)
         for t in trials:

@@ -440,6 +440,47 @@ def test_the_live_mlflow_run_gets_the_restored_epochs_once(tmp_path):
     assert tracker.failures == again.failures == 0
 
 
+def test_the_tracker_holds_its_calls_until_the_store_is_prepared_then_makes_them_in_order(tmp_path, monkeypatch):
+    # the study starts while a driver thread still prepares the MLflow store (records.STORE_PREP): the
+    # tracker must neither touch the store meanwhile (a sqlite migration in progress) nor lose a call
+    import threading
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from study import records
+    from study.tracking import MLflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    release = threading.Event()
+    prep = threading.Thread(target=release.wait, daemon=True)
+    prep.start()
+    monkeypatch.setattr(records, "STORE_PREP", prep)
+    trials = [SimpleNamespace(trial_id=t, config={"seed": 0, "beta": b}, status="TERMINATED",
+                              last_result={"epoch": 2, "final": 1.0}) for t, b in (("t1", 0.0), ("t2", 0.5))]
+    tracker = MLflowTracker(uri, "held", str(tmp_path), {"search": {"beta": {}}})
+    tracker.setup()
+    for t in trials:
+        tracker.on_trial_start(0, trials, t)
+    tracker.on_trial_result(0, trials, trials[0], {"epoch": 1, "train_loss": 1.0})
+    tracker.on_trial_result(0, trials, trials[0], {"epoch": 2, "train_loss": 0.5, "final": 1.0})
+    tracker.on_trial_complete(0, trials, trials[0])
+    assert not (tmp_path / "mlflow.db").exists() and len(tracker._pending) == 6  # held, in order
+    release.set()
+    prep.join()
+    tracker.on_trial_result(0, trials, trials[1], {"epoch": 1, "train_loss": 2.0})
+    assert tracker._pending == []
+    tracker.on_experiment_end(trials)
+    client = MlflowClient(uri)
+    runs = {r.data.tags["otstudy.trial_id"]: r for r in client.search_runs(
+        [client.get_experiment_by_name("held").experiment_id], filter_string="tags.`otstudy.role` = 'trial'")}
+    assert sorted(runs) == ["t1", "t2"] and runs["t1"].info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(runs["t1"].info.run_id, "train_loss")] == \
+        [(1, 1.0), (2, 0.5)]
+    assert [m.value for m in client.get_metric_history(runs["t2"].info.run_id, "train_loss")] == [2.0]
+    assert tracker.failures == 0
+
+
 def test_staged_checkpoints_of_dead_trial_processes_are_swept(tmp_path):
     from study.runner import CKPT_STAGING, sweep_checkpoint_staging
 
