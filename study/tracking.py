@@ -32,8 +32,8 @@ from .records import (RAY_KEYS, flat_config, git_revision, mlflow_fail_fast, res
                       trial_result_file)
 
 TRIAL_TAG = "otstudy.trial_id"
-STORE_WAIT_S = 60.0  # the longest the tracker waits for the driver's thread preparing the store
 ROLE_TAG = "otstudy.role"
+STORE_WAIT_S = 60.0  # the longest the tracker waits for the driver's thread preparing the store
 
 
 def seed_sqlite_store(uri: str) -> bool:
