@@ -77,25 +77,30 @@ def plain_loops(epochs: int, processes: int) -> tuple:
     return wall, sum(o[0] for o in outs), statistics.median(x for o in outs for x in o[1])
 
 
+def _timed_run(study: dict, d: str, extra=(), env=None) -> tuple:
+    """Run `otstudy run` on ``study`` with storage ``d``: (wall s, s to the first trial's line, s from the
+    results to the exit), from the time stamps of the command's output (where the fixed cost goes)."""
+    f = Path(d) / f"{study['name']}.yaml"
+    f.write_text(yaml.safe_dump(study))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "otstudy"), "run", str(f), "--storage", d, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    first_trial = results_out = None
+    for line in proc.stdout:
+        if first_trial is None and "[otstudy trial]" in line:  # printed once the trial's data is loaded
+            first_trial = time.perf_counter() - t0
+        if line.startswith(f"[otstudy] {d}"):  # the last line: results exported
+            results_out = time.perf_counter()
+    if proc.wait() != 0:
+        raise RuntimeError(f"otstudy run failed with exit code {proc.returncode}")
+    end = time.perf_counter()
+    return end - t0, first_trial, end - results_out if results_out is not None else float("nan")
+
+
 def through_otstudy(epochs, concurrent, address=None, env=None):
     with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "s.yaml"
-        f.write_text(yaml.safe_dump(spec(epochs, concurrent, f"c{concurrent}")))
-        extra = ["--address", address] if address else []
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "otstudy"), "run", str(f), "--storage", d,
-                                 *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        first_trial = results_out = None
-        for line in proc.stdout:  # time stamps of the CLI's output: where the fixed cost goes
-            if first_trial is None and "[otstudy trial]" in line:  # printed once the trial's data is loaded
-                first_trial = time.perf_counter() - t0
-            if line.startswith(f"[otstudy] {d}"):  # the last line: results exported
-                results_out = time.perf_counter()
-        if proc.wait() != 0:
-            raise RuntimeError(f"otstudy run failed with exit code {proc.returncode}")
-        end = time.perf_counter()
-        wall = end - t0
-        after = end - results_out if results_out is not None else float("nan")
+        wall, first_trial, after = _timed_run(spec(epochs, concurrent, f"c{concurrent}"), d,
+                                              ["--address", address] if address else [], env)
         inside, steps = 0.0, []
         for f in (Path(d) / f"c{concurrent}" / "ray").glob("trial_*/result.json"):
             rows = [json.loads(ln) for ln in f.read_text().splitlines()]
@@ -184,23 +189,10 @@ print(json.dumps([t2 - t1, t3 - t2, time.perf_counter() - t0]))
 
 def _one_trial_study(env) -> tuple:
     """(s to the trial's first line, wall s) of `otstudy run` on a 1-trial, 1-epoch study."""
-    one = {"name": "h", "method": "sinsim", "dataset": "digits",
-           "fixed": {"epochs": 1, "batch_size": 256, "eps": 0.05, "sinkhorn_iters": 40},
-           "search": {"beta": {"grid": [0.0]}}, "sampler": "grid", "seeds": [0], "metric": "knn_acc",
-           "mode": "max", "resources": {"cpu": 1}}
+    one = {**spec(1, 1, "h"), "search": {"beta": {"grid": [0.0]}}, "seeds": [0]}
     with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "h.yaml"
-        f.write_text(yaml.safe_dump(one))
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "otstudy"), "run", str(f), "--storage", d],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        first = None
-        for line in proc.stdout:
-            if first is None and "[otstudy trial]" in line:
-                first = time.perf_counter() - t0
-        if proc.wait() != 0:
-            raise RuntimeError(f"otstudy run failed with exit code {proc.returncode}")
-        return first, time.perf_counter() - t0
+        wall, first, _ = _timed_run(one, d, env=env)
+        return first, wall
 
 
 def head_pairs(pairs: int) -> None:

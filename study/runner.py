@@ -588,16 +588,16 @@ def _lean_head():
     to inspect a local study with ``ray list actors``); a cluster joined with ``--address`` is never
     touched.
     """
-    saved = {}
+    saved, Node = {}, None
     if os.environ.get(FULL_HEAD_ENV, "") not in ("1", "true", "yes"):
         try:
             from ray._private.node import Node
         except ImportError:  # a Ray without this private module: its full head
-            Node = None
-        for name in ("start_api_server", "start_monitor"):
-            if Node is not None and callable(getattr(Node, name, None)):
-                saved[name] = getattr(Node, name)
-                setattr(Node, name, _skip_head_process)
+            pass
+        saved = {name: getattr(Node, name) for name in ("start_api_server", "start_monitor")
+                 if callable(getattr(Node, name, None))}
+        for name in saved:
+            setattr(Node, name, _skip_head_process)
     try:
         yield
     finally:
@@ -691,9 +691,10 @@ def run_study(spec: Spec, *, storage: Optional[str] = None, address: Optional[st
     if study_dir.exists():
         study_dir.rmdir()
     write_study_files(spec, study_dir, smoke=smoke, home=home)
+    pushed: List[str] = []
     if remote is not None:
         try:
-            remote.push_home(study_dir)  # resumable from any machine from now on
+            pushed = remote.push_home(study_dir)  # resumable from any machine from now on
         except OSError as exc:  # e.g. no write permission: nothing has run, leave nothing behind
             import shutil
 
@@ -714,7 +715,7 @@ def run_study(spec: Spec, *, storage: Optional[str] = None, address: Optional[st
             records.STORE_PREP.join(timeout=60)
         shutil.rmtree(study_dir, ignore_errors=True)
         if remote is not None:
-            remote.delete_home_files(("spec.yaml", "study.json"))  # all push_home found to copy
+            remote.delete_home_files(pushed)
         raise
     build_tuner(spec, study_dir).fit()
     return _finish(study_dir)

@@ -31,7 +31,7 @@ import shutil
 import sqlite3
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 from urllib.parse import urlparse, urlunparse
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
@@ -114,10 +114,12 @@ class Remote:
             shutil.copyfileobj(src, out, length=1 << 20)
         os.replace(tmp, dst)
 
-    def push_home(self, study_dir: Path) -> None:
-        """Copy the driver's files to the home; ``mlflow.db`` as a consistent sqlite snapshot."""
+    def push_home(self, study_dir: Path) -> List[str]:
+        """Copy the driver's files to the home; ``mlflow.db`` as a consistent sqlite snapshot. Returns
+        the paths written, relative to the home."""
         study_dir = Path(study_dir)
         self.fs.create_dir(self.path)
+        written = []
         for name in HOME_FILES:
             src = study_dir / name
             if not src.is_file():
@@ -129,16 +131,19 @@ class Remote:
                     self._put(snap, name)
             else:
                 self._put(src, name)
+            written.append(name)
         for dname in HOME_DIRS:
             for f in sorted((study_dir / dname).rglob("*")) if (study_dir / dname).is_dir() else []:
                 if f.is_file():
                     rel = f.relative_to(study_dir).as_posix()
                     self.fs.create_dir(f"{self.path}/{Path(rel).parent.as_posix()}")
                     self._put(f, rel)
+                    written.append(rel)
+        return written
 
     def delete_home_files(self, names: Iterable[str]) -> None:
-        """Remove files this study wrote at the top of its home (best effort: a file left is only a
-        file; the home is refused as an existing study only while its ``spec.yaml`` is there)."""
+        """Remove files this study wrote to its home (best effort: a file left is only a file; the
+        home is refused as an existing study only while its ``spec.yaml`` is there)."""
         for name in names:
             try:
                 self.fs.delete_file(f"{self.path}/{name}")
