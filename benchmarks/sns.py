@@ -8,15 +8,27 @@ Both solvers are otstudy's (float64); Sinkhorn is capped at 20,000 iterations an
 ``sinkhorn`` picks itself (the kernel domain while the kernel fits float64, else the stabilised kernel), so the
 time ratio is against otstudy's fastest Sinkhorn. Times are medians of 3 runs (1 when a run takes > 2 s).
 
-    .venv/bin/python -m benchmarks.sns
+``--against REV`` instead times this checkout's SNS against the one in git revision REV (its
+``trainables/ot.py`` loaded as a module of its own), in alternating pairs on the same problems: how a change
+to the solver moved its iterations and its time.
+
+    .venv/bin/python -m benchmarks.sns [--against REV]
 """
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import ensure_malloc_env, markdown_table, median_call, record
+from benchmarks.common import ROOT, ensure_malloc_env, markdown_table, median_call, record
 from trainables.ot import sinkhorn, sinkhorn_newton_sparse
 
 CAP = 20000
@@ -54,11 +66,61 @@ def solve(cost, a, b, eps):
             t_plain / t_fixed]
 
 
-def main():
-    ensure_malloc_env()
+def problems():
+    return (("clouds n=512", clouds()), ("clouds n=1024", clouds(1024)), ("digits 28x28 (n=784)", digits_pair()))
+
+
+def solver_at(rev: str):
+    """``sinkhorn_newton_sparse`` as it is in git revision ``rev``."""
+    try:
+        source = subprocess.run(["git", "show", f"{rev}:trainables/ot.py"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout
+    except subprocess.CalledProcessError as exc:
+        sys.exit(f"benchmarks.sns: error: --against {rev}: {exc.stderr.strip()}")
+    path = Path(tempfile.mkdtemp()) / "ot_at_rev.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("ot_at_rev", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module.sinkhorn_newton_sparse
+
+
+def against(rev: str, pairs: int = 5):
+    old = solver_at(rev)
+    rev_id = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     rows = []
-    problems = (("clouds n=512", clouds()), ("clouds n=1024", clouds(1024)), ("digits 28x28 (n=784)", digits_pair()))
-    for name, (cost, a, b) in problems:
+    for name, (cost, a, b) in problems():
+        for eps in (0.005, 0.002, 0.001):
+            times = {"this": [], "rev": []}
+            iters = {}
+            for k in range(pairs):  # alternate which one runs first
+                order = (("this", sinkhorn_newton_sparse), ("rev", old))
+                for label, solve_ in (order if k % 2 == 0 else order[::-1]):
+                    t0 = time.perf_counter()
+                    res = solve_(cost, eps=eps, tol=1e-6, a=a, b=b, warn=False)
+                    times[label].append(time.perf_counter() - t0)
+                    iters[label] = res.n_iters
+            this_ms, rev_ms = (1e3 * statistics.median(times[k]) for k in ("this", "rev"))
+            rows.append([name, eps, iters["rev"], rev_ms, iters["this"], this_ms, this_ms / rev_ms])
+            print(rows[-1], flush=True)
+    header = ["problem", "eps", f"{rev_id}: SNS iters", f"{rev_id}: ms", "this: SNS iters", "this: ms",
+              f"time, this / {rev_id}"]
+    record(f"sns --against {rev}: this checkout's SNS vs {rev_id}'s",
+           f"Both to L1 marginal error 1e-6 in float64, {pairs} alternating pairs per problem, median times. "
+           f"{rev_id}'s solver is its `trainables/ot.py`, loaded as a module of its own.\n\n"
+           + markdown_table(header, rows))
+
+
+def main():
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sns")
+    parser.add_argument("--against", metavar="REV", help="time this checkout's SNS against git revision REV's")
+    args = parser.parse_args()
+    ensure_malloc_env()
+    if args.against:
+        return against(args.against)
+    rows = []
+    for name, (cost, a, b) in problems():
         for eps in (0.05, 0.01, 0.005, 0.002, 0.001):
             rows.append([name, eps, *solve(cost, a, b, eps)])
             print(rows[-1], flush=True)
@@ -67,9 +129,8 @@ def main():
               "time ratio"]
     record("sns: Sinkhorn-Newton-Sparse vs Sinkhorn to marginal error 1e-6",
            "SNS iterations = the Sinkhorn iterations before Newton (at least 5, more while Sinkhorn's rate "
-           "predicts 1e-6 within 80 more: `sinkhorn_budget`) + Newton steps + the Sinkhorn iterations that "
-           "follow each damped Newton step (as many as the step took CG products). The last three columns "
-           "are SNS with the paper's fixed warm-up (5 iterations, `sinkhorn_budget=0`), in the same run. "
+           "predicts 1e-6 within 80 more: `sinkhorn_budget`) + Newton steps (damped or not). The last three "
+           "columns are SNS with the paper's fixed warm-up (5 iterations, `sinkhorn_budget=0`), in the same run. "
            "Sinkhorn runs in the domain it "
            "picks (kernel while (max C - min C)/eps <= 283 in float64, else the stabilised kernel); both "
            "solvers float64; medians of 3 runs.\n\n" + markdown_table(header, rows))

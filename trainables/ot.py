@@ -555,7 +555,7 @@ def sinkhorn_newton_sparse(
     sinkhorn_budget: int = 80,
     max_newton: int = 100,
     sparsity_tol: float = 1e-3,
-    dense_above: float = 0.15,
+    dense_above: float = 0.05,
     cg_tol: float = 1e-2,
     cg_max_iter: int = 300,
     warn: bool = True,
@@ -585,9 +585,11 @@ def sinkhorn_newton_sparse(
       eps) keeps what it needs. A fixed per-row budget truncated diffuse plans
       and made Newton converge only linearly (20 steps at eps = 0.01 on digits,
       against 3-4 now). The kept entries are stored in CSR form while they are
-      at most ``dense_above`` of the matrix; above that the exact plan is used
-      (a dense product is faster on CPU than a sparse one that dense, and the
-      exact Hessian costs nothing more then), and stays in use.
+      at most ``dense_above`` (5%) of the matrix; above that the exact plan is
+      used, and stays in use. On CPU, building the CSR pair costs ~50 dense
+      matrix-vector products (n = 1024: 12 ms against 0.23 ms a product), more
+      than the ~10 CG products of a step save; above 5% the dense path was
+      faster (2-D clouds n = 512, eps = 1e-3: 103 ms -> 37 ms with 15%).
     * The Newton system is solved through its Schur complement
       :math:`(\mathrm{diag}(P^\top 1) - P_s^\top \mathrm{diag}(1/P1) P_s)\,d_g = \ldots`
       (d_f eliminated), by conjugate gradients preconditioned with that matrix's
@@ -595,11 +597,9 @@ def sinkhorn_newton_sparse(
       half the products of CG on the full one (15-80 -> 7-40 measured), each
       product still one P_s and one P_s^T product. The paper runs plain CG on
       the full system (~230 products per step measured).
-    * The CG tolerance is loose (``cg_tol`` = 1e-2, inexact Newton): on these
-      problems Newton converges linearly by a factor ~0.1-0.3 per step even
-      with an exact solve (the quadratic region at small eps is narrow), so a
-      tighter solve only costs products (1e-4 cost 1.7x the products for the
-      same number of steps).
+    * The CG tolerance is loose (``cg_tol`` = 1e-2, inexact Newton): a tighter
+      solve only cost products (1e-4 cost 1.7x the products for the same number
+      of steps).
     * The line search evaluates L along the step with one product by the current
       plan (``L(f + s d_f, g + s d_g) - L(f, g)`` needs only ``x^T P y`` with
       ``x = exp(s d_f / eps)``, ``y = exp(s d_g / eps)``, written with ``expm1``
@@ -613,11 +613,21 @@ def sinkhorn_newton_sparse(
       slowly later, as on digits, still gets Newton). The paper always runs a
       fixed warm-up and then Newton; where Sinkhorn needs only ~10-100
       iterations (moderate eps) that made SNS 1.5-2x slower than Sinkhorn
-      alone, and now it costs what Sinkhorn does. After every damped Newton step
-      (the line search cut the step below 1: outside Newton's quadratic region)
-      come as many Sinkhorn iterations as that step took CG products (about
-      its cost), stopping at ``tol``. On 2-D point clouds at eps = 1e-3 this
-      replaced ~10 damped steps (steps 0.002-0.25) by ~100 cheap iterations.
+      alone, and now it costs what Sinkhorn does. ``sinkhorn_budget=0`` is the
+      paper's algorithm (with the solves above).
+    * Every step after the warm-up is a Newton step, damped or not, as in the
+      paper. An earlier version ran, after each damped step, as many Sinkhorn
+      iterations as the step took CG products (about its cost). On 2-D clouds
+      at eps 0.005-0.001 that counted 19-89 iterations where Newton alone needs
+      13-24 (Sinkhorn: 109-1969). This version takes 0.67-1.66x its time
+      (``python -m benchmarks.sns --against 8527e76``): less at n = 512,
+      eps = 1e-3, more at n = 1024, eps = 1e-3 and on digits at 1e-3, where a
+      damped Newton step costs more than the Sinkhorn iterations it replaced;
+      against Sinkhorn alone SNS stays faster from eps = 2e-3 down (BENCHMARKS.md).
+      Tried and not kept: Levenberg-Marquardt
+      damping of the Hessian's diagonal (no fewer steps on these problems) and
+      CG tolerances loosened far from the solution (Eisenstat-Walker: half the
+      CG products, but more steps on digits; the time moved by -25% to +25%).
 
     Gradients: the potentials are detached (envelope theorem, as
     ``grad="implicit"`` in :func:`sinkhorn`).
@@ -662,7 +672,6 @@ def sinkhorn_newton_sparse(
         if p is None:
             p = _stabilized_kernel(c, f, g, eps)
         used = half_steps / 2
-        rebuild = lambda f_, g_: _stabilized_kernel(c, f_, g_, eps)  # noqa: E731
         dense = False
         for _ in range(max_newton):
             r, col = p.sum(1), p.sum(0)
@@ -684,11 +693,9 @@ def sinkhorn_newton_sparse(
                 del keep
                 sq_t = _csr(off_t.crow_indices(), off_t.col_indices(), off_t.values() ** 2, off_t.shape)
                 schur_diag = col - sq_t @ (1.0 / r_pos)
-            products = [0]
 
             def schur(y):
                 # (1/eps) (diag(col) - P_s^T diag(1/r) P_s) y: the Newton system with d_f eliminated
-                products[0] += 1
                 return (col * y - off_t @ ((off @ y) / r_pos)) / eps
 
             # M d = grad (Newton ascent step for the concave L) via its Schur complement in d_g, inexact,
@@ -723,13 +730,7 @@ def sinkhorn_newton_sparse(
             if step * reach <= 30.0:  # the new plan is the old one scaled: two passes instead of an exp pass
                 p.mul_(torch.exp(step * d_f / eps)[:, None]).mul_(torch.exp(step * d_g / eps)[None, :])
             else:
-                p = rebuild(f, g)
-            if step < 1.0:
-                # damped: outside Newton's quadratic region; Sinkhorn iterations costing about what this
-                # step cost (one per CG product) bring the next step closer to it, and stop at tol
-                f, g, _, half_steps, p = _scale(p, f, g, a64, b64, eps, 2 * max(1, products[0]), 1.0, 1.0,
-                                                tol, True, rebuild=rebuild)
-                used += half_steps / 2
+                p = _stabilized_kernel(c, f, g, eps)
     f, g = f.to(cost.dtype), g.to(cost.dtype)
     if cost.requires_grad and torch.is_grad_enabled():  # the envelope gradient flows through the cost
         plan = torch.exp((f[:, None] + g[None, :] - cost) / eps)
