@@ -88,7 +88,8 @@ def solver_at(rev: str):
 
 def against(rev: str, pairs: int = 5):
     old = solver_at(rev)
-    rev_id = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    rev_id = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
     rows = []
     for name, (cost, a, b) in problems():
         for eps in (0.005, 0.002, 0.001):

@@ -251,7 +251,7 @@ def test_sns_needs_ten_times_fewer_iterations_at_small_eps():
 def test_sns_needs_ten_times_fewer_iterations_on_2d_clouds_where_newton_is_damped_for_many_steps():
     # 2-D Gaussian clouds (the sns benchmark's problem, n = 256): far from the solution the plan nearly splits
     # into blocks and the line search cuts Newton's steps; every step still counts one iteration (an earlier
-    # version ran Sinkhorn iterations after each cut step: 38 here)
+    # version ran Sinkhorn iterations after each cut step: 42 here, against 281 for Sinkhorn)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(256, 2, generator=g, dtype=torch.float64)
     y = torch.randn(256, 2, generator=g, dtype=torch.float64) + 1.0
