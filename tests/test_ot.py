@@ -313,6 +313,12 @@ def test_sns_float32_cost_gives_a_float32_plan_solved_in_float64():
     assert (res.plan.sum(1) - 1 / 40).abs().sum() < 1e-5
     with pytest.raises(ValueError, match="warmup_iters"):
         sinkhorn_newton_sparse(cost, eps=0.01, warmup_iters=0)
+    for bad, message in ((dict(dense_above=1.5), r"dense_above must be in \[0, 1\].*got 1.5"),
+                         (dict(cg_tol=0.0), r"cg_tol must be in \(0, 1\), got 0.0"),
+                         (dict(max_newton=2.5), "max_newton must be an integer >= 1, got 2.5"),
+                         (dict(cg_max_iter=0), "cg_max_iter must be an integer >= 1, got 0")):
+        with pytest.raises(ValueError, match=message):
+            sinkhorn_newton_sparse(cost, eps=0.01, **bad)
 
 
 def test_stabilized_float32_matches_pot_iterate_for_iterate_where_the_kernel_underflows():

@@ -662,6 +662,13 @@ def sinkhorn_newton_sparse(
         raise ValueError(f"sparsity_tol must be in (0, 1), got {sparsity_tol}")
     if int(sinkhorn_budget) != sinkhorn_budget or sinkhorn_budget < 0:
         raise ValueError(f"sinkhorn_budget must be an integer >= 0, got {sinkhorn_budget}")
+    if not 0 <= dense_above <= 1:
+        raise ValueError(f"dense_above must be in [0, 1] (a share of the plan's entries), got {dense_above}")
+    if not 0 < cg_tol < 1:
+        raise ValueError(f"cg_tol must be in (0, 1), got {cg_tol}")
+    for name, value in (("max_newton", max_newton), ("cg_max_iter", cg_max_iter)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value}")
     sinkhorn_budget = int(sinkhorn_budget)
     cost = masked_cost(cost, mask)
     n, m = cost.shape
