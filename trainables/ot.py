@@ -625,15 +625,16 @@ def sinkhorn_newton_sparse(
       paper. An earlier version ran, after each damped step, as many Sinkhorn
       iterations as the step took CG products (about its cost). On 2-D clouds
       at eps 0.005-0.001 that counted 19-89 iterations where Newton alone needs
-      13-24 (Sinkhorn: 109-1969). This version takes 0.67-1.66x its time
-      (``python -m benchmarks.sns --against 8527e76``): less at n = 512,
-      eps = 1e-3, more at n = 1024, eps = 1e-3 and on digits at 1e-3, where a
-      damped Newton step costs more than the Sinkhorn iterations it replaced;
-      against Sinkhorn alone SNS stays faster from eps = 2e-3 down (BENCHMARKS.md).
-      Tried and not kept: Levenberg-Marquardt
-      damping of the Hessian's diagonal (no fewer steps on these problems) and
-      CG tolerances loosened far from the solution (Eisenstat-Walker: half the
-      CG products, but more steps on digits; the time moved by -25% to +25%).
+      13-24 (Sinkhorn: 109-1969). This version, with the line search above,
+      takes 0.60-1.33x its time (``python -m benchmarks.sns --against 8527e76``):
+      less at n = 512, eps = 1e-3 and on digits at 2e-3, more at n = 1024,
+      eps = 1e-3 and on digits at 1e-3, where a damped Newton step costs more
+      than the Sinkhorn iterations it replaced; against Sinkhorn alone SNS
+      stays faster from eps = 2e-3 down (BENCHMARKS.md). Tried and not kept:
+      Levenberg-Marquardt damping of the Hessian's diagonal (no fewer steps on
+      these problems) and CG tolerances loosened far from the solution
+      (Eisenstat-Walker: half the CG products, but more steps on digits; the
+      time moved by -25% to +25%).
 
     Gradients: the potentials are detached (envelope theorem, as
     ``grad="implicit"`` in :func:`sinkhorn`).
