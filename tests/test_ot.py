@@ -264,6 +264,17 @@ def test_sns_needs_ten_times_fewer_iterations_on_2d_clouds_where_newton_is_dampe
     assert torch.allclose(sns.plan, plain.plan, atol=1e-6)
 
 
+def test_sns_keeps_the_plan_it_reached_when_the_newton_solve_breaks_down(monkeypatch):
+    # a direction that is not finite (a CG breakdown) stops Newton: the plan reached so far is returned,
+    # finite, with the not-converged warning naming its marginal error
+    import trainables.ot as ot_module
+    monkeypatch.setattr(ot_module, "_pcg", lambda matvec, b, d, **kw: torch.full_like(b, float("nan")))
+    cost = random_cost(32, 32, seed=2)
+    with pytest.warns(SinkhornNotConvergedWarning, match="marginal error .* after 5 iterations"):
+        res = sinkhorn_newton_sparse(cost, eps=0.002, sinkhorn_budget=0)
+    assert torch.isfinite(res.plan).all() and torch.isfinite(res.f).all() and res.marginal_error > 1e-6
+
+
 def test_sns_stays_with_sinkhorn_while_its_rate_predicts_convergence_within_the_budget():
     # eps = 0.05: Sinkhorn's error falls by a steady factor per iteration and reaches 1e-10 in ~21 iterations,
     # fewer than the cost of a few Newton steps: SNS is then exactly Sinkhorn (same iterations, same plan)

@@ -732,6 +732,8 @@ def sinkhorn_newton_sparse(
             # refused: start the halving at the first step that does not (the same step is accepted, without
             # the ~20 refused trials a direction reaching 1e9 eps took)
             rise = float(torch.maximum(d_f.max(), d_g.max())) / eps
+            if not math.isfinite(rise):  # the solve broke down (a mass underflowed): keep the plan reached so far
+                break
             step = 1.0 if rise <= _EXP_MAX else 2.0 ** -math.ceil(math.log2(rise / _EXP_MAX))
             while step > 1e-8:
                 # L(f + s d_f, g + s d_g) - L(f, g) = s <d, (a, b)> - eps (x^T P y - 1^T P 1),
