@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.common import ensure_malloc_env, markdown_table, record
+from benchmarks.common import ROOT, ensure_malloc_env, markdown_table, record
+from study.runner import FULL_HEAD_ENV
 
 TRIALS = [(beta, seed) for beta in (0.0, 0.8) for seed in (0, 1)]
 
@@ -205,12 +206,11 @@ def head_pairs(pairs: int) -> None:
     """
     import os
 
-    root = str(Path(__file__).resolve().parents[1])
     runs = {"full": [], "lean": []}
     for i in range(pairs):
         for head in (("full", "lean") if i % 2 == 0 else ("lean", "full")):
-            env = {**os.environ, "OTSTUDY_RAY_FULL_HEAD": "1" if head == "full" else "0"}
-            out = subprocess.run([sys.executable, "-c", RAY_START], capture_output=True, text=True, cwd=root,
+            env = {**os.environ, FULL_HEAD_ENV: "1" if head == "full" else "0"}
+            out = subprocess.run([sys.executable, "-c", RAY_START], capture_output=True, text=True, cwd=ROOT,
                                  env=env, timeout=300)
             if out.returncode != 0:
                 raise RuntimeError(f"Ray's start failed: {out.stderr[-2000:]}")

@@ -90,13 +90,13 @@ def against(rev: str, pairs: int = 5):
     old = solver_at(rev)
     rev_id = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
+    order = (("this", sinkhorn_newton_sparse), ("rev", old))
     rows = []
     for name, (cost, a, b) in problems():
         for eps in (0.005, 0.002, 0.001):
             times = {"this": [], "rev": []}
             iters = {}
             for k in range(pairs):  # alternate which one runs first
-                order = (("this", sinkhorn_newton_sparse), ("rev", old))
                 for label, solve_ in (order if k % 2 == 0 else order[::-1]):
                     t0 = time.perf_counter()
                     res = solve_(cost, eps=eps, tol=1e-6, a=a, b=b, warn=False)

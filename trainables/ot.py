@@ -703,7 +703,7 @@ def sinkhorn_newton_sparse(
                 dense = float(rows_nnz.sum()) > dense_above * n * m
             if dense:
                 off, off_t = p, p.t()
-                square = torch.mul(p, p, out=square if square is not None and square.shape == p.shape else None)
+                square = torch.mul(p, p, out=square)  # P keeps its shape, so the buffer fits every step
                 schur_diag = col - (1.0 / r_pos) @ square
             else:
                 off, off_t = _csr_pair(p, keep, rows_nnz)
