@@ -18,20 +18,28 @@ are separated. The projected ratio for a longer study follows from the two.
 
     .venv/bin/python -m benchmarks.platform_overhead [--epochs E] [--rounds R]
     .venv/bin/python -m benchmarks.platform_overhead --part head [--pairs P]
+    .venv/bin/python -m benchmarks.platform_overhead --part against --against REV [--pairs P]
+    .venv/bin/python -m benchmarks.platform_overhead --part actor [--pairs P]
 
 ``--part head`` compares, pair by pair, a 1-trial study started with Ray's full head
 (``OTSTUDY_RAY_FULL_HEAD=1``: its API server and autoscaler monitor) and with otstudy's lean one.
+``--part against`` compares, pair by pair, this checkout's `otstudy run` with git revision REV's on a
+1-trial study and on 2 trials run 2 at a time (1 epoch each): the time to the first trial's first line
+and the wall time. ``--part actor`` times a trial's actor started with Tune's runtime env against one
+started without (as otstudy's local cluster does), pair by pair.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import yaml
@@ -78,13 +86,19 @@ def plain_loops(epochs: int, processes: int) -> tuple:
     return wall, sum(o[0] for o in outs), statistics.median(x for o in outs for x in o[1])
 
 
-def _timed_run(study: dict, d: str, extra=(), env=None) -> tuple:
+def _timed_run(study: dict, d: str, extra=(), env=None, code: Optional[Path] = None) -> tuple:
     """Run `otstudy run` on ``study`` with storage ``d``: (wall s, s to the first trial's line, s from the
-    results to the exit), from the time stamps of the command's output (where the fixed cost goes)."""
+    results to the exit), from the time stamps of the command's output (where the fixed cost goes).
+    ``code``: run the CLI of the checkout in that directory instead (``python -m study.cli``, with it
+    first on the driver's and the workers' path)."""
     f = Path(d) / f"{study['name']}.yaml"
     f.write_text(yaml.safe_dump(study))
+    cmd = [str(Path(sys.executable).parent / "otstudy")]
+    if code is not None:
+        cmd = [sys.executable, "-m", "study.cli"]
+        env = {**(env or os.environ), "PYTHONPATH": str(code)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "otstudy"), "run", str(f), "--storage", d, *extra],
+    proc = subprocess.Popen([*cmd, "run", str(f), "--storage", d, *extra], cwd=code,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     first_trial = results_out = None
     for line in proc.stdout:
@@ -114,7 +128,6 @@ def through_otstudy(epochs, concurrent, address=None, env=None):
 
 def with_running_ray(epochs):
     """`otstudy run --address` against a Ray already started with `ray start --head` (not timed)."""
-    import os
     import shutil
     import socket
 
@@ -188,11 +201,11 @@ print(json.dumps([t2 - t1, t3 - t2, time.perf_counter() - t0]))
 """
 
 
-def _one_trial_study(env) -> tuple:
+def _one_trial_study(env, code: Optional[Path] = None) -> tuple:
     """(s to the trial's first line, wall s) of `otstudy run` on a 1-trial, 1-epoch study."""
     one = {**spec(1, 1, "h"), "search": {"beta": {"grid": [0.0]}}, "seeds": [0]}
     with tempfile.TemporaryDirectory() as d:
-        wall, first, _ = _timed_run(one, d, env=env)
+        wall, first, _ = _timed_run(one, d, env=env, code=code)
         return first, wall
 
 
@@ -204,7 +217,6 @@ def head_pairs(pairs: int) -> None:
       (in a worker with a runtime env), ``runner.shutdown_ray()``;
     * a 1-trial, 1-epoch `otstudy run`: to the trial's first line, and the command's wall time.
     """
-    import os
 
     runs = {"full": [], "lean": []}
     for i in range(pairs):
@@ -237,19 +249,127 @@ def head_pairs(pairs: int) -> None:
            head + markdown_table(["pair", *names], rows))
 
 
+ACTOR_START = """
+import json, os, sys, time, ray
+from study.runner import init_ray, shutdown_ray
+init_ray()
+class Trial:
+    def ready(self):
+        return os.getpid()
+env = ray.remote(runtime_env={"env_vars": {"PL_DISABLE_FORK": "1"}})(Trial)  # as Tune registers a trial
+inherited = ray.remote(Trial)  # as otstudy does on its local cluster (the same variable, inherited)
+times = {"tune": [], "inherited": []}
+for i in range(int(sys.argv[1])):
+    for label, cls in ((("tune", env), ("inherited", inherited)) if i % 2 == 0 else
+                       (("inherited", inherited), ("tune", env))):
+        t0 = time.perf_counter()
+        actor = cls.options(num_cpus=1).remote()
+        ray.get(actor.ready.remote())
+        times[label].append(time.perf_counter() - t0)
+        ray.kill(actor)
+        time.sleep(1.0)  # its worker gone
+shutdown_ray()
+print(json.dumps(times))
+"""
+
+
+def actor_pairs(pairs: int) -> None:
+    """A trial's actor started with Tune's runtime env (``{"env_vars": {"PL_DISABLE_FORK": "1"}}``) vs
+    without one, alternately in one local cluster: the time from the actor's creation to its first answer
+    (a new worker process each time)."""
+    out = subprocess.run([sys.executable, "-c", ACTOR_START, str(pairs)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"the actor starts failed: {out.stderr[-2000:]}")
+    times = json.loads(out.stdout.strip().splitlines()[-1])
+    med = statistics.median
+    diff = [a - b for a, b in zip(times["tune"], times["inherited"])]
+    rows = [[i, f"{a:.3f}", f"{b:.3f}"] for i, (a, b) in enumerate(zip(times["tune"], times["inherited"]), 1)]
+    record("platform_overhead --part actor: a trial's actor with Tune's runtime env vs without",
+           f"{pairs} pairs in one local cluster (`runner.init_ray()`), alternately; seconds from the actor's "
+           f"creation to its first answer. Medians: with Tune's runtime env {med(times['tune']):.3f} s, "
+           f"without {med(times['inherited']):.3f} s; difference {med(diff):+.3f} s ({min(diff):+.3f} to "
+           f"{max(diff):+.3f}), without sooner in {sum(d > 0 for d in diff)} of {pairs}.\n\n"
+           + markdown_table(["pair", "Tune's runtime env s", "none (inherited) s"], rows))
+
+
+def against_pairs(rev: str, pairs: int) -> None:
+    """This checkout's `otstudy run` against git revision ``rev``'s (its files exported to a temporary
+    directory, run with ``python -m study.cli`` there), ``pairs`` times each, alternately, on a 1-trial,
+    1-epoch study and on 2 one-epoch trials run 2 at a time: each one's time to the (first) trial's first
+    line and wall time, compared pair by pair."""
+    import shutil
+
+    rev_id = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    if not rev_id:
+        sys.exit(f"platform_overhead: error: --against {rev}: not a git revision of {ROOT}")
+    old = Path(tempfile.mkdtemp(prefix=f"otstudy-{rev_id}-"))
+    try:
+        archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        two = {**spec(1, 2, "t"), "seeds": [0]}  # beta in {0, 0.8}: 2 trials, 2 at a time
+
+        def both(code):
+            first, wall = _one_trial_study(os.environ, code)
+            with tempfile.TemporaryDirectory() as d:
+                wall2, first2, _ = _timed_run(two, d, code=code)
+            return [first, wall, first2, wall2]
+
+        order = (("this", ROOT), (rev_id, old))
+        runs = {"this": [], rev_id: []}
+        for i in range(pairs):
+            for label, code in (order if i % 2 == 0 else order[::-1]):
+                runs[label].append(both(code))
+                print(f"pair {i + 1}/{pairs} {label}: " + ", ".join(f"{v:.2f}" for v in runs[label][-1]),
+                      flush=True)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+    names = ["1 trial: first trial line s", "1 trial: wall s", "2 trials, 2 at a time: first trial line s",
+             "2 trials, 2 at a time: wall s"]
+    med = statistics.median
+    summary, rows = [], []
+    for k, name in enumerate(names):
+        new_, rev_ = [r[k] for r in runs["this"]], [r[k] for r in runs[rev_id]]
+        diff = [a - b for a, b in zip(new_, rev_)]
+        summary.append([name, f"{med(new_):.2f}", f"{med(rev_):.2f}", f"{med(diff):+.2f} ({min(diff):+.2f} to "
+                        f"{max(diff):+.2f})", f"{sum(x < 0 for x in diff)} of {pairs}"])
+    for i, (a, b) in enumerate(zip(runs["this"], runs[rev_id]), 1):
+        rows.append([i, *(f"{x:.2f} / {y:.2f}" for x, y in zip(a, b))])
+    head = (f"{pairs} pairs, alternately (this checkout first in odd pairs); 1-epoch trials. Medians, and this "
+            f"checkout's time minus {rev_id}'s within each pair:\n\n"
+            + markdown_table(["time", "this", rev_id, f"this - {rev_id}, median (range)", "this sooner in"],
+                             summary)
+            + f"\n\nPer pair (this / {rev_id}):\n\n")
+    record(f"platform_overhead --part against {rev}: this checkout's `otstudy run` vs {rev_id}'s",
+           head + markdown_table(["pair", *names], rows))
+
+
 def main():
     ensure_malloc_env()
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--rounds", type=int, default=3, help="every runner once per round; medians over rounds")
-    p.add_argument("--part", choices=("study", "head"), default="study",
-                   help="study: otstudy vs plain loops (default); head: Ray's full head vs the lean one, paired")
-    p.add_argument("--pairs", type=int, default=8, help="--part head: pairs of runs")
+    p.add_argument("--part", choices=("study", "head", "against", "actor"), default="study",
+                   help="study: otstudy vs plain loops (default); head: Ray's full head vs the lean one, paired; "
+                        "against: this checkout vs git revision --against, paired; actor: a trial's actor "
+                        "with Tune's runtime env vs without, paired")
+    p.add_argument("--pairs", type=int, default=8, help="--part head / against / actor: pairs of runs")
+    p.add_argument("--against", metavar="REV", help="--part against: the git revision to compare with")
     args = p.parse_args()
     if args.rounds < 1 or args.epochs < 1 or args.pairs < 1:
         p.error(f"--rounds, --epochs and --pairs must be >= 1, got {args.rounds}, {args.epochs}, {args.pairs}")
+    if (args.part == "against") != (args.against is not None):
+        p.error("--part against and --against REV go together")
     if args.part == "head":
         head_pairs(args.pairs)
+        return
+    if args.part == "against":
+        against_pairs(args.against, args.pairs)
+        return
+    if args.part == "actor":
+        actor_pairs(args.pairs)
         return
     rounds = []
     for i in range(args.rounds):
