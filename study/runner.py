@@ -564,10 +564,11 @@ def init_ray(address: Optional[str] = None) -> None:
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         os.environ.setdefault("RAY_enable_worker_prestart", "0")
         os.environ.setdefault("PL_DISABLE_FORK", "1")  # what Tune sets in each trial's runtime env
+        inherited = dict(os.environ)  # the raylet ray.init starts, and the workers it starts, inherit it
         with _lean_head():
             ray.init(**kwargs)
         global _RAYLET_ENV
-        _RAYLET_ENV = dict(os.environ)  # the raylet and the workers it starts inherit it
+        _RAYLET_ENV = inherited
 
 
 FULL_HEAD_ENV = "OTSTUDY_RAY_FULL_HEAD"  # =1: a local cluster with Ray's API server and autoscaler monitor
