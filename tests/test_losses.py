@@ -97,6 +97,25 @@ def test_sinsim_beta_changes_the_encoder_gradient():
     assert h1.grad is not None and h1.grad.abs().sum() > 0  # OT acts on encoder features h
 
 
+@pytest.mark.parametrize("ot_value", ["cost", "divergence"])
+def test_sinsim_with_sns_is_the_converged_implicit_objective_and_its_gradient(ot_value):
+    # ot_solver="sns": the plan solved to 1e-6 by Sinkhorn-Newton-Sparse, with the envelope gradient; at
+    # convergence that is OT_eps and its gradient as Sinkhorn run long with grad="implicit" gives them
+    out, grads = {}, {}
+    for name, kw in (("sns", {"ot_solver": "sns"}), ("long", {"ot_grad": "implicit", "sinkhorn_iters": 5000})):
+        h1, h2, z1, z2 = [t.requires_grad_(True) for t in views(n=12, seed=8)]
+        out[name] = L.sinsim(h1, h2, z1, z2, beta=0.8, eps=0.02, ot_value=ot_value, **kw)
+        out[name].loss.backward()
+        grads[name] = h1.grad
+    assert out["sns"].parts["ot_loss"] == pytest.approx(out["long"].parts["ot_loss"], rel=1e-6, abs=1e-9)
+    # the same up to SNS's 1e-6 marginal error (the plan is the gradient of OT_eps with respect to the cost)
+    assert float((grads["sns"] - grads["long"]).abs().max()) <= 1e-3 * float(grads["long"].abs().max()) > 0
+    assert out["sns"].parts["ot_marginal_err"] <= 1e-6
+    assert out["sns"].parts["ot_iters"] < out["long"].parts["ot_iters"]
+    with pytest.raises(ValueError, match="ot_solver must be 'sinkhorn' or 'sns', got 'newton'"):
+        L.sinsim(*views(), ot_solver="newton")
+
+
 def test_iot_cl_uab_converges_to_both_marginals_and_u1_sums_to_one():
     _, _, z1, z2 = views(n=6, seed=7)
     cost = L.contrastive_cost(z1, z2)

@@ -1,5 +1,6 @@
 """The trainable: reports, resume == uninterrupted, frozen probes, data, config errors."""
 import io
+import math
 
 import pytest
 import torch
@@ -155,10 +156,21 @@ def test_divergence_raises_with_the_reason():
     ({"method": "iot_cl", "relaxation": "U3"}, "relaxation"),
     ({"method": "simclr", "dataset": "imagenet"}, "unknown dataset"),
     ({"method": "simclr", "batch_size": 1}, "batch_size"),
+    ({"method": "sinsim", "ot_solver": "newton"}, "ot_solver='newton': choose sinkhorn .* or sns"),
+    ({"method": "sinsim", "ot_solver": "sns", "ot_grad": "unrolled"},
+     "ot_grad='unrolled': ot_solver=sns has the implicit \\(envelope\\) gradient only"),
 ])
 def test_config_rejects_bad_values(cfg, match):
     with pytest.raises(ValueError, match=match):
         TrialConfig.from_dict(cfg)
+
+
+def test_sinsim_can_solve_its_plans_by_sns_to_convergence():
+    # ot_solver: sns reaches the loss through the config: every step's plan within 1e-6 of its marginals
+    rec = Recorder()
+    run(small(epochs=1, ot_solver="sns", eps=0.01), rec)
+    last = [m for m in rec.metrics if "ot_marginal_err" in m][-1]
+    assert last["ot_marginal_err"] <= 1e-6 and math.isfinite(last["train_loss"])
 
 
 def test_batch_larger_than_dataset_is_an_error():

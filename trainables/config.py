@@ -53,6 +53,7 @@ class TrialConfig:
     ot_cost: Optional[str] = None
     ot_value: Optional[str] = None
     ot_grad: Optional[str] = None
+    ot_solver: Optional[str] = None
     uot_lambda1: Optional[float] = None
     uot_lambda2: Optional[float] = None
     rince_q: Optional[float] = None
@@ -134,6 +135,12 @@ class TrialConfig:
             bad("ot_value", "choose cost or divergence")
         if self.ot_grad is not None and self.ot_grad not in ("unrolled", "implicit"):
             bad("ot_grad", "choose unrolled or implicit")
+        if self.ot_solver is not None and self.ot_solver not in ("sinkhorn", "sns"):
+            bad("ot_solver", "choose sinkhorn (sinkhorn_iters iterations) or sns (Sinkhorn-Newton-Sparse to "
+                             "marginal error 1e-6)")
+        if self.ot_solver == "sns" and self.ot_grad == "unrolled":
+            bad("ot_grad", "ot_solver=sns has the implicit (envelope) gradient only; set ot_grad: implicit or "
+                           "leave it out")
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
