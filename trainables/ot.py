@@ -691,8 +691,9 @@ def sinkhorn_newton_sparse(
         cmin, cmax = _cost_range(c)  # (1, 1) each
         domain = "kernel" if float((cmax - cmin) / eps) <= _kernel_limit(torch.float64) else "stabilized"
         until = _sinkhorn_while_fast(tol, int(warmup_iters), sinkhorn_budget)
-        f, g, _, half_steps, p, domain = _iterate(c, a64, b64, eps, 2 * (int(warmup_iters) + 4 * sinkhorn_budget),
-                                                  1.0, 1.0, tol, domain, cmin, True, until=until)
+        f, g, warm_err, half_steps, p, domain = _iterate(c, a64, b64, eps,
+                                                         2 * (int(warmup_iters) + 4 * sinkhorn_budget),
+                                                         1.0, 1.0, tol, domain, cmin, True, until=until)
         if p is None:
             p = _stabilized_kernel(c, f, g, eps)
         used = half_steps / 2
@@ -700,7 +701,8 @@ def sinkhorn_newton_sparse(
         ones_n, ones_m = torch.ones_like(a64), torch.ones_like(b64)
         square = None  # the dense path's P * P, in one buffer for all steps
         failures = 0  # consecutive Newton steps without ascent
-        for _ in range(max_newton):
+        # Sinkhorn reached tol in the warm-up (its rows within tol, its columns exact): no Newton step
+        for _ in range(0 if warm_err < tol else max_newton):
             r, col = p @ ones_m, ones_n @ p  # matrix-vector products: faster than sum(0) over a row-major P
             err = float((r - a64).abs().sum() + (col - b64).abs().sum())
             if err < tol:
@@ -791,7 +793,8 @@ def sinkhorn_newton_sparse(
     else:  # p is that plan already (float64)
         plan = p.to(cost.dtype)
     with torch.no_grad():
-        err = float((plan.sum(1) - a).abs().sum() + (plan.sum(0) - b).abs().sum())
+        # row and column sums as matrix-vector products (sum(0) over a row-major plan is ~3x slower)
+        err = float((plan @ torch.ones_like(b) - a).abs().sum() + (torch.ones_like(a) @ plan - b).abs().sum())
     if warn and err > tol:
         warnings.warn(f"sinkhorn_newton_sparse did not converge: marginal error {err:.3e} > tol {tol:.1e} "
                       f"after {used:g} iterations (eps={eps:g})", SinkhornNotConvergedWarning, stacklevel=2)
