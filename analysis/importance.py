@@ -13,6 +13,7 @@ from typing import Dict, List
 import pandas as pd
 
 LOG_KNOBS = {"eps", "tau", "lr", "uot_lambda1", "uot_lambda2", "weight_decay"}
+UNSET = "unset"  # the value of a knob a trial's case does not set
 
 
 def _distribution(values: pd.Series, knob: str):
@@ -32,10 +33,13 @@ def param_importances(results: pd.DataFrame, knobs: List[str], metric: str, mode
     """{knob: importance} (sums to 1) over the completed trials; empty if fewer than 4 or no varying knob."""
     import optuna
 
-    done = results[(results["status"] == "completed") & results[metric].notna()]
-    knobs = [k for k in knobs if k in done.columns and done[k].nunique() > 1]
+    done = results[(results["status"] == "completed") & results[metric].notna()].copy()
+    knobs = [k for k in knobs if k in done.columns and done[k].nunique(dropna=False) > 1]
     if len(done) < 4 or not knobs:
         return {}
+    for k in knobs:  # a knob only some cases set (IOT-CL's K, for U(a,b) only): "unset" is one more category
+        if done[k].isna().any():
+            done[k] = done[k].map(lambda v: UNSET if pd.isna(v) else str(v))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dists = {k: _distribution(done[k], k) for k in knobs}
     study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")

@@ -112,6 +112,35 @@ def test_report_of_a_synthetic_study(tmp_path):
         assert (rep / f).stat().st_size > 0, f
 
 
+def test_report_of_a_cases_study_where_some_cases_leave_a_knob_unset(tmp_path):
+    # IOT-CL's preset: U(1) and U(a) set no K, U(a,b) sets K; Optuna's importance refused the missing K
+    # ("`nan` is invalid value") and the whole report failed
+    d = tmp_path / "iot"
+    d.mkdir()
+    rows, hist = [], []
+    for i, (rel, k, seed) in enumerate((r, k, s) for r, k in (("U1", None), ("Ua", None), ("Uab", 1), ("Uab", 4))
+                                       for s in range(3)):
+        acc = 0.9 + 0.01 * seed + (0.02 if rel == "Uab" else 0.0)
+        rows.append({"trial_id": f"t{i}", "status": "completed", "method": "iot_cl", "relaxation": rel, "seed": seed,
+                     "batch_size": 256, "n_epochs": 3, "linear_acc": acc, "test_linear_acc": acc,
+                     "test_knn_acc": acc, "knn_acc": acc, "med_step_time_ms": 10.0, "med_ot_time_ms": 1.0,
+                     "med_epoch_time_s": 1.0, "med_images_per_s": 100.0, "peak_mem_mb": 1.0, "error": "",
+                     **({"sinkhorn_iters": k} if k else {})})
+        hist.append({"trial_id": f"t{i}", "epoch": 1, "knn_acc": acc, "ot_marginal_err": 1e-6})
+    pd.DataFrame(rows).to_parquet(d / "results.parquet")
+    pd.DataFrame(hist).to_parquet(d / "history.parquet")
+    cases = [{"relaxation": "U1"}, {"relaxation": "Ua"}] + [{"relaxation": "Uab", "sinkhorn_iters": k} for k in (1, 4)]
+    (d / "spec.yaml").write_text(yaml.safe_dump({"name": "iot", "method": "iot_cl", "dataset": "digits",
+                                                 "search": {"cases": cases}, "seeds": [0, 1, 2],
+                                                 "metric": "knn_acc"}))
+    (d / "study.json").write_text(json.dumps({"n_trials": 12}))
+    rep = write_report(d).parent
+    imp = pd.read_csv(rep / "importance.csv")
+    assert set(imp["knob"]) == {"relaxation", "sinkhorn_iters"} and imp["importance"].sum() == pytest.approx(1.0)
+    assert len(pd.read_csv(rep / "summary.csv")) == 4  # U(1), U(a) and U(a,b) with K = 1, 4
+    assert (rep / "sensitivity_relaxation.png").stat().st_size > 0
+
+
 def test_report_of_a_crashed_study_says_what_is_missing(tmp_path):
     d = synthetic_study(tmp_path / "crashed", n_expected=14, with_running=True, mlflow_errors=3)
     page = write_report(d).read_text()
