@@ -37,6 +37,7 @@ KNOBS = {
     "lambda_p": ("λp (uniformity penalty)", "symlog"),
     "batch_size": ("batch size N (images)", "category"),
     "relaxation": ("coupling set U", "category"),
+    "ot_solver": ("OT solver", "category"),
     "method": ("method", "category"),
     "lr": ("learning rate", "log"),
 }
@@ -86,12 +87,23 @@ def _baseline_mask(df: pd.DataFrame) -> pd.Series:
     return mask
 
 
+def split_converged(done: pd.DataFrame, knob: str):
+    """(trials to draw against ``knob``, trials whose plan was solved to convergence by SNS): on a plot over
+    the Sinkhorn iteration count K, SinSim's ``ot_solver=sns`` trials are the converged-plan reference
+    (drawn as a band), not a point at the K they did not use."""
+    if knob != "sinkhorn_iters" or "ot_solver" not in done.columns:
+        return done, done.iloc[:0]
+    conv = done["ot_solver"] == "sns"
+    return done[~conv], done[conv]
+
+
 def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str]) -> Optional[str]:
     """Final metric vs the knob, by method: mean and 95% CI over seeds, n annotated."""
     metrics = [m for m in metrics if m in done.columns and done[m].notna().any()]
     if not metrics or knob not in done.columns:
         return None
     scale = KNOBS.get(knob, (knob, "linear"))[1]
+    done, converged = split_converged(done, knob)
     methods = sorted(done["method"].dropna().unique()) if "method" in done.columns else [None]
     base = done[_baseline_mask(done)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
@@ -100,6 +112,12 @@ def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str
             m, lo, hi = base[metric].mean(), *_ci_bounds(base[metric])
             ax.axhspan(100 * lo, 100 * hi, color="0.85", zorder=0, label=f"SimCLR baseline (n={len(base)})")
             ax.axhline(100 * m, color="0.5", lw=1, zorder=0)
+        if converged[metric].notna().any():
+            vals = converged[metric].dropna()
+            m, lo, hi = vals.mean(), *_ci_bounds(vals)
+            ax.axhspan(100 * lo, 100 * hi, color="tab:green", alpha=0.15, zorder=0,
+                       label=f"converged plan, SNS (n={len(vals)})")
+            ax.axhline(100 * m, color="tab:green", lw=1, ls="--", zorder=0)
         for method in methods:
             d = done if method is None else done[done["method"] == method]
             if knob != "method" and d[knob].nunique() < 2 and method != "simclr":
@@ -108,7 +126,9 @@ def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str
             if scale == "category" or s[knob].dtype == object:
                 s = s.sort_values(knob)
                 x = np.arange(len(s))
-                ax.set_xticks(x, [str(v) for v in s[knob]])
+                # K = 40, not 40.0 (a knob some cases leave unset is a float column)
+                ax.set_xticks(x, [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+                                  for v in s[knob]])
             else:
                 x = s[knob].astype(float).values
             ax.errorbar(x, 100 * s["mean"], yerr=100 * s["ci"].fillna(0), marker="o", capsize=3,
@@ -291,6 +311,8 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
         if f:
             figures.append((f, "Test linear-probe accuracy over λ1 × λ2 (mean over seeds)."))
     for knob in knobs:
+        if knob == "ot_solver" and "sinkhorn_iters" in knobs:
+            continue  # "sinkhorn" would pool every K: the SNS trials are the band on the plot over K instead
         if len(done):
             f = sensitivity_plot(done, knob, out, metrics)
             if f:

@@ -50,8 +50,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "SinSim: entropy eps in {0.01, 0.05, 0.1, 0.5} at beta=0.8", "sinsim",
         {"eps": {"grid": [0.01, 0.05, 0.1, 0.5]}}, fixed={"beta": 0.8, "sinkhorn_iters": 40}),
     "sinsim_iters": _preset(
-        "SinSim: Sinkhorn iterations K in {1, 5, 10, 40, 100} at beta=0.8, eps=0.05", "sinsim",
-        {"sinkhorn_iters": {"grid": [1, 5, 10, 40, 100]}}, fixed={"beta": 0.8, "eps": 0.05}),
+        "SinSim: Sinkhorn iterations K in {1, 5, 10, 40, 100} at beta=0.8, eps=0.05, and the converged plan "
+        "(Sinkhorn-Newton-Sparse to marginal error 1e-6, envelope gradient) as the reference", "sinsim",
+        {"cases": [{"sinkhorn_iters": k} for k in (1, 5, 10, 40, 100)] + [{"ot_solver": "sns"}]},
+        fixed={"beta": 0.8, "eps": 0.05}),
     "gca_iters": _preset(
         "GCA-INCE: Bregman projections T in {1, 3, 5, 10, 50} (T=1 is InfoNCE)", "gca_ince",
         {"sinkhorn_iters": {"grid": [1, 3, 5, 10, 50]}}, fixed={"eps": 0.5}),

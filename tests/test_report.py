@@ -141,6 +141,41 @@ def test_report_of_a_cases_study_where_some_cases_leave_a_knob_unset(tmp_path):
     assert (rep / "sensitivity_relaxation.png").stat().st_size > 0
 
 
+def test_converged_sns_trials_are_the_reference_band_on_the_plot_over_k(tmp_path):
+    # the sinsim_iters preset: K in {1, 40} next to ot_solver=sns (no K); the SNS trials are drawn as a band on
+    # the plot over K, not pooled into a point, and no plot over ot_solver pools every K into "sinkhorn"
+    from analysis.report import split_converged
+    from search_spaces.presets import get_preset
+
+    cases = get_preset("sinsim_iters")["search"]["cases"]
+    assert {"ot_solver": "sns"} in cases and {"sinkhorn_iters": 40} in cases
+    d = tmp_path / "iters"
+    d.mkdir()
+    rows, hist = [], []
+    for i, (case, seed) in enumerate((c, s) for c in ({"sinkhorn_iters": 1}, {"sinkhorn_iters": 40},
+                                                     {"ot_solver": "sns"}) for s in range(3)):
+        acc = 0.9 + 0.01 * seed + (0.03 if case.get("ot_solver") else 0.0)
+        rows.append({"trial_id": f"t{i}", "status": "completed", "method": "sinsim", "seed": seed, "beta": 0.8,
+                     "batch_size": 256, "n_epochs": 3, "linear_acc": acc, "test_linear_acc": acc,
+                     "test_knn_acc": acc, "knn_acc": acc, "med_step_time_ms": 10.0, "med_ot_time_ms": 1.0,
+                     "med_epoch_time_s": 1.0, "med_images_per_s": 100.0, "peak_mem_mb": 1.0, "error": "", **case})
+        hist.append({"trial_id": f"t{i}", "epoch": 1, "knn_acc": acc, "ot_marginal_err": 1e-6})
+    res = pd.DataFrame(rows)
+    res.to_parquet(d / "results.parquet")
+    pd.DataFrame(hist).to_parquet(d / "history.parquet")
+    search = {"cases": [{"sinkhorn_iters": 1}, {"sinkhorn_iters": 40}, {"ot_solver": "sns"}]}
+    (d / "spec.yaml").write_text(yaml.safe_dump({"name": "iters", "method": "sinsim", "dataset": "digits",
+                                                 "search": search, "seeds": [0, 1, 2], "metric": "knn_acc"}))
+    (d / "study.json").write_text(json.dumps({"n_trials": 9}))
+    curve, band = split_converged(res, "sinkhorn_iters")
+    assert sorted(band["trial_id"]) == ["t6", "t7", "t8"] and band["sinkhorn_iters"].isna().all()
+    assert len(curve) == 6 and len(split_converged(res, "beta")[1]) == 0
+    rep = write_report(d).parent
+    assert (rep / "sensitivity_sinkhorn_iters.png").stat().st_size > 0
+    assert not (rep / "sensitivity_ot_solver.png").exists()
+    assert len(pd.read_csv(rep / "summary.csv")) == 3
+
+
 def test_report_of_a_crashed_study_says_what_is_missing(tmp_path):
     d = synthetic_study(tmp_path / "crashed", n_expected=14, with_running=True, mlflow_errors=3)
     page = write_report(d).read_text()
