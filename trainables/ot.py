@@ -622,7 +622,8 @@ def sinkhorn_newton_sparse(
       alone, and now it costs what Sinkhorn does. ``sinkhorn_budget=0`` is the
       paper's algorithm (with the solves above).
     * Every step after the warm-up is a Newton step, damped or not, as in the
-      paper. An earlier version ran, after each damped step, as many Sinkhorn
+      paper (unless Newton's direction gives no ascent: see the last point).
+      An earlier version ran, after each damped step, as many Sinkhorn
       iterations as the step took CG products (about its cost). On 2-D clouds
       at eps 0.005-0.001 that counted 19-89 iterations where Newton alone needs
       13-24 (Sinkhorn: 109-1969). This version, with the line search above,
