@@ -1,9 +1,11 @@
-"""Shared helpers: repeat timing, the machine line, and appending a table to BENCHMARKS.md."""
+"""Shared helpers: repeat timing, the machine line, a git revision for ``--against``, and appending a table
+to BENCHMARKS.md."""
 from __future__ import annotations
 
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,6 +70,15 @@ def markdown_table(header: List[str], rows: List[List[object]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def short_revision(rev: str, prog: str) -> str:
+    """git's short id of revision ``rev`` of this checkout (for ``--against``); one line and exit if it is none."""
+    out = subprocess.run(["git", "rev-parse", "--short", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=ROOT,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{prog}: error: --against {rev}: not a git revision of {ROOT}")
+    return out.stdout.strip()
 
 
 def record(title: str, body: str) -> None:

@@ -39,12 +39,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import yaml
 
-from benchmarks.common import ROOT, ensure_malloc_env, markdown_table, record
+from benchmarks.common import ROOT, ensure_malloc_env, markdown_table, record, short_revision
 from study.runner import FULL_HEAD_ENV
 
 TRIALS = [(beta, seed) for beta in (0.0, 0.8) for seed in (0, 1)]
@@ -209,6 +209,21 @@ def _one_trial_study(env, code: Optional[Path] = None) -> tuple:
         return first, wall
 
 
+def paired_tables(runs_a: list, runs_b: list, names: List[str], b_sooner: bool = False) -> tuple:
+    """(summary rows, per-pair rows) of paired runs of a and b: each one's median time, the median (range)
+    of a's time minus b's within each pair, and in how many pairs a was sooner (b, with ``b_sooner``)."""
+    med = statistics.median
+    summary = []
+    for k, name in enumerate(names):
+        xs, ys = [r[k] for r in runs_a], [r[k] for r in runs_b]
+        diff = [x - y for x, y in zip(xs, ys)]
+        sooner = sum((d > 0) if b_sooner else (d < 0) for d in diff)
+        summary.append([name, f"{med(xs):.2f}", f"{med(ys):.2f}", f"{med(diff):+.2f} ({min(diff):+.2f} to "
+                        f"{max(diff):+.2f})", f"{sooner} of {len(diff)}"])
+    rows = [[i, *(f"{x:.2f} / {y:.2f}" for x, y in zip(ra, rb))] for i, (ra, rb) in enumerate(zip(runs_a, runs_b), 1)]
+    return summary, rows
+
+
 def head_pairs(pairs: int) -> None:
     """Ray's full head (API server and autoscaler monitor, ``OTSTUDY_RAY_FULL_HEAD=1``) vs otstudy's lean
     one, ``pairs`` times each, alternately (the order flips every pair), compared pair by pair:
@@ -231,15 +246,7 @@ def head_pairs(pairs: int) -> None:
             print(f"pair {i + 1}/{pairs} {head}: " + ", ".join(f"{v:.2f}" for v in runs[head][-1]), flush=True)
     names = ["ray.init s", "a trial-like task s", "Ray alone: process s", "study: first trial line s",
              "study: wall s"]
-    med = statistics.median
-    summary, rows = [], []
-    for k, name in enumerate(names):
-        full, lean = [r[k] for r in runs["full"]], [r[k] for r in runs["lean"]]
-        diff = [a - b for a, b in zip(full, lean)]
-        summary.append([name, f"{med(full):.2f}", f"{med(lean):.2f}", f"{med(diff):+.2f} ({min(diff):+.2f} to "
-                        f"{max(diff):+.2f})", f"{sum(x > 0 for x in diff)} of {pairs}"])
-    for i, (a, b) in enumerate(zip(runs["full"], runs["lean"]), 1):
-        rows.append([i, *(f"{x:.2f} / {y:.2f}" for x, y in zip(a, b))])
+    summary, rows = paired_tables(runs["full"], runs["lean"], names, b_sooner=True)
     head = (f"{pairs} pairs, alternately (full head first in odd pairs). Medians, and the full head's time minus "
             f"the lean one's within each pair:\n\n"
             + markdown_table(["time", "full head", "lean head", "full - lean, median (range)", "lean faster in"],
@@ -300,10 +307,7 @@ def against_pairs(rev: str, pairs: int) -> None:
     line and wall time, compared pair by pair."""
     import shutil
 
-    rev_id = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    if not rev_id:
-        sys.exit(f"platform_overhead: error: --against {rev}: not a git revision of {ROOT}")
+    rev_id = short_revision(rev, "platform_overhead")
     old = Path(tempfile.mkdtemp(prefix=f"otstudy-{rev_id}-"))
     try:
         archive = subprocess.run(["git", "archive", "--format=tar", rev], cwd=ROOT, capture_output=True,
@@ -328,15 +332,7 @@ def against_pairs(rev: str, pairs: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     names = ["1 trial: first trial line s", "1 trial: wall s", "2 trials, 2 at a time: first trial line s",
              "2 trials, 2 at a time: wall s"]
-    med = statistics.median
-    summary, rows = [], []
-    for k, name in enumerate(names):
-        new_, rev_ = [r[k] for r in runs["this"]], [r[k] for r in runs[rev_id]]
-        diff = [a - b for a, b in zip(new_, rev_)]
-        summary.append([name, f"{med(new_):.2f}", f"{med(rev_):.2f}", f"{med(diff):+.2f} ({min(diff):+.2f} to "
-                        f"{max(diff):+.2f})", f"{sum(x < 0 for x in diff)} of {pairs}"])
-    for i, (a, b) in enumerate(zip(runs["this"], runs[rev_id]), 1):
-        rows.append([i, *(f"{x:.2f} / {y:.2f}" for x, y in zip(a, b))])
+    summary, rows = paired_tables(runs["this"], runs[rev_id], names)
     head = (f"{pairs} pairs, alternately (this checkout first in odd pairs); 1-epoch trials. Medians, and this "
             f"checkout's time minus {rev_id}'s within each pair:\n\n"
             + markdown_table(["time", "this", rev_id, f"this - {rev_id}, median (range)", "this sooner in"],

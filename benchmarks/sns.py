@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import ROOT, ensure_malloc_env, markdown_table, median_call, record
+from benchmarks.common import ROOT, ensure_malloc_env, markdown_table, median_call, record, short_revision
 from trainables.ot import sinkhorn, sinkhorn_newton_sparse
 
 CAP = 20000
@@ -100,8 +100,7 @@ def solver_at(rev: str):
 
 def against(rev: str, pairs: int = 5):
     old = solver_at(rev)
-    rev_id = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    rev_id = short_revision(rev, "benchmarks.sns")
     order = (("this", sinkhorn_newton_sparse), ("rev", old))
     rows = []
     for name, (cost, a, b) in problems():

@@ -767,22 +767,21 @@ def sinkhorn_newton_sparse(
                     accepted = True
                     break
                 step *= 0.5
-            used += 1
             if not accepted:
                 # no ascent along Newton's direction (a CG breakdown, or a direction L only falls along, as
                 # where a near-permutation plan splits into blocks that exchange mass through ~0 entries):
                 # Sinkhorn iterations instead, which always ascend; 1, 2, 4, ... up to 16 after consecutive
                 # failures (a failed attempt costs up to cg_max_iter CG products and a line search)
                 failures += 1
-                for k in range(min(2 ** (failures - 1), 16)):
-                    if k > 0:
-                        r = p @ ones_m
-                        if float((r - a64).abs().sum() + (ones_n @ p - b64).abs().sum()) < tol:
-                            break
-                        used += 1
-                    f, g, p = _sinkhorn_sweep(c, f, g, p, r, a64, b64, eps, ones_n)
+                out = _scale(p, f, g, a64, b64, eps, 2 * min(2 ** (failures - 1), 16), 1.0, 1.0, tol, True,
+                             rebuild=lambda f_, g_: _stabilized_kernel(c, f_, g_, eps))
+                if out is None:  # the scalings left float64: keep the plan reached so far
+                    break
+                f, g, _, half_steps, p = out
+                used += half_steps / 2
                 continue
             failures = 0
+            used += 1
             f, g = f + step * d_f, g + step * d_g
             if step * reach <= 30.0:  # the new plan is the old one scaled: two passes instead of an exp pass
                 p.mul_(torch.exp(step * d_f / eps)[:, None]).mul_(torch.exp(step * d_g / eps)[None, :])
@@ -801,25 +800,6 @@ def sinkhorn_newton_sparse(
                       f"after {used:g} iterations (eps={eps:g})", SinkhornNotConvergedWarning, stacklevel=2)
     return OTResult(plan=plan, f=f, g=g, cost=cost, eps=eps, a=a, b=b, uot_lambda1=None, uot_lambda2=None,
                     marginal_error=err, n_iters=used, domain=domain, grad="implicit")
-
-
-def _sinkhorn_sweep(c, f, g, p, r, a, b, eps, ones_n):
-    """One Sinkhorn iteration (rows, then columns) on the plan ``p`` = exp((f + g - c)/eps) with row sums ``r``,
-    in the log of the scalings: the plan is rescaled in place, or rebuilt from the potentials where a scaling
-    leaves exp(+-30)."""
-    for side in (0, 1):
-        mass = r if side == 0 else ones_n @ p
-        target = a if side == 0 else b
-        step = torch.log(target) - torch.log(mass.clamp_min(1e-300))
-        if side == 0:
-            f = f + eps * step
-        else:
-            g = g + eps * step
-        if float(step.abs().max()) <= 30.0:
-            p.mul_(torch.exp(step)[:, None] if side == 0 else torch.exp(step)[None, :])
-        else:
-            p = _stabilized_kernel(c, f, g, eps)
-    return f, g, p
 
 
 def _sinkhorn_while_fast(tol: float, warmup: int, budget: int, window: int = 3):
