@@ -5,8 +5,11 @@ memory an unrolled vs implicit Sinkhorn gradient keeps for backward.
 * ResNet-18 (CIFAR stem) on random 32x32 RGB inputs, batch 64 and 256, fewer steps (CPU).
 ``sinsim+sns`` is SinSim with ``ot_solver: sns`` (each plan solved to marginal error 1e-6 by
 Sinkhorn-Newton-Sparse, envelope gradient): what a converged plan costs per step.
-Each configuration: a few warm-up steps, then the median of timed steps (forward, loss with its
-OT solve, backward, optimiser step), all in this one process.
+Per batch size every method has its own model; after warm-up steps the methods' steps are timed in
+interleaved rounds (one step of each per round, the order rotating), all in this one process, and each
+method's step is reported as the median over rounds and as its ratio to SimCLR's step of the same round
+(median, and range over rounds). Timing each method's steps in a block of its own let a drifting machine
+into the ratios (ResNet-18 at batch 64: 1.36x for a 2 ms OT term in a 3.8 s step).
 
     .venv/bin/python -m benchmarks.train_overhead [--quick]
 """
@@ -30,45 +33,60 @@ METHOD_LIST = ["simclr", "sinsim", "sinsim+sns", "gca_ince", "gca_rince", "gca_u
 VARIANTS = {"sinsim+sns": ("sinsim", {"ot_solver": "sns"})}  # SinSim's plan solved to 1e-6 by SNS
 
 
-def step_times(method, model, images, batch, steps, warmup, aug):
-    """(median step ms, median OT ms, median OT iterations) of ``method`` (or a VARIANTS name)."""
-    method, config = VARIANTS.get(method, (method, {}))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    times, ot, iters = [], [], []
-    for s in range(warmup + steps):
-        x = images[torch.randint(0, len(images), (batch,), generator=gen)]
-        views = torch.cat([augment(x, gen, aug), augment(x, gen, aug)])
+class Stepper:
+    """One model, optimiser and batch stream training with ``method`` (or a VARIANTS name), a step at a time."""
+
+    def __init__(self, method, encoder, channels, images, batch):
+        self.method, self.config = VARIANTS.get(method, (method, {}))
+        torch.manual_seed(0)  # every method starts from the same weights and sees the same batches
+        self.model = build_model(encoder, channels, proj_hidden=512 if encoder != "small_cnn" else 256,
+                                 proj_dim=128 if encoder != "small_cnn" else 64)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.gen = torch.Generator().manual_seed(0)
+        self.aug = AUGMENTS["digits" if channels == 1 else "simclr"]
+        self.images, self.batch = images, batch
+
+    def step(self):
+        """(step ms, OT ms, OT iterations) of one training step: forward, loss with its OT solve, backward,
+        optimiser step (the batch and its augmentations are drawn before the clock starts)."""
+        x = self.images[torch.randint(0, len(self.images), (self.batch,), generator=self.gen)]
+        views = torch.cat([augment(x, self.gen, self.aug), augment(x, self.gen, self.aug)])
         t0 = time.perf_counter()
-        h, z = model(views)
+        h, z = self.model(views)
         h1, h2 = h.chunk(2)
         z1, z2 = z.chunk(2)
-        out = compute_loss(method, h1, h2, z1, z2, config)
-        opt.zero_grad()
+        out = compute_loss(self.method, h1, h2, z1, z2, self.config)
+        self.opt.zero_grad()
         out.loss.backward()
-        opt.step()
-        if s >= warmup:
-            times.append(1e3 * (time.perf_counter() - t0))
-            ot.append(out.parts.get("ot_time_ms", 0.0))
-            iters.append(out.parts.get("ot_iters", 0.0))
-    return statistics.median(times), statistics.median(ot), statistics.median(iters)
+        self.opt.step()
+        return 1e3 * (time.perf_counter() - t0), out.parts.get("ot_time_ms", 0.0), out.parts.get("ot_iters", 0.0)
 
 
-def table(encoder, images, batches, steps, warmup, methods, channels):
+def table(encoder, images, batches, rounds, warmup, methods, channels):
+    """Per batch size, the methods' steps interleaved: each round runs one step of every method (the order
+    rotating from round to round), so a machine that speeds up or slows down during the run moves every
+    method alike; the ratio to SimCLR is taken within each round (paired) and its median reported."""
     rows = []
     for batch in batches:
-        base = None
-        for method in methods:
-            torch.manual_seed(0)
-            model = build_model(encoder, channels, proj_hidden=512 if encoder != "small_cnn" else 256,
-                                proj_dim=128 if encoder != "small_cnn" else 64)
-            aug = AUGMENTS["digits" if channels == 1 else "simclr"]
-            ms, ot, k = step_times(method, model, images, batch, steps, warmup, aug)
-            base = ms if method == "simclr" else base
+        steppers = {m: Stepper(m, encoder, channels, images, batch) for m in methods}
+        for _ in range(warmup):
+            for s in steppers.values():
+                s.step()
+        times = {m: [] for m in methods}
+        for r in range(rounds):
+            order = methods[r % len(methods):] + methods[:r % len(methods)]
+            for m in order:
+                times[m].append(steppers[m].step())
+        base = [t[0] for t in times["simclr"]]
+        for m in methods:
+            ms, ot, k = (statistics.median(col) for col in zip(*times[m]))
+            ratios = [t[0] / b for t, b in zip(times[m], base)]
             # the iteration knob, or for SNS the iterations it took to 1e-6 (median over steps)
-            iters = f"{k:g} to 1e-6" if method in VARIANTS else METHODS[method].defaults.get("sinkhorn_iters", "")
-            rows.append([encoder, batch, method, iters, ms, ot, ot / ms, ms / base])
+            iters = f"{k:g} to 1e-6" if m in VARIANTS else METHODS[m].defaults.get("sinkhorn_iters", "")
+            rows.append([encoder, batch, m, iters, ms, ot, ot / ms, statistics.median(ratios),
+                         f"{min(ratios):.3g}-{max(ratios):.3g}"])
             print(rows[-1], flush=True)
+        del steppers
     return rows
 
 
@@ -96,12 +114,13 @@ def main():
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     digits = load_digits_splits().train_x
-    rows = table("small_cnn", digits, [64, 128] if args.quick else [64, 128, 256, 512], 5 if args.quick else 10,
+    rows = table("small_cnn", digits, [64, 128] if args.quick else [64, 128, 256, 512], 5 if args.quick else 11,
                  2, METHOD_LIST, 1)
     rgb = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8)
-    rows += table("resnet18", rgb, [64] if args.quick else [64, 256], 2 if args.quick else 3, 1,
+    rows += table("resnet18", rgb, [64] if args.quick else [64, 256], 3 if args.quick else 7, 1,
                   ["simclr", "sinsim", "gca_ince"], 3)
-    header = ["encoder", "batch", "method", "iters", "step ms", "OT ms", "OT share", "step / SimCLR step"]
+    header = ["encoder", "batch", "method", "iters", "step ms", "OT ms", "OT share", "step / SimCLR step",
+              "range over rounds"]
     body = markdown_table(header, rows)
     mem = memory(512) + memory(2048)
     body += "\n\n### Sinkhorn gradient memory (SinSim's OT term, d = 512, 40 iterations, float32)\n\n"
