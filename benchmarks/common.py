@@ -1,12 +1,14 @@
-"""Shared helpers: repeat timing, the machine line, a git revision for ``--against``, and appending a table
-to BENCHMARKS.md."""
+"""Shared helpers: repeat timing, the machine line, a git revision and its solver module for ``--against``, and
+appending a table to BENCHMARKS.md."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, List
@@ -79,6 +81,23 @@ def short_revision(rev: str, prog: str) -> str:
     if out.returncode != 0:
         sys.exit(f"{prog}: error: --against {rev}: not a git revision of {ROOT}")
     return out.stdout.strip()
+
+
+def module_at(rev: str, prog: str):
+    """``trainables/ot.py`` as it is in git revision ``rev``, loaded as a module of its own (for ``--against``);
+    one line and exit if there is no such file at ``rev``."""
+    try:
+        source = subprocess.run(["git", "show", f"{rev}:trainables/ot.py"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout
+    except subprocess.CalledProcessError as exc:
+        sys.exit(f"{prog}: error: --against {rev}: {exc.stderr.strip()}")
+    path = Path(tempfile.mkdtemp()) / "ot_at_rev.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("ot_at_rev", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
 
 
 def record(title: str, body: str) -> None:

@@ -11,19 +11,24 @@ C = 1 - cos (for GeomLoss the points are L2-normalised, so its p=2 cost
 2. time to reach L1 marginal error 1e-6 (float64 for everyone; SNS included);
 3. forward + backward at n = 2048, d = 512: time and bytes kept for backward.
 
-    .venv/bin/python -m benchmarks.ot_solvers [--quick]
+``--part backward --against REV`` instead times SinSim's OT term with the unrolled gradient, this checkout's
+against git revision REV's, in alternating pairs at n = 128..2048.
+
+    .venv/bin/python -m benchmarks.ot_solvers [--quick] [--part all|fixed|tolerance|backward [--against REV]]
 """
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
+import time
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import ensure_malloc_env, markdown_table, median_call, record, timeit
+from benchmarks.common import ensure_malloc_env, markdown_table, median_call, module_at, record, short_revision, timeit
 from trainables.ot import sinkhorn
 
 warnings.filterwarnings("ignore")
@@ -171,12 +176,59 @@ def backward(n=2048, d=512, eps=0.05, iters=40):
     return markdown_table(["solver", "forward+backward ms", "kept for backward (MiB)", "x n*n float32"], rows)
 
 
+def unrolled_against(rev: str, sizes=(128, 256, 512, 1024, 2048), d=512, eps=0.05, iters=40, pairs=7):
+    """SinSim's OT term with the unrolled gradient (forward and backward of <P, C> through ``iters`` iterations),
+    this checkout's ``sinkhorn`` against git revision ``rev``'s, in alternating pairs; and how far apart
+    their gradients are."""
+    old = module_at(rev, "benchmarks.ot_solvers")
+    rev_id = short_revision(rev, "benchmarks.ot_solvers")
+    rows = []
+    for n in sizes:
+        x, y, _ = problem(n, d)
+
+        def run(solver):
+            xr = x.clone().requires_grad_(True)
+            t0 = time.perf_counter()
+            cost = 1.0 - F.normalize(xr, dim=1) @ F.normalize(y, dim=1).T
+            res = solver(cost / cost.max(), eps=eps, n_iters=iters)
+            t1 = time.perf_counter()
+            res.transport_cost().backward()
+            return t1 - t0, time.perf_counter() - t1, xr.grad, res.domain
+
+        times = {"this": [], "rev": []}
+        grads = {}
+        order = (("this", sinkhorn), ("rev", old.sinkhorn))
+        for k in range(pairs + 1):  # the first pair warms up; then alternate which one runs first
+            for label, solver in (order if k % 2 == 0 else order[::-1]):
+                fwd, bwd, grads[label], domain = run(solver)
+                if k:
+                    times[label].append((fwd, bwd))
+        (rf, rb), (tf, tb) = ([1e3 * statistics.median(c) for c in zip(*times[k])] for k in ("rev", "this"))
+        diff = float((grads["this"] - grads["rev"]).abs().max() / grads["rev"].abs().max())
+        rows.append([n, domain, rf, rb, tf, tb, (tf + tb) / (rf + rb), tb / rb, diff])
+        print(rows[-1], flush=True)
+    header = ["n", "domain", f"{rev_id}: forward ms", f"{rev_id}: backward ms", "this: forward ms",
+              "this: backward ms", f"forward+backward, this / {rev_id}", f"backward, this / {rev_id}",
+              "gradient max rel. difference"]
+    record(f"ot_solvers --part backward --against {rev}: unrolled gradient, this checkout vs {rev_id}",
+           f"SinSim's OT term: <P, C> of {iters} Sinkhorn iterations (eps = {eps}, float32) on the max-normalised "
+           f"cosine cost between n random points in {d}-D, forward (cost and solve) and backward to the points; "
+           f"{pairs} alternating pairs after one warm-up pair, medians. {rev_id}'s solver is its "
+           "`trainables/ot.py`, loaded as a module of its own.\n\n" + markdown_table(header, rows))
+
+
 def main():
     ensure_malloc_env()
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ot_solvers")
     p.add_argument("--quick", action="store_true", help="n in {128, 512}, d = 128 only")
     p.add_argument("--part", choices=["all", "fixed", "tolerance", "backward"], default="all")
+    p.add_argument("--against", metavar="REV", help="with --part backward: time this checkout's unrolled "
+                   "gradient against git revision REV's, n = 128..2048")
     args = p.parse_args()
+    if args.against:
+        if args.part != "backward":
+            p.error("--against goes with --part backward")
+        return unrolled_against(args.against)
     torch.manual_seed(0)
     sizes = [128, 512] if args.quick else [128, 512, 1024, 2048]
     dims = [128] if args.quick else [128, 512]

@@ -19,18 +19,13 @@ to the solver moved its iterations and its time.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import ROOT, ensure_malloc_env, markdown_table, median_call, record, short_revision
+from benchmarks.common import ensure_malloc_env, markdown_table, median_call, module_at, record, short_revision
 from trainables.ot import sinkhorn, sinkhorn_newton_sparse
 
 CAP = 20000
@@ -84,18 +79,7 @@ def problems():
 
 def solver_at(rev: str):
     """``sinkhorn_newton_sparse`` as it is in git revision ``rev``."""
-    try:
-        source = subprocess.run(["git", "show", f"{rev}:trainables/ot.py"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout
-    except subprocess.CalledProcessError as exc:
-        sys.exit(f"benchmarks.sns: error: --against {rev}: {exc.stderr.strip()}")
-    path = Path(tempfile.mkdtemp()) / "ot_at_rev.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("ot_at_rev", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module.sinkhorn_newton_sparse
+    return module_at(rev, "benchmarks.sns").sinkhorn_newton_sparse
 
 
 def against(rev: str, pairs: int = 5):

@@ -158,6 +158,70 @@ def test_gradcheck_unrolled_float64():
         lambda x: sinkhorn(x, eps=0.2, n_iters=10, uot_lambda1=1.0, uot_lambda2=0.5).objective(), (c,))
 
 
+def _recorded_unrolled(cost, eps, n_half, a, b, lam1=None, lam2=None):
+    """The kernel-domain updates recorded op by op by autograd (what sinkhorn's unrolled gradient was before
+    its reverse pass was written out): the plan after ``n_half`` updates, rows first."""
+    fi1 = 1.0 if lam1 is None else lam1 / (lam1 + eps)
+    fi2 = 1.0 if lam2 is None else lam2 / (lam2 + eps)
+    k = torch.exp(-cost / eps)
+    u, v = torch.ones_like(a), torch.ones_like(b)
+    for step in range(n_half):
+        if step % 2 == 0:
+            u = (a / (k @ v[..., :, None])[..., 0]) ** fi1
+        else:
+            v = (b / (k.transpose(-1, -2) @ u[..., :, None])[..., 0]) ** fi2
+    return u[..., :, None] * k * v[..., None, :]
+
+
+@pytest.mark.parametrize("shape, lams, steps", [
+    ((7, 5), (None, None), dict(n_iters=10)),
+    ((3, 6, 4), (None, None), dict(n_iters=6)),  # a batch of problems
+    ((6, 6), (1.0, 0.5), dict(n_iters=8)),  # unbalanced (GCA-UOT)
+    ((6, 5), (None, 2.0), dict(n_iters=5)),
+    ((5, 5), (None, None), dict(n_projections=1)),  # rows only: U(a)
+    ((5, 7), (None, None), dict(n_projections=5)),  # ends on a row update
+    ((8, 8), (None, None), dict(n_iters=1000, tol=1e-5)),  # stopped early by tol
+])
+def test_unrolled_gradient_equals_autograd_recorded_op_by_op(shape, lams, steps):
+    # the written-out reverse pass of the unrolled updates against autograd's own, for <P, C>, OT_eps (which
+    # also goes through the potentials f = eps log u, g = eps log v) and random weights on the plan
+    g = torch.Generator().manual_seed(11)
+    cost = torch.rand(*shape, generator=g, dtype=torch.float64)
+    a = torch.rand(*shape[:-1], generator=g, dtype=torch.float64) + 0.5
+    b = torch.rand(*shape[:-2], shape[-1], generator=g, dtype=torch.float64) + 0.5
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    weights = torch.randn(*shape, generator=g, dtype=torch.float64)
+    c = cost.clone().requires_grad_(True)
+    res = sinkhorn(c, eps=0.1, a=a, b=b, uot_lambda1=lams[0], uot_lambda2=lams[1], warn=False, **steps)
+    if "tol" in steps:
+        assert res.n_iters < steps["n_iters"]
+    ref_c = cost.clone().requires_grad_(True)
+    ref = _recorded_unrolled(ref_c, 0.1, steps.get("n_projections") or int(round(2 * res.n_iters)), a, b, *lams)
+    assert torch.allclose(res.plan, ref, rtol=1e-12, atol=1e-15)
+    nodes, seen = [res.plan.grad_fn], set()
+    while nodes:  # the written-out reverse pass is the one in the graph
+        node = nodes.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            nodes += [nxt for nxt, _ in node.next_functions]
+    assert "_UnrolledScalingBackward" in {type(node).__name__ for node in seen}
+
+    def kl(x, w, lam):
+        return 0.0 if lam is None else lam * (x * torch.log(x / w) - x + w).sum()
+
+    # <P, C>, <P, W> and OT_eps (whose entropy term also goes through the potentials f = eps log u, g = eps log v)
+    for got_value, want_value in [
+        (res.transport_cost().sum(), (ref * ref_c).sum()),
+        ((res.plan * weights).sum(), (ref * weights).sum()),
+        (res.objective().sum(), (ref * ref_c).sum() + 0.1 * (ref * (ref.log() - 1.0)).sum()
+         + kl(ref.sum(-1), a, lams[0]) + kl(ref.sum(-2), b, lams[1])),
+    ]:
+        assert torch.allclose(got_value, want_value, rtol=1e-12)
+        got = torch.autograd.grad(got_value, c, retain_graph=True)[0]
+        want = torch.autograd.grad(want_value, ref_c, retain_graph=True)[0]
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-13)
+
+
 def test_tol_stops_early_and_warns_when_not_reached():
     cost = random_cost(30, 30, seed=3)
     res = sinkhorn(cost, eps=0.5, n_iters=1000, tol=1e-6)
