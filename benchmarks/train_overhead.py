@@ -10,6 +10,9 @@ interleaved rounds (one step of each per round, the order rotating), all in this
 method's step is reported as the median over rounds and as its ratio to SimCLR's step of the same round
 (median, and range over rounds). Timing each method's steps in a block of its own let a drifting machine
 into the ratios (ResNet-18 at batch 64: 1.36x for a 2 ms OT term in a 3.8 s step).
+"OT ms (solve)" is the forward solve alone; "loss ms" is the loss's forward and backward down to the
+features, so "loss beyond SimCLR's" is what the method's loss (its OT term with the backward through its
+iterations, and its other parts) adds to a step.
 
     .venv/bin/python -m benchmarks.train_overhead [--quick]
 """
@@ -47,19 +50,27 @@ class Stepper:
         self.images, self.batch = images, batch
 
     def step(self):
-        """(step ms, OT ms, OT iterations) of one training step: forward, loss with its OT solve, backward,
-        optimiser step (the batch and its augmentations are drawn before the clock starts)."""
+        """(step ms, loss ms, OT ms, OT iterations) of one training step: forward, loss with its OT solve,
+        backward, optimiser step (the batch and its augmentations are drawn before the clock starts). The loss
+        ms is the loss's own forward and backward, down to the features (the backward is cut at the features
+        and continued into the encoder from their gradients: the same gradient)."""
         x = self.images[torch.randint(0, len(self.images), (self.batch,), generator=self.gen)]
         views = torch.cat([augment(x, self.gen, self.aug), augment(x, self.gen, self.aug)])
         t0 = time.perf_counter()
         h, z = self.model(views)
-        h1, h2 = h.chunk(2)
-        z1, z2 = z.chunk(2)
+        hd, zd = h.detach().requires_grad_(True), z.detach().requires_grad_(True)
+        t1 = time.perf_counter()
+        h1, h2 = hd.chunk(2)
+        z1, z2 = zd.chunk(2)
         out = compute_loss(self.method, h1, h2, z1, z2, self.config)
-        self.opt.zero_grad()
         out.loss.backward()
+        loss_ms = 1e3 * (time.perf_counter() - t1)
+        self.opt.zero_grad()
+        used = [(t, d.grad) for t, d in ((h, hd), (z, zd)) if d.grad is not None]
+        torch.autograd.backward([t for t, _ in used], [g for _, g in used])
         self.opt.step()
-        return 1e3 * (time.perf_counter() - t0), out.parts.get("ot_time_ms", 0.0), out.parts.get("ot_iters", 0.0)
+        return (1e3 * (time.perf_counter() - t0), loss_ms, out.parts.get("ot_time_ms", 0.0),
+                out.parts.get("ot_iters", 0.0))
 
 
 def table(encoder, images, batches, rounds, warmup, methods, channels):
@@ -78,13 +89,14 @@ def table(encoder, images, batches, rounds, warmup, methods, channels):
             for m in order:
                 times[m].append(steppers[m].step())
         base = [t[0] for t in times["simclr"]]
+        base_loss = statistics.median(t[1] for t in times["simclr"])
         for m in methods:
-            ms, ot, k = (statistics.median(col) for col in zip(*times[m]))
+            ms, loss_ms, ot, k = (statistics.median(col) for col in zip(*times[m]))
             ratios = [t[0] / b for t, b in zip(times[m], base)]
             # the iteration knob, or for SNS the iterations it took to 1e-6 (median over steps)
             iters = f"{k:g} to 1e-6" if m in VARIANTS else METHODS[m].defaults.get("sinkhorn_iters", "")
-            rows.append([encoder, batch, m, iters, ms, ot, ot / ms, statistics.median(ratios),
-                         f"{min(ratios):.3g}-{max(ratios):.3g}"])
+            rows.append([encoder, batch, m, iters, ms, ot, ot / ms, loss_ms, (loss_ms - base_loss) / ms,
+                         statistics.median(ratios), f"{min(ratios):.3g}-{max(ratios):.3g}"])
             print(rows[-1], flush=True)
         del steppers
     return rows
@@ -119,8 +131,8 @@ def main():
     rgb = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8)
     rows += table("resnet18", rgb, [64] if args.quick else [64, 256], 3 if args.quick else 7, 1,
                   ["simclr", "sinsim", "gca_ince"], 3)
-    header = ["encoder", "batch", "method", "iters", "step ms", "OT ms", "OT share", "step / SimCLR step",
-              "range over rounds"]
+    header = ["encoder", "batch", "method", "iters", "step ms", "OT ms (solve)", "OT share", "loss ms (fwd+bwd)",
+              "loss beyond SimCLR's, share of step", "step / SimCLR step", "range over rounds"]
     body = markdown_table(header, rows)
     mem = memory(512) + memory(2048)
     body += "\n\n### Sinkhorn gradient memory (SinSim's OT term, d = 512, 40 iterations, float32)\n\n"
