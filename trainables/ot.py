@@ -469,6 +469,12 @@ def _scale(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, rebu
     return f, g, err, used, plan
 
 
+def _matvec(mat: Tensor, vec: Tensor) -> Tensor:
+    """mat @ vec over the last axes, (..., n, m) x (..., m) -> (..., n); ``torch.mv`` for one problem (3-4 us
+    less a product than a batched matmul, a tenth of a 40-iteration solve at n = 128)."""
+    return torch.mv(mat, vec) if mat.dim() == 2 else (mat @ vec[..., :, None])[..., 0]
+
+
 def _fix(fi: float, offset: Tensor, eps: float) -> Optional[Tensor]:
     """Unbalanced: the offset is not neutral under the power fi; this factor restores it (None if balanced)."""
     return torch.exp((fi - 1.0) * offset / eps) if fi != 1.0 else None
@@ -487,7 +493,7 @@ def _scaling_loop(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_row
     used = 0
     for k in range(n_half):
         if k % 2 == 0:
-            kv = (kernel @ v[..., :, None])[..., 0]  # (..., n) = K v
+            kv = _matvec(kernel, v)  # (..., n) = K v
             if tol is not None and k > 0:
                 with torch.no_grad():
                     if balanced_rows:
@@ -502,7 +508,7 @@ def _scaling_loop(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_row
                 trace.append((v, kv, u_new))
             u = u_new
         else:
-            ktu = (kernel.transpose(-1, -2) @ u[..., :, None])[..., 0]  # (..., m) = K^T u
+            ktu = _matvec(kernel.transpose(-1, -2), u)  # (..., m) = K^T u
             v = b / ktu if col_fix is None else (b / ktu) ** fi2 * col_fix
             if trace is not None:
                 trace.append((u, ktu, v))
@@ -563,10 +569,9 @@ class _UnrolledScaling(torch.autograd.Function):
         flat = kernel.dim() == 2
 
         def send(acc, mat, vec):  # acc + mat @ vec (acc None: zero)
-            if flat:
-                return torch.mv(mat, vec) if acc is None else torch.addmv(acc, mat, vec)
-            out = (mat @ vec[..., :, None])[..., 0]
-            return out if acc is None else acc + out
+            if acc is None:
+                return _matvec(mat, vec)
+            return torch.addmv(acc, mat, vec) if flat else acc + _matvec(mat, vec)
 
         kt = kernel.transpose(-1, -2)
         left, right = [], []  # K's gradient: the sum over updates of left (..., n) x right (..., m)
