@@ -180,6 +180,45 @@ def test_gca_uot_tends_to_balanced_gca_for_large_lambdas():
     assert uot.item() == pytest.approx(bal.item(), rel=1e-4)
 
 
+def _dense_reference(method, z1, z2, cfg):
+    """The 2N x 2N formulas the losses used before they read only the positive pairs: the full log-plan,
+    the dense target and generalised KL, RINCE's logsumexp over rows, IOT-CL's gather from the full log-plan."""
+    n = z1.shape[0]
+    res, _ = L._gca_plan(z1, z2, eps=cfg["eps"], sinkhorn_iters=cfg["sinkhorn_iters"],
+                         uot_lambda1=cfg.get("uot_lambda1"), uot_lambda2=cfg.get("uot_lambda2")) \
+        if method != "iot_cl" else (sinkhorn(L.contrastive_cost(z1, z2), eps=cfg["eps"],
+                                             n_iters=cfg["sinkhorn_iters"]), None)
+    log_p = res.log_plan()
+    idx = torch.arange(2 * n)
+    pos = (idx + n) % (2 * n)
+    if method in ("gca_ince", "gca_uot"):
+        return L._generalised_kl(L._positive_target(n, res.plan), log_p)
+    if method == "gca_rince":
+        log_s = log_p + math.log(2 * n)
+        q, lam = 0.5, 0.01
+        return ((-torch.exp(q * log_s[idx, pos]) + torch.exp(q * (math.log(lam) + torch.logsumexp(log_s, 1)))) / q
+                ).mean()
+    return -(log_p[idx, pos] + math.log(2 * n)).mean()
+
+
+@pytest.mark.parametrize("method, cfg", [
+    ("gca_ince", dict(eps=0.5, sinkhorn_iters=5)),
+    ("gca_ince", dict(eps=0.1, sinkhorn_iters=4)),
+    ("gca_uot", dict(eps=0.5, sinkhorn_iters=5, uot_lambda1=1.0, uot_lambda2=0.5)),
+    ("gca_rince", dict(eps=0.5, sinkhorn_iters=5)),
+    ("iot_cl", dict(eps=0.5, sinkhorn_iters=4, relaxation="Uab")),
+])
+def test_losses_reading_only_the_positive_pairs_equal_the_dense_formulas(method, cfg):
+    _, _, z1, z2 = views(n=6, seed=21)
+    got_z = [z.clone().requires_grad_(True) for z in (z1, z2)]
+    want_z = [z.clone().requires_grad_(True) for z in (z1, z2)]
+    got = L.compute_loss(method, None, None, *got_z, cfg).loss
+    want = _dense_reference(method, *want_z, cfg)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    for g_got, g_want in zip(torch.autograd.grad(got, got_z), torch.autograd.grad(want, want_z)):
+        assert torch.allclose(g_got, g_want, rtol=1e-9, atol=1e-12)
+
+
 def test_domain_target_has_unit_mass_and_weights():
     tgt = L._positive_target(3, torch.zeros(1, dtype=torch.float64), torch.tensor([0, 0, 1]), 0.5, 0.1)
     assert tgt.sum().item() == pytest.approx(1.0)

@@ -222,6 +222,13 @@ def test_unrolled_gradient_equals_autograd_recorded_op_by_op(shape, lams, steps)
         assert torch.allclose(got, want, rtol=1e-9, atol=1e-13)
 
 
+def test_log_plan_at_pairs_equals_the_full_log_plan_there():
+    cost = random_cost(7, 5, seed=12)
+    res = sinkhorn(cost, eps=0.1, n_iters=6, uot_lambda1=1.0)
+    rows, cols = torch.tensor([0, 3, 6, 2]), torch.tensor([4, 0, 1, 1])
+    assert torch.allclose(res.log_plan_at(rows, cols), res.log_plan()[rows, cols], rtol=1e-14, atol=0)
+
+
 def test_tol_stops_early_and_warns_when_not_reached():
     cost = random_cost(30, 30, seed=3)
     res = sinkhorn(cost, eps=0.5, n_iters=1000, tol=1e-6)

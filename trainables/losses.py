@@ -90,6 +90,20 @@ def _positive_target(n: int, like: Tensor, domain_labels: Optional[Tensor] = Non
     return tgt / tgt.sum()
 
 
+def _positive_pairs(n: int, device) -> Tuple[Tensor, Tensor]:
+    """(rows, cols) of the 2N positive pairs of the 2N x 2N contrastive matrix."""
+    return torch.arange(2 * n, device=device), _positive_index(n, device)
+
+
+def _positive_kl(log_pos: Tensor, mass: Tensor) -> Tensor:
+    """KL(T | P) of :func:`_generalised_kl` for T = 1/(2N) on the 2N positive pairs (GCA's target without
+    domain labels), from what it depends on: log P at the positives (2N,) and the plan's mass. The same value
+    as the dense formula, without its ~10 passes over the 2N x 2N matrices and their backward (GCA-INCE's
+    loss at batch 512: 0.6x the time)."""
+    t = 1.0 / log_pos.shape[0]
+    return (t * (math.log(t) - log_pos)).sum() - 1.0 + mass
+
+
 def _generalised_kl(target: Tensor, log_p: Tensor) -> Tensor:
     """KL(T | P) = sum T log(T/P) - sum T + sum P over entries, 0 log 0 = 0.
 
@@ -284,9 +298,17 @@ def gca_ince(h1, h2, z1, z2, *, eps: float = 0.5, sinkhorn_iters: int = 5,
     """
     _check_views(z1, z2, "z")
     res, ms = _gca_plan(z1, z2, eps=eps, sinkhorn_iters=sinkhorn_iters)
-    tgt = _positive_target(z1.shape[0], res.plan, domain_labels, domain_alpha, domain_cross)
-    loss = _generalised_kl(tgt, res.log_plan())
+    loss = _gca_kl(res, z1.shape[0], domain_labels, domain_alpha, domain_cross)
     return LossOutput(loss, {"gca_kl": float(loss.detach()), **_ot_parts(res, ms)})
+
+
+def _gca_kl(res: ot.OTResult, n: int, domain_labels, domain_alpha, domain_cross) -> Tensor:
+    """KL(P_tgt | P) of GCA's plan: from the positive pairs alone for the default target, densely for the
+    domain-aware one."""
+    if domain_labels is None:
+        return _positive_kl(res.log_plan_at(*_positive_pairs(n, res.cost.device)), res.plan.sum())
+    tgt = _positive_target(n, res.plan, domain_labels, domain_alpha, domain_cross)
+    return _generalised_kl(tgt, res.log_plan())
 
 
 def gca_rince(h1, h2, z1, z2, *, eps: float = 0.5, sinkhorn_iters: int = 5,
@@ -305,11 +327,10 @@ def gca_rince(h1, h2, z1, z2, *, eps: float = 0.5, sinkhorn_iters: int = 5,
         raise ValueError(f"rince_lam must be > 0, got {rince_lam}")
     n = z1.shape[0]
     res, ms = _gca_plan(z1, z2, eps=eps, sinkhorn_iters=sinkhorn_iters)
-    # in logs: s^q = exp(q log s) keeps the gradient finite where the plan underflows to 0
-    log_s = res.log_plan() + math.log(2 * n)  # (2N, 2N), log of s = 2N P
-    rows = torch.arange(2 * n, device=log_s.device)
-    log_pos = log_s[rows, _positive_index(n, log_s.device)]  # (2N,)
-    log_all = torch.logsumexp(log_s, dim=1)  # (2N,) log(s+ + sum s-)
+    # in logs: s^q = exp(q log s) keeps the gradient finite where the plan underflows to 0; s = 2N P
+    log_pos = res.log_plan_at(*_positive_pairs(n, res.cost.device)) + math.log(2 * n)  # (2N,)
+    # (2N,) log(s+ + sum s-), from the row sums (P's rows hold at least their largest entry, so never 0)
+    log_all = torch.log(res.plan.sum(1)) + math.log(2 * n)
     per_row = (-torch.exp(rince_q * log_pos) + torch.exp(rince_q * (math.log(rince_lam) + log_all))) / rince_q
     loss = per_row.mean()
     return LossOutput(loss, {"rince": float(loss.detach()), **_ot_parts(res, ms)})
@@ -329,8 +350,7 @@ def gca_uot(h1, h2, z1, z2, *, eps: float = 0.5, sinkhorn_iters: int = 5,
     _check_views(z1, z2, "z")
     res, ms = _gca_plan(z1, z2, eps=eps, sinkhorn_iters=sinkhorn_iters,
                         uot_lambda1=uot_lambda1, uot_lambda2=uot_lambda2)
-    tgt = _positive_target(z1.shape[0], res.plan, domain_labels, domain_alpha, domain_cross)
-    loss = _generalised_kl(tgt, res.log_plan())
+    loss = _gca_kl(res, z1.shape[0], domain_labels, domain_alpha, domain_cross)
     return LossOutput(loss, {"gca_kl": float(loss.detach()), "plan_mass": float(res.plan.sum().detach()),
                              **_ot_parts(res, ms)})
 
@@ -372,12 +392,12 @@ def iot_cl(h1, h2, z1, z2, *, eps: float = 0.5, relaxation: str = "Ua", sinkhorn
         log_p = ot.coupling_ua(cost, eps=eps)
     else:
         res, ms = _timed_solve(cost=cost, eps=eps, n_iters=sinkhorn_iters)
-        log_p = res.log_plan()
+        log_p = res.log_plan() if lambda_p > 0 else None  # the 2N x 2N log-plan only for the uniformity term
         parts.update(_ot_parts(res, ms))
-    rows = torch.arange(2 * n, device=cost.device)
-    pos = _positive_index(n, cost.device)
+    rows, pos = _positive_pairs(n, cost.device)
     # KL(P~ | P) with P~ = 1/(2N) on the 2N positives
-    align = -(log_p[rows, pos] + math.log(2 * n)).mean()
+    log_pos = log_p[rows, pos] if log_p is not None else res.log_plan_at(rows, pos)
+    align = -(log_pos + math.log(2 * n)).mean()
     loss = align
     parts["iot_align"] = float(align.detach())
     if lambda_p > 0:

@@ -108,6 +108,11 @@ class OTResult:
         """log P, shape (..., n, m); -inf on masked pairs."""
         return (self.f[..., :, None] + self.g[..., None, :] - self.cost) / self.eps
 
+    def log_plan_at(self, rows: Tensor, cols: Tensor) -> Tensor:
+        """log P at the pairs (rows[k], cols[k]) of a single (n, m) problem, shape (len(rows),): the entries a
+        loss needs (the positive pairs of a contrastive plan), without the n x m log-plan."""
+        return (self.f[rows] + self.g[cols] - self.cost[rows, cols]) / self.eps
+
     def transport_cost(self) -> Tensor:
         """<P, C> summed over (n, m), shape (...); masked pairs contribute 0."""
         finite = torch.isfinite(self.cost)
