@@ -272,10 +272,18 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
         sinkhorn(random_cost(4, 4, seed=0), **kwargs)
 
 
-def test_row_without_allowed_entry_is_an_error():
-    cost = random_cost(3, 3, seed=0)
-    cost[1, :] = math.inf
-    with pytest.raises(ValueError, match="at least one allowed"):
+@pytest.mark.parametrize("where, value, match", [
+    ((0, 1, slice(None)), math.inf, "at least one allowed"),  # a row of the first problem
+    ((1, slice(None), 2), math.inf, "at least one allowed"),  # a column of the second
+    ((1, 0, 0), math.nan, "cost contains NaN"),
+    ((0, 2, 1), -math.inf, "cost contains -inf"),
+])
+def test_a_cost_without_a_solution_is_a_one_line_error(where, value, match):
+    cost = torch.stack([random_cost(3, 4, seed=0), random_cost(3, 4, seed=1)])
+    cost[0, 0, 0] = math.inf  # a forbidden pair alone is fine
+    assert torch.isfinite(sinkhorn(cost, eps=0.1, n_iters=3).plan).all()
+    cost[where] = value
+    with pytest.raises(ValueError, match=match):
         sinkhorn(cost, eps=0.1, n_iters=3)
 
 
