@@ -479,7 +479,9 @@ def test_stabilized_falls_back_to_log_when_a_whole_column_underflows():
 
 def test_unrolled_gradient_never_uses_the_stabilized_kernel():
     # SinSim's case that gave non-finite gradients through float32 stabilised scalings (n = 1024, eps = 1e-3)
-    # (forced to domain="stabilized", this exact case gives a non-finite gradient of x)
+    # (forced to domain="stabilized", this exact case gives a non-finite gradient of x); the float64 kernel
+    # shifted by each row's smallest cost holds here, where the globally shifted one underflowed (the log
+    # domain was used: 30x the time)
     from trainables.losses import feature_cost
 
     g = torch.Generator().manual_seed(0)
@@ -487,7 +489,40 @@ def test_unrolled_gradient_never_uses_the_stabilized_kernel():
     cost = feature_cost(x, y, ot_cost="cosine")
     res = sinkhorn(cost, eps=1e-3, n_iters=40)
     res.transport_cost().backward()
-    assert res.domain == "log" and torch.isfinite(x.grad).all()
+    assert res.domain == "kernel64" and torch.isfinite(x.grad).all()
     with torch.no_grad():
         assert sinkhorn(cost, eps=1e-3, n_iters=40).domain == "stabilized"
     assert sinkhorn(cost, eps=1e-3, n_iters=40, grad="implicit").domain == "stabilized"
+
+
+@pytest.mark.parametrize("lams", [(None, None), (0.5, 2.0)])
+def test_row_shifted_float64_kernel_equals_the_log_domain_where_the_global_kernel_underflows(lams):
+    from trainables.losses import feature_cost
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(96, 16, generator=g, dtype=torch.float64), torch.randn(96, 16, generator=g,
+                                                                               dtype=torch.float64)
+    results = {}
+    for domain in ("auto", "log"):
+        xr = x.clone().requires_grad_(True)
+        cost = feature_cost(xr, y, ot_cost="cosine")
+        res = sinkhorn(cost, eps=1e-3, n_iters=30, domain=domain, uot_lambda1=lams[0], uot_lambda2=lams[1])
+        (res.objective() + res.transport_cost()).backward()
+        results[domain] = res, xr.grad
+    (auto, grad_auto), (log, grad_log) = results["auto"], results["log"]
+    cmin, cmax = float(auto.cost.detach().min()), float(auto.cost.detach().max())
+    assert (cmax - cmin) / 1e-3 > 745  # exp(-(C - min C)/eps) underflows float64 (below its subnormals)
+    assert auto.domain == "kernel64"
+    assert torch.allclose(auto.plan, log.plan, rtol=1e-9, atol=1e-200)  # entries the kernel lets underflow
+    assert torch.allclose(grad_auto, grad_log, rtol=1e-7, atol=1e-12)
+
+
+def test_row_shifted_kernel_falls_back_to_log_when_its_scalings_leave_float64():
+    cost = random_cost(8, 8, seed=3).requires_grad_(True)
+    with torch.no_grad():
+        cost[:, 5] += 2.0  # column 5 is at least 2 above every row's smallest cost: exp(-2/1e-3) = 0
+    res = sinkhorn(cost, eps=1e-3, n_iters=50)
+    assert res.domain == "log"
+    assert torch.equal(res.plan, sinkhorn(cost, eps=1e-3, n_iters=50, domain="log").plan)
+    res.transport_cost().backward()
+    assert torch.isfinite(cost.grad).all() and abs(float(res.plan[:, 5].sum().detach()) - 1 / 8) < 1e-4
