@@ -12,7 +12,8 @@ C = 1 - cos (for GeomLoss the points are L2-normalised, so its p=2 cost
 3. forward + backward at n = 2048, d = 512: time and bytes kept for backward.
 
 ``--part backward --against REV`` instead times SinSim's OT term with the unrolled gradient, this checkout's
-against git revision REV's, in alternating pairs at n = 128..2048 (eps = 0.05) and n = 256, 1024 (eps = 2e-3, more spread costs).
+against git revision REV's, in alternating pairs at n = 128..2048 (eps = 0.05) and n = 256, 1024 (eps = 2e-3,
+more spread costs).
 
     .venv/bin/python -m benchmarks.ot_solvers [--quick] [--part all|fixed|tolerance|backward [--against REV]]
 """
@@ -209,7 +210,7 @@ def unrolled_against(rev: str, iters=40, pairs=7):
                 if fwd + bwd > 2.0:
                     todo = min(todo, 2)
             k += 1
-        (rf, rb), (tf, tb) = ([1e3 * statistics.median(c) for c in zip(*times[k])] for k in ("rev", "this"))
+        (rf, rb), (tf, tb) = ([1e3 * statistics.median(c) for c in zip(*times[label])] for label in ("rev", "this"))
         diff = float((grads["this"] - grads["rev"]).abs().max() / grads["rev"].abs().max())
         rows.append([n, d, eps, domains["rev"], rf, rb, domains["this"], tf, tb, (tf + tb) / (rf + rb), tb / rb,
                      diff])
@@ -230,7 +231,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="n in {128, 512}, d = 128 only")
     p.add_argument("--part", choices=["all", "fixed", "tolerance", "backward"], default="all")
     p.add_argument("--against", metavar="REV", help="with --part backward: time this checkout's unrolled "
-                   "gradient against git revision REV's, n = 128..2048")
+                   "gradient against git revision REV's (n = 128..2048 at eps 0.05; n = 256, 1024 at eps 2e-3)")
     args = p.parse_args()
     if args.against:
         if args.part != "backward":

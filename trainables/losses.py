@@ -329,8 +329,10 @@ def gca_rince(h1, h2, z1, z2, *, eps: float = 0.5, sinkhorn_iters: int = 5,
     res, ms = _gca_plan(z1, z2, eps=eps, sinkhorn_iters=sinkhorn_iters)
     # in logs: s^q = exp(q log s) keeps the gradient finite where the plan underflows to 0; s = 2N P
     log_pos = res.log_plan_at(*_positive_pairs(n, res.cost.device)) + math.log(2 * n)  # (2N,)
-    # (2N,) log(s+ + sum s-), from the row sums (P's rows hold at least their largest entry, so never 0)
-    log_all = torch.log(res.plan.sum(1)) + math.log(2 * n)
+    # (2N,) log(s+ + sum s-), from the plan's row sums (1/(2N) after a row projection; kept off 0 should a
+    # whole row underflow after a column one, where the logsumexp over the 2N x 2N log-plan stayed finite)
+    rows_mass = res.plan.sum(1)
+    log_all = torch.log(rows_mass.clamp_min(torch.finfo(rows_mass.dtype).tiny)) + math.log(2 * n)
     per_row = (-torch.exp(rince_q * log_pos) + torch.exp(rince_q * (math.log(rince_lam) + log_all))) / rince_q
     loss = per_row.mean()
     return LossOutput(loss, {"rince": float(loss.detach()), **_ot_parts(res, ms)})

@@ -381,7 +381,7 @@ def _iterate(cost, a, b, eps, n_half, fi1, fi2, tol, domain, cmin, balanced_rows
     if domain == "kernel64":
         # each row shifted by its own smallest cost: every row keeps an entry of 1, and every entry is at
         # least the globally shifted kernel's, so this holds where exp(-(C - min C)/eps) would underflow
-        # (SinSim at eps = 2e-3, n = 1024: the log domain took 30x the time and kept 84 n x n for backward)
+        # (SinSim at eps = 2e-3, n = 1024: the log domain took 22-29x the time and kept 84 n x n for backward)
         c64 = cost.double()
         out = _iterate_kernel(c64, a.double(), b.double(), eps, n_half, fi1, fi2, tol,
                               c64.detach().amin(-1, keepdim=True), balanced_rows, until)
