@@ -229,6 +229,26 @@ def test_log_plan_at_pairs_equals_the_full_log_plan_there():
     assert torch.allclose(res.log_plan_at(rows, cols), res.log_plan()[rows, cols], rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("grad", ["unrolled", "implicit"])
+def test_values_without_forbidden_pairs_skip_the_masking_and_agree_with_it(masked, grad):
+    import dataclasses
+
+    cost = random_cost(9, 7, seed=13)
+    if masked:
+        cost[2, 3] = cost[5, 0] = math.inf
+    c = cost.clone().requires_grad_(True)
+    res = sinkhorn(c, eps=0.1, n_iters=20, grad=grad, uot_lambda1=None if masked else 2.0)
+    assert res.forbidden is masked
+    unknown = dataclasses.replace(res, forbidden=None)  # the masked formulas
+    for value in ("transport_cost", "objective"):
+        got, want = getattr(res, value)(), getattr(unknown, value)()
+        assert torch.isfinite(got) and torch.allclose(got, want, rtol=1e-13)
+        g_got = torch.autograd.grad(got, c, retain_graph=True)[0]
+        g_want = torch.autograd.grad(want, c, retain_graph=True)[0]
+        assert torch.allclose(g_got, g_want, rtol=1e-12, atol=1e-15, equal_nan=True)  # NaN: d/dC at C = inf
+
+
 def test_tol_stops_early_and_warns_when_not_reached():
     cost = random_cost(30, 30, seed=3)
     res = sinkhorn(cost, eps=0.5, n_iters=1000, tol=1e-6)

@@ -88,6 +88,9 @@ class OTResult:
             the solver was called with ``n_projections``.
         domain: ``"kernel"``, ``"stabilized"``, ``"kernel64"`` or ``"log"`` (the one used).
         grad: ``"unrolled"`` or ``"implicit"``.
+        forbidden: whether the cost has forbidden (+inf) pairs; None if not known (then treated as
+            possible). Without them the values skip the masking (an isfinite and a where over n x m, 3x the
+            product's time: 1.1 of SinSim's 1.2 ms for <P, C> at n = 512).
     """
 
     plan: Tensor
@@ -103,6 +106,7 @@ class OTResult:
     n_iters: float
     domain: str
     grad: str
+    forbidden: Optional[bool] = None
 
     def log_plan(self) -> Tensor:
         """log P, shape (..., n, m); -inf on masked pairs."""
@@ -115,6 +119,8 @@ class OTResult:
 
     def transport_cost(self) -> Tensor:
         """<P, C> summed over (n, m), shape (...); masked pairs contribute 0."""
+        if self.forbidden is False:
+            return (self.plan * self.cost).sum((-2, -1))
         finite = torch.isfinite(self.cost)
         return torch.where(finite, self.plan * self.cost, torch.zeros_like(self.plan)).sum((-2, -1))
 
@@ -133,10 +139,10 @@ class OTResult:
                 - self.eps * self.plan.sum((-2, -1))
         logp = self.log_plan()
         p = self.plan
-        finite = torch.isfinite(self.cost)
-        zero = torch.zeros_like(p)
-        # P (log P - 1) with 0 log 0 = 0 on masked pairs
-        ent_term = torch.where(finite, p * (logp - 1.0), zero).sum((-2, -1))
+        if self.forbidden is False:
+            ent_term = (p * (logp - 1.0)).sum((-2, -1))
+        else:  # P (log P - 1) with 0 log 0 = 0 on masked pairs
+            ent_term = torch.where(torch.isfinite(self.cost), p * (logp - 1.0), torch.zeros_like(p)).sum((-2, -1))
         value = self.transport_cost() + self.eps * ent_term
         value = value + _kl_penalty(p.sum(-1), self.a, self.uot_lambda1)
         value = value + _kl_penalty(p.sum(-2), self.b, self.uot_lambda2)
@@ -285,7 +291,7 @@ def sinkhorn(
     *batch, n, m = cost.shape
     a = _marginal(a, batch, n, cost, "a")
     b = _marginal(b, batch, m, cost, "b")
-    cmin, cmax = _cost_range(cost)
+    cmin, cmax, forbidden = _cost_range(cost)
     span = float(((cmax - cmin) / eps).max())
     fi1, fi2 = _fi(lam1, eps), _fi(lam2, eps)
     if domain == "auto":
@@ -334,12 +340,13 @@ def sinkhorn(
         )
     return OTResult(plan=plan, f=f, g=g, cost=cost, eps=eps, a=a, b=b, uot_lambda1=lam1,
                     uot_lambda2=lam2, marginal_error=err, n_iters=used / 2, domain=domain,
-                    grad=grad)
+                    grad=grad, forbidden=forbidden)
 
 
 def _cost_range(cost: Tensor):
-    """(min C, max C over the allowed entries), keepdim over the last two axes; one-line errors for NaN,
-    -inf, and a row or column with no allowed entry. Two passes over C when no pair is forbidden."""
+    """(min C, max C over the allowed entries, whether any pair is forbidden), the two keepdim over the last
+    two axes; one-line errors for NaN, -inf, and a row or column with no allowed entry. Two passes over C
+    when no pair is forbidden."""
     with torch.no_grad():
         cmin = cost.amin((-2, -1), keepdim=True)
         cmax = cost.amax((-2, -1), keepdim=True)
@@ -347,14 +354,15 @@ def _cost_range(cost: Tensor):
             raise ValueError("cost contains NaN")
         if (cmin == -math.inf).any():
             raise ValueError("cost contains -inf")
-        if (cmax == math.inf).any():
+        forbidden = bool((cmax == math.inf).any())
+        if forbidden:
             # a row or column without an allowed entry has +inf as its smallest cost; the largest allowed cost
             # with the forbidden ones turned to -inf (row and column minima and nan_to_num: 0.5 ms at
             # 1024 x 1024 where isfinite, its any() checks and masked_fill took 2.5 ms, half of a GCA solve)
             if bool(torch.isinf(cost.amin(-1)).any()) or bool(torch.isinf(cost.amin(-2)).any()):
                 raise ValueError("every row and column of cost needs at least one allowed (finite) entry")
             cmax = cost.nan_to_num(posinf=-math.inf).amax((-2, -1), keepdim=True)
-    return cmin.detach(), cmax.detach()
+    return cmin.detach(), cmax.detach(), forbidden
 
 
 def _marginal(w: Optional[Tensor], batch, size: int, like: Tensor, name: str) -> Tensor:
@@ -812,7 +820,7 @@ def sinkhorn_newton_sparse(
     with torch.no_grad():
         c = cost.detach().double()
         a64, b64 = a.double(), b.double()
-        cmin, cmax = _cost_range(c)  # (1, 1) each
+        cmin, cmax, forbidden = _cost_range(c)  # (1, 1) each
         domain = "kernel" if float((cmax - cmin) / eps) <= _kernel_limit(torch.float64) else "stabilized"
         until = _sinkhorn_while_fast(tol, int(warmup_iters), sinkhorn_budget)
         f, g, warm_err, half_steps, p, domain = _iterate(c, a64, b64, eps,
@@ -923,7 +931,7 @@ def sinkhorn_newton_sparse(
         warnings.warn(f"sinkhorn_newton_sparse did not converge: marginal error {err:.3e} > tol {tol:.1e} "
                       f"after {used:g} iterations (eps={eps:g})", SinkhornNotConvergedWarning, stacklevel=2)
     return OTResult(plan=plan, f=f, g=g, cost=cost, eps=eps, a=a, b=b, uot_lambda1=None, uot_lambda2=None,
-                    marginal_error=err, n_iters=used, domain=domain, grad="implicit")
+                    marginal_error=err, n_iters=used, domain=domain, grad="implicit", forbidden=forbidden)
 
 
 def _sinkhorn_while_fast(tol: float, warmup: int, budget: int, window: int = 3):
