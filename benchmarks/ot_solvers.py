@@ -220,7 +220,8 @@ def unrolled_against(rev: str, iters=40, pairs=7):
               f"backward, this / {rev_id}", "gradient max rel. difference"]
     record(f"ot_solvers --part backward --against {rev}: unrolled gradient, this checkout vs {rev_id}",
            f"SinSim's OT term: <P, C> of {iters} Sinkhorn iterations (float32) on the max-normalised cosine cost "
-           f"between n random points in d dimensions, forward (cost and solve) and backward to the points; {pairs} "
+           f"between n random points in d dimensions: forward = the cost and the solve, backward = <P, C> and its "
+           f"backward to the points; {pairs} "
            f"alternating pairs after one warm-up pair (2 where a run took over 2 s), medians. {rev_id}'s solver "
            "is its `trainables/ot.py`, loaded as a module of its own.\n\n" + markdown_table(header, rows))
 
