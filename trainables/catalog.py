@@ -40,7 +40,8 @@ METHOD_INFO: Dict[str, MethodInfo] = {
     for m in [
         MethodInfo("simclr", {"tau": 0.5}, "arXiv 2002.05709", False),
         MethodInfo("sinsim", {"tau": 0.5, "beta": 0.8, "eps": 0.05, "sinkhorn_iters": 40, "ot_cost": "cosine",
-                              "ot_value": "cost", "ot_grad": "unrolled", "ot_solver": "sinkhorn"}, "arXiv 2502.10478", True),
+                              "ot_value": "cost", "ot_grad": "unrolled", "ot_solver": "sinkhorn"},
+                   "arXiv 2502.10478", True),
         MethodInfo("sinsim_gibbs_kernel", {"tau": 0.5, "beta": 0.8, "eps": 0.05, "ot_cost": "cosine"},
                    "public SinSim script (not the paper)", False),
         MethodInfo("gca_ince", {"eps": 0.5, "sinkhorn_iters": 5}, "arXiv 2502.20141", True),

@@ -379,14 +379,11 @@ def _iterate(cost, a, b, eps, n_half, fi1, fi2, tol, domain, cmin, balanced_rows
     """Run ``n_half`` alternating updates (rows first). Returns f, g, error, updates used, plan (or None),
     and the domain that was used. ``until(err)``, if given, is called with the L1 marginal error before
     every row update (balanced rows with a ``tol`` only) and stops the iterations when it returns True."""
+    out = None
     if domain == "stabilized":
+        # None where a whole row or column of the stabilised kernel underflowed: no kernel at all then
         out = _iterate_stabilized(cost, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, until)
-        if out is not None:
-            return (*out, "stabilized")
-        domain = "log"  # a whole row or column of the stabilised kernel underflowed: no kernel at all then
-    if domain == "log":
-        return (*_iterate_log(cost, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, until), None, "log")
-    if domain == "kernel64":
+    elif domain == "kernel64":
         # each row shifted by its own smallest cost: every row keeps an entry of 1, and every entry is at
         # least the globally shifted kernel's, so this holds where exp(-(C - min C)/eps) would underflow
         # (SinSim at eps = 2e-3, n = 1024: the log domain took 22-29x the time and kept 84 n x n for backward)
@@ -395,12 +392,15 @@ def _iterate(cost, a, b, eps, n_half, fi1, fi2, tol, domain, cmin, balanced_rows
                               c64.detach().amin(-1, keepdim=True), balanced_rows, until)
         if out is not None and bool(torch.isfinite(out[0]).all()) and bool(torch.isfinite(out[1]).all()):
             f, g, err, used, plan = out
-            return f.to(cost.dtype), g.to(cost.dtype), err, used, plan.to(cost.dtype), "kernel64"
-        return (*_iterate_log(cost, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, until), None, "log")
-    out = _iterate_kernel(cost, a, b, eps, n_half, fi1, fi2, tol, cmin, balanced_rows, until)
-    if out is None:  # the unrolled scalings left the float range (see _UnrolledScaling): the log domain
-        return (*_iterate_log(cost, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, until), None, "log")
-    return (*out, "kernel")
+            out = f.to(cost.dtype), g.to(cost.dtype), err, used, plan.to(cost.dtype)
+        else:
+            out = None
+    elif domain == "kernel":
+        # None where the unrolled scalings left the float range (see _UnrolledScaling)
+        out = _iterate_kernel(cost, a, b, eps, n_half, fi1, fi2, tol, cmin, balanced_rows, until)
+    if out is not None:
+        return (*out, domain)
+    return (*_iterate_log(cost, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, until), None, "log")
 
 
 def _iterate_log(cost, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, until=None):
@@ -569,8 +569,8 @@ class _UnrolledScaling(torch.autograd.Function):
     ms in the forward solve). Here backward runs the recursion in reverse: an update
     ``y = (c / d)^fi fix`` with ``d = K x`` (or ``K^T x``) sends ``gd = -fi gy y / d`` on to x as
     ``K^T gd`` (or ``K gd``), and the outer products of gd and x are summed by one matrix product at the
-    end, ``(n x L) @ (L x m)`` for L updates. Kept for backward: K (which autograd kept too) and three
-    vectors per update. The same derivative as autograd's (tests/test_ot.py compares them), about half the
+    end, ``(n x L) @ (L x m)`` for L updates. Kept for backward: K (which autograd kept too) and two
+    vectors per update (the scaling it read and -fi y / d). The same derivative as autograd's (tests/test_ot.py compares them), about half the
     time for forward and backward (BENCHMARKS.md, ``benchmarks.ot_solvers --part backward``).
     """
 
@@ -579,26 +579,24 @@ class _UnrolledScaling(torch.autograd.Function):
         trace: list = []
         u, v, _, _, _, info["err"], info["used"] = _scaling_loop(kernel, f0, g0, a, b, eps, n_half, fi1, fi2,
                                                                  tol, balanced_rows, trace=trace)
-        rows, cols = trace[0::2], trace[1::2]  # updates alternate, rows first
-        stacked = [torch.stack(part, 0) for side in (rows, cols) if side for part in zip(*side)]
-        # the backward multiplies by y / d = c / d^2: finite scalings whose squares leave the float range
-        # (tiny column sums of a kernel near underflow) would give inf gradients; the caller then falls back
-        info["finite"] = all(bool(torch.isfinite(stacked[i + 2] / stacked[i + 1]).all())
-                             for i in range(0, len(stacked), 3))
-        ctx.save_for_backward(kernel, *stacked)
-        ctx.fi, ctx.n_cols = (fi1, fi2), len(cols)
+        saved = []
+        for side, fi in ((trace[0::2], fi1), (trace[1::2], fi2)):  # updates alternate, rows first
+            if side:
+                x_in, den, out = (torch.stack(part, 0) for part in zip(*side))
+                saved += [x_in, (-fi) * out / den]  # d y / d (K x) = -fi y / d, every update at once
+        # the factors y / d = c / d^2: finite scalings whose squares leave the float range (tiny column sums
+        # of a kernel near underflow) would give inf gradients; the caller then falls back
+        info["finite"] = all(bool(torch.isfinite(q).all()) for q in saved[1::2])
+        ctx.save_for_backward(kernel, *saved)
+        ctx.n_cols = len(trace) // 2
         return u, v
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gu, gv):
         kernel, *saved = ctx.saved_tensors
-        fi1, fi2 = ctx.fi
-        row_in, row_den, row_out = saved[:3]  # (rows, ..., m), (rows, ..., n), (rows, ..., n)
-        row_q = (-fi1) * row_out / row_den  # d u / d (K v), every update at once
-        if ctx.n_cols:
-            col_in, col_den, col_out = saved[3:]
-            col_q = (-fi2) * col_out / col_den
+        row_in, row_q = saved[:2]  # (rows, ..., m) the v each update read, (rows, ..., n) d u / d (K v)
+        col_in, col_q = saved[2:] if ctx.n_cols else (None, None)
         flat = kernel.dim() == 2
 
         def send(acc, mat, vec):  # acc + mat @ vec (acc None: zero)
@@ -608,7 +606,7 @@ class _UnrolledScaling(torch.autograd.Function):
 
         kt = kernel.transpose(-1, -2)
         left, right = [], []  # K's gradient: the sum over updates of left (..., n) x right (..., m)
-        for k in reversed(range(len(row_out) + ctx.n_cols)):
+        for k in reversed(range(len(row_q) + ctx.n_cols)):
             i = k // 2
             if k % 2:  # v = (b / K^T u)^fi2 col_fix: the gradient goes on to u; v's previous value starts at 0
                 gd = gv * col_q[i] if gv is not None else torch.zeros_like(col_q[i])
