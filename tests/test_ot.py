@@ -546,3 +546,13 @@ def test_row_shifted_kernel_falls_back_to_log_when_its_scalings_leave_float64():
     assert torch.equal(res.plan, sinkhorn(cost, eps=1e-3, n_iters=50, domain="log").plan)
     res.transport_cost().backward()
     assert torch.isfinite(cost.grad).all() and abs(float(res.plan[:, 5].sum().detach()) - 1 / 8) < 1e-4
+
+
+def test_gradient_through_the_marginals_passes_gradcheck():
+    # a differentiable marginal with a constant cost: the plan is built out of place (scaling the kernel in
+    # place, as when nothing needs a gradient, broke this backward with an in-place modification error)
+    cost = random_cost(6, 5, seed=3)
+    g = torch.Generator().manual_seed(3)
+    w = (torch.rand(6, generator=g, dtype=torch.float64) + 0.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda w_: sinkhorn(cost, eps=0.1, n_iters=10, a=w_ / w_.sum(), warn=False).transport_cost(), (w,))

@@ -484,8 +484,10 @@ def _scale(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, rebu
     kernel rebuilt) whenever they leave exp(+-tau); None if they stopped being finite. Under an unrolled
     gradient without ``rebuild`` the scalings come from :class:`_UnrolledScaling`, whose reverse pass is
     written out rather than recorded op by op."""
-    graph = kernel.requires_grad and torch.is_grad_enabled()
-    if graph and rebuild is None and not any(t.requires_grad for t in (f0, g0, a, b)):
+    # a graph through the kernel or through the marginals (the plan is then built out of place: scaling the
+    # kernel in place broke a gradient to the marginals, whose products had kept it for backward)
+    graph = torch.is_grad_enabled() and any(t.requires_grad for t in (kernel, f0, g0, a, b))
+    if graph and rebuild is None and kernel.requires_grad and not any(t.requires_grad for t in (f0, g0, a, b)):
         info: dict = {}
         u, v = _UnrolledScaling.apply(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, info)
         if not info["finite"]:
