@@ -556,3 +556,44 @@ def test_gradient_through_the_marginals_passes_gradcheck():
     w = (torch.rand(6, generator=g, dtype=torch.float64) + 0.5).requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda w_: sinkhorn(cost, eps=0.1, n_iters=10, a=w_ / w_.sum(), warn=False).transport_cost(), (w,))
+
+
+def test_products_through_numpy_give_the_same_plans_gradients_and_leave_blas_threads_alone(monkeypatch):
+    # large CPU solves take their matrix-vector products through numpy with BLAS on one thread; force that
+    # route on small problems (threshold 0) and compare with torch's products, value and gradient
+    import trainables.ot as ot_mod
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+    cost = random_cost(40, 30, seed=5)
+    g = torch.Generator().manual_seed(5)
+    a = torch.rand(40, generator=g, dtype=torch.float64) + 0.5
+    a = a / a.sum()
+
+    def solve_all():
+        c = cost.clone().requires_grad_(True)
+        aa = a.clone().requires_grad_(True)  # a graph through the marginal: torch's products there
+        unrolled = sinkhorn(c, eps=0.05, n_iters=30, warn=False)
+        implicit = sinkhorn(c, eps=0.05, n_iters=300, tol=1e-9, grad="implicit", warn=False)
+        marginal = sinkhorn(cost, eps=0.05, n_iters=30, a=aa, warn=False)
+        stabilized = sinkhorn(cost, eps=2e-3, n_iters=50, warn=False)
+        values = [unrolled.transport_cost(), implicit.transport_cost(), marginal.transport_cost()]
+        grads = torch.autograd.grad(values[0] + values[1], c) + torch.autograd.grad(values[2], aa)
+        sns = [sinkhorn_newton_sparse(cost, eps=0.005, tol=1e-10, dense_above=d) for d in (0.05, 1.0)]
+        return [unrolled.plan, implicit.plan, marginal.plan, stabilized.plan, *grads, *(s.plan for s in sns)]
+
+    before = blas_threads()
+    monkeypatch.setattr(ot_mod, "_NUMPY_MATVEC_MIN", 1 << 60)
+    with_torch = solve_all()
+    calls = []
+    monkeypatch.setattr(ot_mod, "_NUMPY_MATVEC_MIN", 0)
+    monkeypatch.setattr(ot_mod, "_np_mv", lambda m, v, f=ot_mod._np_mv: calls.append(1) or f(m, v))
+    with_numpy = solve_all()
+    assert len(calls) > 100  # the route was taken
+    assert blas_threads() == before  # one BLAS thread only during the solves
+    ref = pot.sinkhorn(np.full(40, 1 / 40), np.full(30, 1 / 30), cost.numpy(), 0.05, numItermax=300, stopThr=1e-13)
+    assert rel_err(with_numpy[1].detach().numpy(), ref) < 1e-6
+    for got, want in zip(with_numpy, with_torch):
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-14)

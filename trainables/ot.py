@@ -48,7 +48,9 @@ n x m matrix for backward and needs no reverse pass through the iterations.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional
@@ -507,6 +509,45 @@ def _scale(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, rebu
     return f, g, err, used, plan
 
 
+# From this many entries up, the matrix-vector products of a CPU solve go through numpy (OpenBLAS), with BLAS held
+# to one thread during the solve: torch's (MKL) gemv, itself single-threaded here, was 1.2-1.7x slower than
+# OpenBLAS's on one thread on this machine's AMD EPYC (n = 1024 float32: 72 us against 51 us), and whole
+# solves took 0.80-0.93x the time at n = 512-2048 (alternating rounds, ad hoc), but 1.05-1.66x at n <= 362,
+# where the round trip through numpy costs more than it saves. With OpenBLAS's two threads a solve took
+# 0.52-1.38x: they contend with torch's OpenMP threads, which spin after every parallel op.
+_NUMPY_MATVEC_MIN = 1 << 18
+_BLAS = None  # threadpoolctl's controller, made on first use (it scans the loaded libraries once)
+
+
+def _numpy_route(mat: Tensor, *others: Optional[Tensor]) -> bool:
+    """Whether a solve's products with ``mat`` go through numpy (:func:`_np_mv`): one dense CPU float32/float64
+    matrix of at least ``_NUMPY_MATVEC_MIN`` entries, and no autograd graph to record through it or
+    ``others`` (the tensors the products' vectors come from)."""
+    if not (mat.dim() == 2 and mat.layout == torch.strided and mat.device.type == "cpu"
+            and mat.dtype in (torch.float32, torch.float64) and mat.numel() >= _NUMPY_MATVEC_MIN):
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (mat, *others)))
+
+
+def _np_mv(mat: Tensor, vec: Tensor) -> Tensor:
+    """``mat @ vec`` by numpy, for a matrix that passed :func:`_numpy_route` (a vector of another dtype: torch)."""
+    if vec.dtype != mat.dtype:
+        return _matvec(mat, vec)
+    return torch.from_numpy(mat.detach().numpy() @ vec.detach().numpy())
+
+
+def _one_blas_thread(on: bool):
+    """A context holding numpy's BLAS to one thread (a no-op unless ``on``)."""
+    global _BLAS
+    if not on:
+        return contextlib.nullcontext()
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
 def _matvec(mat: Tensor, vec: Tensor) -> Tensor:
     """mat @ vec over the last axes, (..., n, m) x (..., m) -> (..., n); ``torch.mv`` for one problem (3-4 us
     less a product than a batched matmul, a tenth of a 40-iteration solve at n = 128)."""
@@ -531,6 +572,13 @@ def _scaling_loop(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_row
     """The iterations of :func:`_scale`: (u, v, f0, g0, kernel, err, updates used), or None if the scalings
     stopped being finite. ``trace`` (a list) receives each update's (input scaling x, denominator d = K x or
     K^T x, new scaling)."""
+    fast = _numpy_route(kernel, f0, g0, a, b)
+    with _one_blas_thread(fast):
+        return _scaling_iterations(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, rebuild, until,
+                                   trace, _np_mv if fast else _matvec)
+
+
+def _scaling_iterations(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, rebuild, until, trace, mv):
     u = torch.ones_like(a)
     v = torch.ones_like(b)
     row_fix, col_fix = _fix(fi1, f0, eps), _fix(fi2, g0, eps)
@@ -541,7 +589,7 @@ def _scaling_loop(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_row
     a_ = a.detach()
     for k in range(n_half):
         if k % 2 == 0:
-            kv = _matvec(kernel, v)  # (..., n) = K v
+            kv = mv(kernel, v)  # (..., n) = K v
             # the errors read detached tensors (no graph): a no_grad block per iteration cost more than its
             # products at n = 128
             if tol is not None and k > 0:
@@ -556,7 +604,7 @@ def _scaling_loop(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_row
                 trace.append((v, kv, u_new))
             u = u_new
         else:
-            ktu = _matvec(kernel_t, u)  # (..., m) = K^T u
+            ktu = mv(kernel_t, u)  # (..., m) = K^T u
             v = b / ktu if col_fix is None else (b / ktu) ** fi2 * col_fix
             if trace is not None:
                 trace.append((u, ktu, v))
@@ -620,25 +668,30 @@ class _UnrolledScaling(torch.autograd.Function):
         col_in, col_q = saved[2:] if ctx.n_cols else (None, None)
         flat = kernel.dim() == 2
 
+        fast = _numpy_route(kernel)  # no graph here (once_differentiable)
+
         def send(acc, mat, vec):  # acc + mat @ vec (acc None: zero)
+            if fast:
+                return _np_mv(mat, vec) if acc is None else acc + _np_mv(mat, vec)
             if acc is None:
                 return _matvec(mat, vec)
             return torch.addmv(acc, mat, vec) if flat else acc + _matvec(mat, vec)
 
         kt = kernel.transpose(-1, -2)
         left, right = [], []  # K's gradient: the sum over updates of left (..., n) x right (..., m)
-        for k in reversed(range(len(row_q) + ctx.n_cols)):
-            i = k // 2
-            if k % 2:  # v = (b / K^T u)^fi2 col_fix: the gradient goes on to u; v's previous value starts at 0
-                gd = gv * col_q[i] if gv is not None else torch.zeros_like(col_q[i])
-                gu, gv = send(gu, kernel, gd), None
-                left.append(col_in[i])
-                right.append(gd)
-            else:  # u = (a / K v)^fi1 row_fix: the gradient goes on to v
-                gd = gu * row_q[i] if gu is not None else torch.zeros_like(row_q[i])
-                gv, gu = send(gv, kt, gd), None
-                left.append(gd)
-                right.append(row_in[i])
+        with _one_blas_thread(fast):
+            for k in reversed(range(len(row_q) + ctx.n_cols)):
+                i = k // 2
+                if k % 2:  # v = (b / K^T u)^fi2 col_fix: the gradient goes on to u; v's previous value starts at 0
+                    gd = gv * col_q[i] if gv is not None else torch.zeros_like(col_q[i])
+                    gu, gv = send(gu, kernel, gd), None
+                    left.append(col_in[i])
+                    right.append(gd)
+                else:  # u = (a / K v)^fi1 row_fix: the gradient goes on to v
+                    gd = gu * row_q[i] if gu is not None else torch.zeros_like(row_q[i])
+                    gv, gu = send(gv, kt, gd), None
+                    left.append(gd)
+                    right.append(row_in[i])
         grad_kernel = torch.stack(left, -1) @ torch.stack(right, -2)  # (..., n, L) @ (..., L, m)
         return (grad_kernel,) + (None,) * 11
 
@@ -836,8 +889,10 @@ def sinkhorn_newton_sparse(
     n, m = cost.shape
     a = _marginal(a, [], n, cost, "a")
     b = _marginal(b, [], m, cost, "b")
-    with torch.no_grad():
-        c = cost.detach().double()
+    c = cost.detach().double()
+    fast = _numpy_route(c)  # the dense products through numpy
+    with torch.no_grad(), _one_blas_thread(fast):
+        mv = _np_mv if fast else _matvec
         a64, b64 = a.double(), b.double()
         cmin, cmax, forbidden = _cost_range(c)  # (1, 1) each
         domain = "kernel" if float((cmax - cmin) / eps) <= _kernel_limit(torch.float64) else "stabilized"
@@ -854,7 +909,7 @@ def sinkhorn_newton_sparse(
         failures = 0  # consecutive Newton steps without ascent
         # Sinkhorn reached tol in the warm-up (its rows within tol, its columns exact): no Newton step
         for _ in range(0 if warm_err < tol else max_newton):
-            r, col = p @ ones_m, ones_n @ p  # matrix-vector products: faster than sum(0) over a row-major P
+            r, col = mv(p, ones_m), mv(p.t(), ones_n)  # faster than sum(0) over a row-major P
             err = float((r - a64).abs().sum() + (col - b64).abs().sum())
             if err < tol:
                 break
@@ -865,10 +920,11 @@ def sinkhorn_newton_sparse(
                 rows_nnz = keep.sum(1, dtype=torch.int64)
                 # the kept share only grows as the plan converges: once dense, stay dense (exact Hessian)
                 dense = float(rows_nnz.sum()) > dense_above * n * m
+            prod = mv if dense else operator.matmul  # CSR products stay with torch
             if dense:
                 off, off_t = p, p.t()
                 square = torch.mul(p, p, out=square)  # P keeps its shape, so the buffer fits every step
-                schur_diag = col - (1.0 / r_pos) @ square
+                schur_diag = col - mv(square.t(), 1.0 / r_pos)
             else:
                 off, off_t = _csr_pair(p, keep, rows_nnz)
                 del keep
@@ -877,7 +933,7 @@ def sinkhorn_newton_sparse(
 
             def schur(y):
                 # (1/eps) (diag(col) - P_s^T diag(1/r) P_s) y: the Newton system with d_f eliminated
-                return (col * y - off_t @ ((off @ y) / r_pos)) / eps
+                return (col * y - prod(off_t, prod(off, y) / r_pos)) / eps
 
             # M d = grad (Newton ascent step for the concave L) via its Schur complement in d_g, inexact,
             # Jacobi preconditioned; then d_f from the first block row
@@ -886,9 +942,9 @@ def sinkhorn_newton_sparse(
             # the Schur matrix: the Jacobi preconditioner leaves it out (a pseudo-inverse) rather than
             # dividing by ~0, which sent CG's iterates to inf and the direction to NaN
             inv_diag = torch.where(schur_diag > 1e-12 * col, eps / schur_diag, 0.0)
-            d_g = _pcg(schur, grad_g - off_t @ (grad_f / r_pos), inv_diag, tol=min(cg_tol, math.sqrt(err)),
+            d_g = _pcg(schur, grad_g - prod(off_t, grad_f / r_pos), inv_diag, tol=min(cg_tol, math.sqrt(err)),
                      max_iter=cg_max_iter)
-            d_f = (eps * grad_f - off @ d_g) / r_pos
+            d_f = (eps * grad_f - prod(off, d_g)) / r_pos
             # L is invariant along (1, -1): drop that component, which the sparsified Hessian (no longer
             # exactly singular there) can blow up, and which would only push exp(f/eps) out of range
             shift = float(d_f.sum() - d_g.sum()) / (n + m)
@@ -910,9 +966,9 @@ def sinkhorn_newton_sparse(
                 # which keeps the gain exact near convergence
                 if step * reach <= 1.0:
                     ex, ey = torch.expm1(step * d_f / eps), torch.expm1(step * d_g / eps)
-                    extra = float(ex @ r + ey @ col + ex @ (p @ ey))
+                    extra = float(ex @ r + ey @ col + ex @ mv(p, ey))
                 else:
-                    extra = float(torch.exp(step * d_f / eps) @ (p @ torch.exp(step * d_g / eps))) - total
+                    extra = float(torch.exp(step * d_f / eps) @ mv(p, torch.exp(step * d_g / eps))) - total
                 gain = step * lin - eps * extra
                 if math.isfinite(gain) and gain >= 1e-4 * step * slope:
                     accepted = True
