@@ -536,16 +536,23 @@ def _np_mv(mat: Tensor, vec: Tensor) -> Tensor:
     return torch.from_numpy(mat.detach().numpy() @ vec.detach().numpy())
 
 
-def _one_blas_thread(on: bool):
-    """A context holding numpy's BLAS to one thread (a no-op unless ``on``)."""
+def _numpy_context(on: bool):
+    """A context for a solve whose products go through numpy (a no-op unless ``on``): BLAS held to one thread,
+    and numpy's floating-point warnings off (torch's products give inf/NaN silently, and the solvers check
+    their scalings for them and fall back)."""
     global _BLAS
     if not on:
         return contextlib.nullcontext()
+    import numpy as np
+
     if _BLAS is None:
         from threadpoolctl import ThreadpoolController
 
         _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
+    stack = contextlib.ExitStack()
+    stack.enter_context(_BLAS.limit(limits=1, user_api="blas"))
+    stack.enter_context(np.errstate(all="ignore"))
+    return stack
 
 
 def _matvec(mat: Tensor, vec: Tensor) -> Tensor:
@@ -573,7 +580,7 @@ def _scaling_loop(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_row
     stopped being finite. ``trace`` (a list) receives each update's (input scaling x, denominator d = K x or
     K^T x, new scaling)."""
     fast = _numpy_route(kernel, f0, g0, a, b)
-    with _one_blas_thread(fast):
+    with _numpy_context(fast):
         return _scaling_iterations(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, rebuild, until,
                                    trace, _np_mv if fast else _matvec)
 
@@ -679,7 +686,7 @@ class _UnrolledScaling(torch.autograd.Function):
 
         kt = kernel.transpose(-1, -2)
         left, right = [], []  # K's gradient: the sum over updates of left (..., n) x right (..., m)
-        with _one_blas_thread(fast):
+        with _numpy_context(fast):
             for k in reversed(range(len(row_q) + ctx.n_cols)):
                 i = k // 2
                 if k % 2:  # v = (b / K^T u)^fi2 col_fix: the gradient goes on to u; v's previous value starts at 0
@@ -891,7 +898,7 @@ def sinkhorn_newton_sparse(
     b = _marginal(b, [], m, cost, "b")
     c = cost.detach().double()
     fast = _numpy_route(c)  # the dense products through numpy
-    with torch.no_grad(), _one_blas_thread(fast):
+    with torch.no_grad(), _numpy_context(fast):
         mv = _np_mv if fast else _matvec
         a64, b64 = a.double(), b.double()
         cmin, cmax, forbidden = _cost_range(c)  # (1, 1) each
