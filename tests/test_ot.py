@@ -587,12 +587,20 @@ def test_products_through_numpy_give_the_same_plans_gradients_and_leave_blas_thr
     before = blas_threads()
     monkeypatch.setattr(ot_mod, "_NUMPY_MATVEC_MIN", 1 << 60)
     with_torch = solve_all()
-    calls = []
+    calls, during = [], []
+
+    def counted(m, v, f=ot_mod._np_mv):
+        if not calls:
+            during.extend(blas_threads())
+        calls.append(1)
+        return f(m, v)
+
     monkeypatch.setattr(ot_mod, "_NUMPY_MATVEC_MIN", 0)
-    monkeypatch.setattr(ot_mod, "_np_mv", lambda m, v, f=ot_mod._np_mv: calls.append(1) or f(m, v))
+    monkeypatch.setattr(ot_mod, "_np_mv", counted)
     with_numpy = solve_all()
     assert len(calls) > 100  # the route was taken
-    assert blas_threads() == before  # one BLAS thread only during the solves
+    assert during and set(during) == {1}  # BLAS held to one thread during a solve
+    assert blas_threads() == before  # and as it was afterwards
     ref = pot.sinkhorn(np.full(40, 1 / 40), np.full(30, 1 / 30), cost.numpy(), 0.05, numItermax=300, stopThr=1e-13)
     assert rel_err(with_numpy[1].detach().numpy(), ref) < 1e-6
     for got, want in zip(with_numpy, with_torch):
