@@ -559,8 +559,9 @@ def test_gradient_through_the_marginals_passes_gradcheck():
 
 
 def test_products_through_numpy_give_the_same_plans_gradients_and_leave_blas_threads_alone(monkeypatch):
-    # large CPU solves take their matrix-vector products through numpy with BLAS on one thread; force that
-    # route on small problems (threshold 0) and compare with torch's products, value and gradient
+    # large CPU solves take their matrix-vector products through numpy with BLAS on one thread (torch's
+    # elementwise ops), small ones run their iterations and reverse pass in numpy altogether; force the first
+    # route on small problems (threshold 0) and compare it with the second (threshold 2^60), value and gradient
     import trainables.ot as ot_mod
     from threadpoolctl import threadpool_info
 
