@@ -519,18 +519,24 @@ _NUMPY_MATVEC_MIN = 1 << 18
 _BLAS = None  # threadpoolctl's controller, made on first use (it scans the loaded libraries once)
 
 
-def _numpy_route(mat: Tensor, *others: Optional[Tensor]) -> bool:
-    """Whether a solve's products with ``mat`` go through numpy (:func:`_np_mv`): one dense CPU float32/float64
-    matrix of at least ``_NUMPY_MATVEC_MIN`` entries, and no autograd graph to record through it or
+def _numpy_mode(mat: Tensor, *others: Tensor) -> Optional[str]:
+    """How a solve with ``mat`` uses numpy, decided once per solve: ``"all"`` (its iterations or reverse pass in
+    numpy altogether: one small problem, below ``_NUMPY_MATVEC_MIN`` entries, ``others`` of its dtype),
+    ``"products"`` (its matrix-vector products through :func:`_np_mv`, from ``_NUMPY_MATVEC_MIN`` entries) or
+    None (torch). Only for one dense CPU float32/float64 matrix with no autograd graph to record through it or
     ``others`` (the tensors the products' vectors come from)."""
     if not (mat.dim() == 2 and mat.layout == torch.strided and mat.device.type == "cpu"
-            and mat.dtype in (torch.float32, torch.float64) and mat.numel() >= _NUMPY_MATVEC_MIN):
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (mat, *others)))
+            and mat.dtype in (torch.float32, torch.float64)):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (mat, *others)):
+        return None
+    if mat.numel() >= _NUMPY_MATVEC_MIN:
+        return "products"
+    return "all" if all(t.dtype == mat.dtype for t in others) else None
 
 
 def _np_mv(mat: Tensor, vec: Tensor) -> Tensor:
-    """``mat @ vec`` by numpy, for a matrix that passed :func:`_numpy_route` (a vector of another dtype: torch)."""
+    """``mat @ vec`` by numpy, for a matrix in :func:`_numpy_mode` "products" (a vector of another dtype: torch)."""
     if vec.dtype != mat.dtype:
         return _matvec(mat, vec)
     return torch.from_numpy(mat.detach().numpy() @ vec.detach().numpy())
@@ -579,29 +585,22 @@ def _scaling_loop(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_row
     """The iterations of :func:`_scale`: (u, v, f0, g0, kernel, err, updates used), or None if the scalings
     stopped being finite. ``trace`` (a list) receives each update's (input scaling x, denominator d = K x or
     K^T x, new scaling)."""
-    if rebuild is None and _small_numpy(kernel, f0, g0, a, b):
+    mode = _numpy_mode(kernel, f0, g0, a, b)
+    if rebuild is None and mode == "all":
         return _scaling_iterations_numpy(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, until,
                                          trace)
-    fast = _numpy_route(kernel, f0, g0, a, b)
+    fast = mode == "products"
     with _numpy_context(fast):
         return _scaling_iterations(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, rebuild, until,
                                    trace, _np_mv if fast else _matvec)
 
 
-def _small_numpy(kernel: Tensor, *others: Tensor) -> bool:
-    """Whether a solve's iterations run in numpy altogether (:func:`_scaling_iterations_numpy`): one dense CPU
-    float32/float64 problem below ``_NUMPY_MATVEC_MIN`` entries, vectors of its dtype, no autograd graph."""
-    if not (kernel.dim() == 2 and kernel.layout == torch.strided and kernel.device.type == "cpu"
-            and kernel.dtype in (torch.float32, torch.float64) and kernel.numel() < _NUMPY_MATVEC_MIN
-            and all(t.dtype == kernel.dtype for t in others)):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (kernel, *others)))
-
-
 def _scaling_iterations_numpy(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, until, trace):
-    """:func:`_scaling_iterations` (kernel domains, no rebuild) for one small CPU problem, in numpy: the same
-    updates and stopping rules, at a fraction of torch's per-op cost on short vectors (n = 128, to 1e-6: a tie
-    with POT before, whose iterations are numpy's too). ``trace`` receives numpy arrays."""
+    """:func:`_scaling_iterations` (kernel domains, no rebuild) for one small CPU problem (:func:`_numpy_mode`
+    "all"), in numpy: the same updates and stopping rules, at a fraction of torch's per-op cost on short vectors
+    (n = 128, to 1e-6: a tie with POT before, whose iterations are numpy's too). ``trace`` receives numpy
+    arrays. A mirror of the torch loop rather than one loop over both: sharing it would take four injected
+    operations (ones, detach, the L1 error, the log change), and the torch loop also absorbs into the kernel."""
     import numpy as np
 
     k_np = kernel.detach().numpy()
@@ -728,15 +727,15 @@ class _UnrolledScaling(torch.autograd.Function):
         row_in, row_q = saved[:2]  # (rows, ..., m) the v each update read, (rows, ..., n) d u / d (K v)
         col_in, col_q = saved[2:] if ctx.n_cols else (None, None)
         flat = kernel.dim() == 2
-        if (flat and kernel.device.type == "cpu" and kernel.dtype in (torch.float32, torch.float64)
-                and kernel.numel() < _NUMPY_MATVEC_MIN and all(g is None or g.dtype == kernel.dtype for g in (gu, gv))):
+        mode = _numpy_mode(kernel, *(g for g in (gu, gv) if g is not None))  # no graph here (once_differentiable)
+        if mode == "all":
             # one small CPU problem: the same recursion in numpy, whose per-op cost on short vectors is a fraction
             # of torch's (SinSim's OT term at n = 128-256: backward 0.78-0.84x; at n >= 1024 it measured 1.16x,
             # so larger problems keep torch's elementwise ops with numpy's products below)
             left, right = _unrolled_backward_numpy(kernel, row_in, row_q, col_in, col_q, gu, gv, ctx.n_cols)
             return (left.t() @ right,) + (None,) * 11
 
-        fast = _numpy_route(kernel)  # no graph here (once_differentiable)
+        fast = mode == "products"
 
         def send(acc, mat, vec):  # acc + mat @ vec (acc None: zero)
             if fast:
@@ -997,7 +996,7 @@ def sinkhorn_newton_sparse(
     a = _marginal(a, [], n, cost, "a")
     b = _marginal(b, [], m, cost, "b")
     c = cost.detach().double()
-    fast = _numpy_route(c)  # the dense products through numpy
+    fast = _numpy_mode(c) == "products"  # the dense products through numpy
     with torch.no_grad(), _numpy_context(fast):
         mv = _np_mv if fast else _matvec
         a64, b64 = a.double(), b.double()
