@@ -367,7 +367,7 @@ def test_sns_falls_back_to_sinkhorn_iterations_when_a_newton_step_gives_no_ascen
     # every CG solve broken (a NaN direction): each Newton attempt is replaced by a Sinkhorn iteration, so
     # SNS becomes Sinkhorn: the same iterations to the same tolerance, the same plan, no warning
     import trainables.ot as ot_module
-    monkeypatch.setattr(ot_module, "_pcg", lambda matvec, b, d, **kw: torch.full_like(b, float("nan")))
+    monkeypatch.setattr(ot_module, "_pcg", lambda matvec, b, d, **kw: b * float("nan"))  # a tensor or an array
     cost = random_cost(32, 32, seed=2)
     plain = sinkhorn(cost, eps=0.05, n_iters=1000, tol=1e-9)
     with warnings.catch_warnings():
@@ -375,6 +375,52 @@ def test_sns_falls_back_to_sinkhorn_iterations_when_a_newton_step_gives_no_ascen
         res = sinkhorn_newton_sparse(cost, eps=0.05, tol=1e-9, sinkhorn_budget=0)
     assert res.n_iters == plain.n_iters and res.marginal_error < 1e-9
     assert torch.allclose(res.plan, plain.plan, atol=1e-12, rtol=0)
+
+
+def test_sns_scaled_plan_products_schur_diagonal_and_float32_schur_match_the_explicit_plan():
+    # SNS keeps its dense plan as diag(u) P0 diag(v) between Newton steps: every quantity read through it
+    # must be the one of the explicit plan, before and after P0 absorbs the scalings past exp(30)
+    from trainables.ot import _matvec, _ScaledPlan
+
+    g = torch.Generator().manual_seed(5)
+    p0 = torch.rand(50, 40, generator=g, dtype=torch.float64) / 2000
+    x = torch.exp(2 * torch.randn(50, generator=g, dtype=torch.float64))
+    y = torch.exp(2 * torch.randn(40, generator=g, dtype=torch.float64))
+    wn, wm = torch.rand(50, generator=g, dtype=torch.float64), torch.rand(40, generator=g, dtype=torch.float64)
+    plan = _ScaledPlan(p0.clone(), _matvec, cpu=True)
+    expected = p0.clone()
+    for big in (1.0, 1e14):  # the second scaling leaves exp(+-30): P0 absorbs it
+        plan.scale(x * big, y)
+        expected = x[:, None] * big * expected * y[None, :]
+        assert (plan.u is None) == (big > 1)
+        r, col = expected.sum(1), expected.sum(0)
+        assert torch.allclose(plan.rows(wm), expected @ wm, rtol=1e-12, atol=0)
+        assert torch.allclose(plan.cols(wn), expected.t() @ wn, rtol=1e-12, atol=0)
+        assert torch.allclose(plan.schur_diagonal(col, r), col - (expected ** 2 / r[:, None]).sum(0), rtol=1e-10)
+        schur = plan.float32_schur(col, r, 0.05)
+        want = (col * wm - expected.t() @ ((expected @ wm) / r)) / 0.05
+        got = torch.from_numpy(schur(wm.numpy()))
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5  # float32 products, float64 vectors
+    assert torch.allclose(plan.plan(), expected, rtol=1e-12, atol=0) and plan.u is None
+    # an entry past float32's range: CG keeps float64 products
+    huge = _ScaledPlan(p0 * 1e36, _matvec, cpu=True)
+    assert huge.float32_schur(col, r, 0.05) is None
+
+
+def test_sns_with_float32_cg_products_matches_float64_cg(monkeypatch):
+    # CG's products by a float32 copy of the plan (CPU) give the plan and the iterations of float64 products
+    import trainables.ot as ot_module
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(200, 2, generator=g, dtype=torch.float64)
+    cost = torch.cdist(x, x + 1.0 + 0.3 * torch.randn(200, 2, generator=g, dtype=torch.float64)) ** 2
+    cost = cost / cost.max()
+    fast = sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8)
+    monkeypatch.setattr(ot_module._ScaledPlan, "float32_schur", lambda self, col, r, eps: None)
+    exact = sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8)
+    assert fast.marginal_error < 1e-8 and exact.marginal_error < 1e-8
+    assert abs(fast.n_iters - exact.n_iters) <= 1 and fast.n_iters < 40
+    assert torch.allclose(fast.plan, exact.plan, rtol=0, atol=1e-9)
 
 
 @pytest.mark.parametrize("seed,eps", [(0, 0.002), (1, 0.001)])

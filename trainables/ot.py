@@ -912,6 +912,14 @@ def sinkhorn_newton_sparse(
       the error ~50x): one step fewer on 5 of the 16 problems of
       ``benchmarks.sns`` (none more) for 1% more CG products. min(cg_tol, err)
       (quadratic) saved 9 steps but cost 29% more products.
+    * Dense path (this implementation's, not the paper's): between Newton steps the plan is kept as
+      ``diag(u) P0 diag(v)`` (:class:`_ScaledPlan`): a step only multiplies u and v, and P0 absorbs them
+      when they leave exp(+-30); P0 * P0 (for the Schur diagonal) and, on a CPU, a float32 copy of P0 are
+      made per P0, not per step. CG's products (on a CPU) go through that float32 copy, with float64
+      vectors: CG solves to a relative 1e-2-1e-3, float32 products are exact to ~1e-7 and cost 0.3-0.5x
+      float64's; the residuals, the right-hand side, the line search and the plan stay float64. The same
+      iterations on every problem of ``benchmarks.sns``; 0.67-0.90x the time on clouds and digits at
+      eps <= 0.005 (``benchmarks.sns --against b4a8644``).
     * The line search evaluates L along the step with one product by the current
       plan (``L(f + s d_f, g + s d_g) - L(f, g)`` needs only ``x^T P y`` with
       ``x = exp(s d_f / eps)``, ``y = exp(s d_g / eps)``, written with ``expm1``
@@ -996,8 +1004,10 @@ def sinkhorn_newton_sparse(
     a = _marginal(a, [], n, cost, "a")
     b = _marginal(b, [], m, cost, "b")
     c = cost.detach().double()
-    fast = _numpy_mode(c) == "products"  # the dense products through numpy
-    with torch.no_grad(), _numpy_context(fast):
+    numpy_mode = _numpy_mode(c)
+    fast = numpy_mode == "products"  # the dense products through numpy
+    cpu = numpy_mode is not None  # CG in numpy, on a float32 copy of a dense plan
+    with torch.no_grad(), _numpy_context(cpu):
         mv = _np_mv if fast else _matvec
         a64, b64 = a.double(), b.double()
         cmin, cmax, forbidden = _cost_range(c)  # (1, 1) each
@@ -1011,35 +1021,37 @@ def sinkhorn_newton_sparse(
         used = half_steps / 2
         dense = False
         ones_n, ones_m = torch.ones_like(a64), torch.ones_like(b64)
-        square = None  # the dense path's P * P, in one buffer for all steps
+        plan_ = _ScaledPlan(p, mv, cpu)  # the plan, scaled by each Newton step without a pass over it
         failures = 0  # consecutive Newton steps without ascent
         # Sinkhorn reached tol in the warm-up (its rows within tol, its columns exact): no Newton step
         for _ in range(0 if warm_err < tol else max_newton):
-            r, col = mv(p, ones_m), mv(p.t(), ones_n)  # faster than sum(0) over a row-major P
+            r, col = plan_.rows(ones_m), plan_.cols(ones_n)  # faster than sum(0) over a row-major P
             err = float((r - a64).abs().sum() + (col - b64).abs().sum())
             if err < tol:
                 break
             grad_f, grad_g = a64 - r, b64 - col  # ascent direction of L
             r_pos = r.clamp_min(1e-300)
             if not dense:  # keep the entries holding at least sparsity_tol/m of their row's mass
+                p = plan_.plan()
                 keep = p >= (sparsity_tol / m) * r[:, None]
                 rows_nnz = keep.sum(1, dtype=torch.int64)
                 # the kept share only grows as the plan converges: once dense, stay dense (exact Hessian)
                 dense = float(rows_nnz.sum()) > dense_above * n * m
-            prod = mv if dense else operator.matmul  # CSR products stay with torch
+            schur = None  # CG's product, when it runs in numpy on a float32 copy of the plan
             if dense:
-                off, off_t = p, p.t()
-                square = torch.mul(p, p, out=square)  # P keeps its shape, so the buffer fits every step
-                schur_diag = col - mv(square.t(), 1.0 / r_pos)
+                prod_rows, prod_cols = plan_.rows, plan_.cols
+                schur_diag = plan_.schur_diagonal(col, r_pos)
+                schur = plan_.float32_schur(col, r_pos, eps)
             else:
                 off, off_t = _csr_pair(p, keep, rows_nnz)
                 del keep
+                prod_rows, prod_cols = off.__matmul__, off_t.__matmul__  # CSR products stay with torch
                 sq_t = _csr(off_t.crow_indices(), off_t.col_indices(), off_t.values() ** 2, off_t.shape)
                 schur_diag = col - sq_t @ (1.0 / r_pos)
 
-            def schur(y):
+            def schur64(y):
                 # (1/eps) (diag(col) - P_s^T diag(1/r) P_s) y: the Newton system with d_f eliminated
-                return (col * y - prod(off_t, prod(off, y) / r_pos)) / eps
+                return (col * y - prod_cols(prod_rows(y) / r_pos)) / eps
 
             # M d = grad (Newton ascent step for the concave L) via its Schur complement in d_g, inexact,
             # Jacobi preconditioned; then d_f from the first block row
@@ -1048,9 +1060,13 @@ def sinkhorn_newton_sparse(
             # the Schur matrix: the Jacobi preconditioner leaves it out (a pseudo-inverse) rather than
             # dividing by ~0, which sent CG's iterates to inf and the direction to NaN
             inv_diag = torch.where(schur_diag > 1e-12 * col, eps / schur_diag, 0.0)
-            d_g = _pcg(schur, grad_g - prod(off_t, grad_f / r_pos), inv_diag, tol=min(cg_tol, math.sqrt(err)),
-                     max_iter=cg_max_iter)
-            d_f = (eps * grad_f - prod(off, d_g)) / r_pos
+            rhs, cg_tol_now = grad_g - prod_cols(grad_f / r_pos), min(cg_tol, math.sqrt(err))
+            if schur is not None:
+                d_g = torch.from_numpy(_pcg(schur, rhs.numpy(), inv_diag.numpy(), tol=cg_tol_now,
+                                            max_iter=cg_max_iter))
+            else:
+                d_g = _pcg(schur64, rhs, inv_diag, tol=cg_tol_now, max_iter=cg_max_iter)
+            d_f = (eps * grad_f - prod_rows(d_g)) / r_pos
             # L is invariant along (1, -1): drop that component, which the sparsified Hessian (no longer
             # exactly singular there) can blow up, and which would only push exp(f/eps) out of range
             shift = float(d_f.sum() - d_g.sum()) / (n + m)
@@ -1072,9 +1088,9 @@ def sinkhorn_newton_sparse(
                 # which keeps the gain exact near convergence
                 if step * reach <= 1.0:
                     ex, ey = torch.expm1(step * d_f / eps), torch.expm1(step * d_g / eps)
-                    extra = float(ex @ r + ey @ col + ex @ mv(p, ey))
+                    extra = float(ex @ r + ey @ col + ex @ plan_.rows(ey))
                 else:
-                    extra = float(torch.exp(step * d_f / eps) @ mv(p, torch.exp(step * d_g / eps))) - total
+                    extra = float(torch.exp(step * d_f / eps) @ plan_.rows(torch.exp(step * d_g / eps))) - total
                 gain = step * lin - eps * extra
                 if math.isfinite(gain) and gain >= 1e-4 * step * slope:
                     accepted = True
@@ -1086,20 +1102,22 @@ def sinkhorn_newton_sparse(
                 # Sinkhorn iterations instead, which always ascend; 1, 2, 4, ... up to 16 after consecutive
                 # failures (a failed attempt costs up to cg_max_iter CG products and a line search)
                 failures += 1
-                out = _scale(p, f, g, a64, b64, eps, 2 * min(2 ** (failures - 1), 16), 1.0, 1.0, tol, True,
-                             rebuild=lambda f_, g_: _stabilized_kernel(c, f_, g_, eps))
+                out = _scale(plan_.plan(), f, g, a64, b64, eps, 2 * min(2 ** (failures - 1), 16), 1.0, 1.0, tol,
+                             True, rebuild=lambda f_, g_: _stabilized_kernel(c, f_, g_, eps))
                 if out is None:  # the scalings left float64: keep the plan reached so far
                     break
                 f, g, _, half_steps, p = out
+                plan_.reset(p)
                 used += half_steps / 2
                 continue
             failures = 0
             used += 1
             f, g = f + step * d_f, g + step * d_g
-            if step * reach <= 30.0:  # the new plan is the old one scaled: two passes instead of an exp pass
-                p.mul_(torch.exp(step * d_f / eps)[:, None]).mul_(torch.exp(step * d_g / eps)[None, :])
+            if step * reach <= 30.0:  # the new plan is the old one scaled
+                plan_.scale(torch.exp(step * d_f / eps), torch.exp(step * d_g / eps))
             else:
-                p = _stabilized_kernel(c, f, g, eps)
+                plan_.reset(_stabilized_kernel(c, f, g, eps))
+        p = plan_.plan()
     f, g = f.to(cost.dtype), g.to(cost.dtype)
     if cost.requires_grad and torch.is_grad_enabled():  # the envelope gradient flows through the cost
         plan = torch.exp((f[:, None] + g[None, :] - cost) / eps)
@@ -1113,6 +1131,90 @@ def sinkhorn_newton_sparse(
                       f"after {used:g} iterations (eps={eps:g})", SinkhornNotConvergedWarning, stacklevel=2)
     return OTResult(plan=plan, f=f, g=g, cost=cost, eps=eps, a=a, b=b, uot_lambda1=None, uot_lambda2=None,
                     marginal_error=err, n_iters=used, domain=domain, grad="implicit", forbidden=forbidden)
+
+
+class _ScaledPlan:
+    """SNS's plan as ``diag(u) P0 diag(v)``: a Newton step scales the plan by exp(s d_f / eps) and
+    exp(s d_g / eps), which here only multiplies u and v; the products take the scalings on their vectors
+    (``P y = u * (P0 (v * y))``). P0 absorbs them (two passes) only when they leave exp(+-30), when the plan
+    itself is wanted, or when a new P0 replaces it. Per P0, not per step, are also made P0 * P0 (for the
+    Schur complement's diagonal) and, on a CPU, P0's float32 copy for CG's products (one buffer each).
+    Scaling P in place took two passes a step, and P * P and the copy one each: at n = 1024 these were a
+    third of a solve's time (cProfile, clouds at eps 0.002).
+    """
+
+    LIMIT = math.exp(30.0)
+
+    def __init__(self, p: Tensor, mv, cpu: bool):
+        self.mv, self.cpu = mv, cpu
+        self._square = self._low = None  # buffers
+        self.reset(p)
+
+    def reset(self, p: Tensor) -> None:
+        self.p, self.u, self.v = p, None, None  # None: ones
+        self._square_of = self._low_of = None  # the version of P0 each buffer holds
+        self._version = getattr(self, "_version", 0) + 1
+
+    def plan(self) -> Tensor:
+        if self.u is not None:
+            self.p.mul_(self.u[:, None]).mul_(self.v[None, :])
+            self.u = self.v = None
+            self._version += 1
+        return self.p
+
+    def scale(self, x: Tensor, y: Tensor) -> None:
+        self.u = x if self.u is None else self.u * x
+        self.v = y if self.v is None else self.v * y
+        both = torch.cat((self.u, self.v))
+        if not float(torch.maximum(both.amax(), both.amin().reciprocal())) <= self.LIMIT:
+            self.plan()
+
+    def rows(self, y: Tensor) -> Tensor:  # P y
+        if self.u is None:
+            return self.mv(self.p, y)
+        return self.u * self.mv(self.p, self.v * y)
+
+    def cols(self, x: Tensor) -> Tensor:  # P^T x
+        if self.u is None:
+            return self.mv(self.p.t(), x)
+        return self.v * self.mv(self.p.t(), self.u * x)
+
+    def schur_diagonal(self, col: Tensor, r: Tensor) -> Tensor:
+        """diag(col) - diag(P^T diag(1/r) P) = col - v^2 (P0 * P0)^T (u^2 / r), in float64."""
+        if self._square_of != self._version:
+            self._square = torch.mul(self.p, self.p, out=self._square)
+            self._square_of = self._version
+        if self.u is None:
+            return col - self.mv(self._square.t(), 1.0 / r)
+        return col - self.v * self.v * self.mv(self._square.t(), self.u * self.u / r)
+
+    def float32_schur(self, col: Tensor, r: Tensor, eps: float):
+        """The Schur product ``y -> (diag(col) - P^T diag(1/r) P) y / eps`` in numpy for CG on a CPU: float64
+        vectors, the two products by P0's float32 copy (CG solves to a relative 1e-2-1e-3, float32 is exact to
+        1e-7; the products cost a half to a quarter of float64's), or None (not a CPU, or an entry of P0 or of
+        u^2 / r past float32's range; an entry is at most its row's sum)."""
+        import numpy as np
+
+        if not self.cpu:
+            return None
+        if self._low_of != self._version:
+            row_sums = self.mv(self.p, torch.ones(self.p.shape[1], dtype=self.p.dtype))
+            if not float(row_sums.max()) < 1e30:
+                return None
+            self._low = self._low.copy_(self.p) if self._low is not None else self.p.to(torch.float32)
+            self._low_of = self._version
+        p32 = self._low.numpy()
+        p32_t, col_ = p32.T, col.numpy()
+        v = self.v.numpy() if self.v is not None else None
+        w = ((self.u * self.u / r) if self.u is not None else 1.0 / r).numpy().astype(np.float32)
+        if not np.isfinite(w).all():  # a row of ~0 mass (1/r past float32's range): float64 products
+            return None
+
+        def schur(y):
+            back = (p32_t @ (w * (p32 @ (v * y if v is not None else y).astype(np.float32)))).astype(np.float64)
+            return (col_ * y - (v * back if v is not None else back)) / eps
+
+        return schur
 
 
 def _sinkhorn_while_fast(tol: float, warmup: int, budget: int, window: int = 3):
@@ -1157,14 +1259,14 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape) -> Tensor:
         return torch.sparse_csr_tensor(crow, col, values, shape)
 
 
-def _pcg(matvec, b: Tensor, inv_d: Tensor, *, tol: float, max_iter: int) -> Tensor:
+def _pcg(matvec, b, inv_d, *, tol: float, max_iter: int):
     """Conjugate gradients for the PSD system ``matvec(x) = b`` from x = 0, preconditioned by the diagonal
     matrix whose inverse is ``inv_d`` (zeros leave those coordinates out); stops when the preconditioned
-    residual norm fell by ``tol``."""
-    x = torch.zeros_like(b)
-    r = b.clone()
+    residual norm fell by ``tol``. For torch tensors or numpy arrays alike."""
+    x = b * 0.0
+    r = b * 1.0
     z = r * inv_d
-    p = z.clone()
+    p = z
     rz = float(r @ z)
     stop = tol * tol * max(rz, 1e-300)
     for _ in range(max_iter):
@@ -1175,8 +1277,8 @@ def _pcg(matvec, b: Tensor, inv_d: Tensor, *, tol: float, max_iter: int) -> Tens
         if denom <= 0:
             break
         alpha = rz / denom
-        x.add_(p, alpha=alpha)
-        r.sub_(q, alpha=alpha)
+        x += alpha * p
+        r -= alpha * q
         z = r * inv_d
         rz_new = float(r @ z)
         p = z + (rz_new / rz) * p
