@@ -8,7 +8,8 @@ torch limited to 1 thread per trial (what Ray gives a trial that books 1 CPU).
   running 2 one-thread trials on 2 cores, with no Ray at all);
 * `otstudy run` with max_concurrent 1 and 2, wall time of the whole command (Python and torch
   imports, Ray's start, the MLflow store, the Parquet export, Ray's shutdown); and once with
-  max_concurrent 1 joining a Ray started beforehand (`ray start --head`, not timed) with --address.
+  max_concurrent 1 and 2 joining a Ray started beforehand (`ray start --head`, not timed) with --address
+  (a cluster's workflow: Ray's start is paid once per cluster, not per study).
 
 The wall time of `otstudy run` is split into the time inside trials (the sum of each trial's
 ``time_total_s`` minus its ``setup_s``: from the training's start to its last report, measured in the
@@ -126,7 +127,7 @@ def through_otstudy(epochs, concurrent, address=None, env=None):
         return wall, inside, (first_trial, after), statistics.median(steps)
 
 
-def with_running_ray(epochs):
+def with_running_ray(epochs, concurrent=1):
     """`otstudy run --address` against a Ray already started with `ray start --head` (not timed)."""
     import shutil
     import socket
@@ -141,7 +142,7 @@ def with_running_ray(epochs):
         subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                         "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}",
                         "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=120)
-        return through_otstudy(epochs, 1, address=f"127.0.0.1:{port}", env=env)
+        return through_otstudy(epochs, concurrent, address=f"127.0.0.1:{port}", env=env)
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
@@ -155,7 +156,7 @@ def one_round(epochs: int, rotate: int = 0) -> dict:
     r = {}
     runners = [("l1", lambda: plain_loops(epochs, 1)), ("l2", lambda: plain_loops(epochs, 2)),
                ("c1", lambda: through_otstudy(epochs, 1)), ("c2", lambda: through_otstudy(epochs, 2)),
-               ("a1", lambda: with_running_ray(epochs))]
+               ("a1", lambda: with_running_ray(epochs)), ("a2", lambda: with_running_ray(epochs, 2))]
     for key, run in runners[rotate % len(runners):] + runners[:rotate % len(runners)]:
         out = run()
         names = ("wall", "in", "step") if key.startswith("l") else ("wall", "in", "times", "step")
@@ -164,6 +165,8 @@ def one_round(epochs: int, rotate: int = 0) -> dict:
     r["c1_ratio"] = r["c1_wall"] / r["l1_wall"]
     r["c2_ratio"] = r["c2_wall"] / (r["l1_wall"] / 2)
     r["a1_ratio"] = r["a1_wall"] / r["l1_wall"]
+    r["a2_ratio"] = r["a2_wall"] / (r["l1_wall"] / 2)
+    r["throughput_address"] = r["a1_wall"] / r["a2_wall"]
     r["l2_ratio"] = r["l2_wall"] / (r["l1_wall"] / 2)
     r["fixed"] = r["c1_wall"] - r["c1_in"] - (r["l1_wall"] - r["l1_in"])  # beyond the loop's own process start
     r["per_trial"] = r["c1_in"] / r["l1_in"]
@@ -172,7 +175,7 @@ def one_round(epochs: int, rotate: int = 0) -> dict:
     r["amortised"] = 2 * r["c1_in"] / r["c2_in"]
     r["step1"] = r["c1_step"] / r["l1_step"]
     r["step2"] = r["c2_step"] / r["l2_step"]
-    for key in ("c1", "c2", "a1"):  # where the fixed cost sits: time stamps of the command's output
+    for key in ("c1", "c2", "a1", "a2"):  # where the fixed cost sits: time stamps of the command's output
         r[f"{key}_first"], r[f"{key}_exit"] = r[f"{key}_times"]
     return r
 
@@ -381,7 +384,9 @@ def main():
                  [i, "otstudy run", 2, r["c2_wall"], r["c2_in"], r["c2_ratio"],
                   f"{r['c2_wall'] - r['c2_in'] / 2:.1f}", r["c2_step"]],
                  [i, "otstudy run --address (Ray already running)", 1, r["a1_wall"], r["a1_in"], r["a1_ratio"],
-                  f"{r['a1_wall'] - r['a1_in']:.1f}", r["a1_step"]]]
+                  f"{r['a1_wall'] - r['a1_in']:.1f}", r["a1_step"]],
+                 [i, "otstudy run --address (Ray already running)", 2, r["a2_wall"], r["a2_in"], r["a2_ratio"],
+                  f"{r['a2_wall'] - r['a2_in'] / 2:.1f}", r["a2_step"]]]
     body = markdown_table(["round", "runner", "concurrent trials", "wall s", "time inside trials s",
                            "wall / (loop wall / concurrency)", "outside trials s",
                            "training step ms (median)"], rows)
@@ -389,7 +394,10 @@ def main():
         ["otstudy run / plain loop, 1 at a time (goal <= 1.15)", _spread(rounds, "c1_ratio")],
         ["otstudy run, 2 at a time / (plain loop / 2) (goal <= 1.15)", _spread(rounds, "c2_ratio")],
         ["otstudy run --address (Ray already running) / plain loop", _spread(rounds, "a1_ratio")],
+        ["otstudy run --address, 2 at a time / (plain loop / 2)", _spread(rounds, "a2_ratio")],
         ["throughput, 2 at a time vs 1: otstudy (goal >= 1.7)", _spread(rounds, "throughput_otstudy")],
+        ["throughput, 2 at a time vs 1: otstudy run --address (Ray already running)",
+         _spread(rounds, "throughput_address")],
         ["throughput, 2 at a time vs 1: plain processes (the machine's own ceiling)",
          _spread(rounds, "throughput_plain")],
         ["throughput, 2 at a time vs 1, fixed cost amortised (2 x in-trial time 1 at a time / 2 at a time)",
@@ -402,6 +410,7 @@ def main():
         ["s from the command to the first trial's data loaded, 1 at a time", _spread(rounds, "c1_first", "{:.1f}")],
         ["... 2 at a time", _spread(rounds, "c2_first", "{:.1f}")],
         ["... 1 at a time, --address", _spread(rounds, "a1_first", "{:.1f}")],
+        ["... 2 at a time, --address", _spread(rounds, "a2_first", "{:.1f}")],
         ["s from the results to the exit, 1 at a time", _spread(rounds, "c1_exit", "{:.2f}")],
     ]
     hour = 3600.0
