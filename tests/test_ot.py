@@ -19,6 +19,15 @@ def random_cost(n, m, seed, dtype=torch.float64):
     return c / c.max()
 
 
+def two_d_clouds(n, seed):
+    """The sns benchmark's problem: squared distances (/ max) between n Gaussian points in 2-D and n shifted by 1."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(n, 2, generator=g, dtype=torch.float64) + 1.0
+    c = torch.cdist(x, y) ** 2
+    return c / c.max()
+
+
 def rel_err(p, q):
     return float(np.abs(p - q).max() / np.abs(q).max())
 
@@ -351,16 +360,24 @@ def test_sns_needs_ten_times_fewer_iterations_on_2d_clouds_where_newton_is_dampe
     # 2-D Gaussian clouds (the sns benchmark's problem, n = 256): far from the solution the plan nearly splits
     # into blocks and the line search cuts Newton's steps; every step still counts one iteration (an earlier
     # version ran Sinkhorn iterations after each cut step: 42 here, against 281 for Sinkhorn)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(256, 2, generator=g, dtype=torch.float64)
-    y = torch.randn(256, 2, generator=g, dtype=torch.float64) + 1.0
-    cost = torch.cdist(x, y) ** 2
-    cost = cost / cost.max()
+    cost = two_d_clouds(256, seed=3)
     sns = sinkhorn_newton_sparse(cost, eps=0.002, tol=1e-6)
     plain = sinkhorn(cost, eps=0.002, n_iters=20000, tol=1e-6)
     assert sns.marginal_error < 1e-6 and plain.marginal_error < 1e-6
     assert sns.n_iters * 10 <= plain.n_iters
     assert torch.allclose(sns.plan, plain.plan, atol=1e-6)
+
+
+def test_sns_warm_start_at_a_larger_eps_takes_fewer_iterations_on_2d_clouds():
+    # the benchmark's clouds (n = 512, eps = 0.005): Sinkhorn needs ~109 iterations; from 3 iterations at
+    # 4 eps, Newton reaches 1e-6 in 10 in all (13 from the warm-up at eps), the same plan
+    cost = two_d_clouds(512, seed=0)
+    plain = sinkhorn(cost, eps=0.005, n_iters=20000, tol=1e-6)
+    at_eps = sinkhorn_newton_sparse(cost, eps=0.005, tol=1e-6)
+    warm = sinkhorn_newton_sparse(cost, eps=0.005, tol=1e-6, warm_start_factor=4)
+    assert warm.marginal_error < 1e-6 and at_eps.marginal_error < 1e-6
+    assert warm.n_iters < at_eps.n_iters and 10 * warm.n_iters <= plain.n_iters
+    assert float((warm.plan - plain.plan).abs().sum()) < 1e-5
 
 
 def test_sns_falls_back_to_sinkhorn_iterations_when_a_newton_step_gives_no_ascent(monkeypatch):
@@ -450,12 +467,21 @@ def test_sns_stays_with_sinkhorn_while_its_rate_predicts_convergence_within_the_
     sns = sinkhorn_newton_sparse(cost, eps=0.05, tol=1e-10)
     assert sns.n_iters == plain.n_iters < 40
     assert torch.allclose(sns.plan, plain.plan, atol=1e-12, rtol=0)
+    # a warm start (3 iterations at 4 eps) predicts Sinkhorn's ~21 iterations and stays with it: at most the 3
+    # warm-start iterations more (no Newton step, whose count would be far smaller), the same plan
+    warm = sinkhorn_newton_sparse(cost, eps=0.05, tol=1e-10, warm_start_factor=4)
+    assert plain.n_iters < warm.n_iters <= plain.n_iters + 3 and warm.marginal_error < 1e-10
+    assert rel_err(warm.plan.numpy(), plain.plan.numpy()) < 1e-6
     # with no budget: the paper's fixed warm-up, then Newton steps (fewer iterations, the same plan)
     paper = sinkhorn_newton_sparse(cost, eps=0.05, tol=1e-10, sinkhorn_budget=0)
     assert paper.n_iters < plain.n_iters and paper.marginal_error < 1e-10
     assert rel_err(paper.plan.numpy(), plain.plan.numpy()) < 1e-6
     with pytest.raises(ValueError, match="sinkhorn_budget must be an integer >= 0, got -1"):
         sinkhorn_newton_sparse(cost, eps=0.05, sinkhorn_budget=-1)
+    with pytest.raises(ValueError, match="warm_start_factor must be a number >= 1, got 0.5"):
+        sinkhorn_newton_sparse(cost, eps=0.05, warm_start_factor=0.5)
+    with pytest.raises(ValueError, match="warm_start_iters must be an integer >= 2, got 1"):
+        sinkhorn_newton_sparse(cost, eps=0.05, warm_start_iters=1)
 
 
 def test_sns_respects_masks_and_rejects_unbalanced():
