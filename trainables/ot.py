@@ -1210,7 +1210,10 @@ class _ScaledPlan:
         """The Schur product ``y -> (diag(col) - P^T diag(1/r) P) y / eps`` in numpy for CG on a CPU: float64
         vectors, the two products by P0's float32 copy (CG solves to a relative 1e-2-1e-3, float32 is exact to
         1e-7; the products cost a half to a quarter of float64's), or None (not a CPU, or an entry of P0 or of
-        u^2 / r past float32's range; an entry is at most its row's sum)."""
+        u^2 / r past float32's range; an entry is at most its row's sum). Entries below float32's normal range
+        (1e-38) become subnormal or 0: they hold a negligible share of their row's mass, and numpy's OpenBLAS
+        gemv took the same time on subnormal operands here (torch's MKL one, in an earlier session, 2-5x).
+        Normalising P0's rows first (to keep them normal) cost 1.04-1.18x the solve time, so it is not done."""
         import numpy as np
 
         if not self.cpu:
