@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional
@@ -920,7 +919,7 @@ def sinkhorn_newton_sparse(
       made per P0, not per step. CG's products (on a CPU) go through that float32 copy, with float64
       vectors: CG solves to a relative 1e-2-1e-3, float32 products are exact to ~1e-7 and cost 0.3-0.5x
       float64's; the residuals, the right-hand side, the line search and the plan stay float64. The same
-      iterations on every problem of ``benchmarks.sns``; 0.67-0.90x the time on clouds and digits at
+      iterations on every problem of ``benchmarks.sns``; 0.63-0.92x the time on clouds and digits at
       eps <= 0.005 (``benchmarks.sns --against b4a8644``).
     * The line search evaluates L along the step with one product by the current
       plan (``L(f + s d_f, g + s d_g) - L(f, g)`` needs only ``x^T P y`` with
@@ -945,7 +944,7 @@ def sinkhorn_newton_sparse(
       (about ``warm_start_factor`` times as many), and Newton starts at once where that exceeds
       ``sinkhorn_budget`` (see :func:`_warm_start`). With 4: fewer iterations on 15 of the 16 problems of
       ``benchmarks.sns --part warm-start`` (2-D clouds n = 512, eps = 0.005: 10 against 13, Sinkhorn 109;
-      near-permutation cosine at 0.001: 69 against 84), but not less time (0.68-1.34x in alternating pairs:
+      near-permutation cosine at 0.001: 69 against 84), but not less time (0.64-1.45x in alternating pairs:
       on digits the start trades cheap Sinkhorn iterations for Newton steps), so the default stays at eps.
     * Every step after the warm-up is a Newton step, damped or not, as in the
       paper (unless Newton's direction gives no ascent: see the last point).
