@@ -150,6 +150,8 @@ def main():
     parser.add_argument("--part", choices=("main", "warm-start"), default="main",
                         help="warm-start: SNS from a warm start at 4 eps vs from eps, paired")
     args = parser.parse_args()
+    if args.against and args.part != "main":
+        parser.error(f"--against and --part {args.part} are separate runs: give one of them")
     ensure_malloc_env()
     if args.against:
         return against(args.against)

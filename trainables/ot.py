@@ -1250,8 +1250,13 @@ def _warm_start(c: Tensor, a: Tensor, b: Tensor, eps: float, factor: float, iter
     warm_eps = eps * factor
     domain = "kernel" if float((cmax - cmin) / warm_eps) <= _kernel_limit(torch.float64) else "stabilized"
     errs: List[float] = []  # after each iteration but the last (read before each row update)
+
+    def record(err: float) -> bool:  # never stops the iterations
+        errs.append(err)
+        return False
+
     f, g, _, half_steps, p, domain = _iterate(c, a, b, warm_eps, 2 * iters, 1.0, 1.0, 0.0, domain, cmin, True,
-                                              until=lambda err: errs.append(err) is not None)
+                                              until=record)
     if p is not None and domain in ("kernel", "stabilized"):  # the plan at warm_eps: its rows' error, one product
         errs.append(float((_matvec(p, torch.ones_like(b)) - a).abs().sum()))
     rate = errs[-1] / errs[-2] if len(errs) > 1 and errs[-2] > 0 else 1.0  # the last one: the error can fall
