@@ -421,8 +421,10 @@ def main():
             f"minutes). Medians over rounds, with the range:\n\n"
             + markdown_table(["ratio", f"median (min-max over {args.rounds} round(s))"], summary)
             + f"\n\nProjected for a study of 1 h of trials (1 at a time): "
-            f"{(per_trial * hour + fixed) / hour:.3f}x the plain loop. The fixed cost is Python + torch imports "
-            f"in the CLI, Ray's start, a worker process importing torch, the export and Ray's shutdown. "
+            f"{(per_trial * hour + fixed) / hour:.3f}x the plain loop. The fixed cost is the driver's set-up (its "
+            f"imports of Ray, Ray Tune and MLflow, and Ray's start unless --address), the trial worker's start and "
+            f"its imports of Ray and Ray Tune before torch (the loop imports only torch), the export and Ray's "
+            f"shutdown. "
             f"Per round:\n\n")
     record("platform_overhead: otstudy run vs plain loops", head + body)
 
