@@ -1024,7 +1024,7 @@ def sinkhorn_newton_sparse(
         mv = _np_mv if fast else _matvec
         a64, b64 = a.double(), b.double()
         cmin, cmax, forbidden = _cost_range(c)  # (1, 1) each
-        domain = "kernel" if float((cmax - cmin) / eps) <= _kernel_limit(torch.float64) else "stabilized"
+        domain = _float64_domain(cmin, cmax, eps)
         if warm_start_factor > 1:
             f, g, warm_err, half_steps, p = _warm_start(c, a64, b64, eps, float(warm_start_factor),
                                                         int(warm_start_iters), tol, sinkhorn_budget, cmin, cmax)
@@ -1043,7 +1043,7 @@ def sinkhorn_newton_sparse(
         # Sinkhorn reached tol in the warm-up (its rows within tol, its columns exact): no Newton step
         for _ in range(0 if warm_err < tol else max_newton):
             r, col = plan_.rows(ones_m), plan_.cols(ones_n)  # faster than sum(0) over a row-major P
-            err = float((r - a64).abs().sum() + (col - b64).abs().sum())
+            err = _l1_error(r, a64) + _l1_error(col, b64)
             if err < tol:
                 break
             grad_f, grad_g = a64 - r, b64 - col  # ascent direction of L
@@ -1165,12 +1165,13 @@ class _ScaledPlan:
     def __init__(self, p: Tensor, mv, cpu: bool):
         self.mv, self.cpu = mv, cpu
         self._square = self._low = None  # buffers
+        self._version = 0  # bumped whenever P0 changes
         self.reset(p)
 
     def reset(self, p: Tensor) -> None:
         self.p, self.u, self.v = p, None, None  # None: ones
         self._square_of = self._low_of = None  # the version of P0 each buffer holds
-        self._version = getattr(self, "_version", 0) + 1
+        self._version += 1
 
     def plan(self) -> Tensor:
         if self.u is not None:
@@ -1237,6 +1238,11 @@ class _ScaledPlan:
         return schur
 
 
+def _float64_domain(cmin: Tensor, cmax: Tensor, eps: float) -> str:
+    """SNS's Sinkhorn domain (float64): the kernel while its range fits, else the stabilised kernel."""
+    return "kernel" if float((cmax - cmin) / eps) <= _kernel_limit(torch.float64) else "stabilized"
+
+
 def _warm_start(c: Tensor, a: Tensor, b: Tensor, eps: float, factor: float, iters: int, tol: float, budget: int,
                 cmin: Tensor, cmax: Tensor):
     """SNS's start: ``iters`` Sinkhorn iterations at ``factor * eps``, whose potentials are a smoother, better
@@ -1248,7 +1254,7 @@ def _warm_start(c: Tensor, a: Tensor, b: Tensor, eps: float, factor: float, iter
     Returns f, g, the L1 error reached (inf when Newton starts at once), the half-updates used and the plan at
     eps (or None)."""
     warm_eps = eps * factor
-    domain = "kernel" if float((cmax - cmin) / warm_eps) <= _kernel_limit(torch.float64) else "stabilized"
+    domain = _float64_domain(cmin, cmax, warm_eps)
     errs: List[float] = []  # after each iteration but the last (read before each row update)
 
     def record(err: float) -> bool:  # never stops the iterations
@@ -1258,7 +1264,7 @@ def _warm_start(c: Tensor, a: Tensor, b: Tensor, eps: float, factor: float, iter
     f, g, _, half_steps, p, domain = _iterate(c, a, b, warm_eps, 2 * iters, 1.0, 1.0, 0.0, domain, cmin, True,
                                               until=record)
     if p is not None and domain in ("kernel", "stabilized"):  # the plan at warm_eps: its rows' error, one product
-        errs.append(float((_matvec(p, torch.ones_like(b)) - a).abs().sum()))
+        errs.append(_l1_error(_matvec(p, torch.ones_like(b)), a))
     rate = errs[-1] / errs[-2] if len(errs) > 1 and errs[-2] > 0 else 1.0  # the last one: the error can fall
     # fast at first and slowly later (digits)
     if 0.0 < rate < 1.0:
@@ -1270,8 +1276,8 @@ def _warm_start(c: Tensor, a: Tensor, b: Tensor, eps: float, factor: float, iter
         return f, g, math.inf, half_steps, p
     out = _scale(p, f, g, a, b, eps, 2 * 4 * budget, 1.0, 1.0, tol, True,
                  rebuild=lambda f_, g_: _stabilized_kernel(c, f_, g_, eps), until=_sinkhorn_while_fast(tol, 1, budget))
-    if out is None:  # the scalings left float64: Newton from the warm start
-        return f, g, math.inf, half_steps, _stabilized_kernel(c, f, g, eps)
+    if out is None:  # the scalings left float64: Newton from the warm start (p untouched: _scale only scales
+        return f, g, math.inf, half_steps, p  # the kernel in place once it has succeeded)
     f, g, err, more, p = out
     return f, g, err, half_steps + more, p
 
