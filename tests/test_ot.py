@@ -440,6 +440,47 @@ def test_sns_with_float32_cg_products_matches_float64_cg(monkeypatch):
     assert torch.allclose(fast.plan, exact.plan, rtol=0, atol=1e-9)
 
 
+def test_sns_flushes_subnormals_while_it_solves_and_restores_the_threads_setting(monkeypatch):
+    # at eps = 0.003 the plan's entries fall far below float32's normal range (its CG products use a float32
+    # copy): SNS solves with subnormals flushed to zero (x86 FTZ/DAZ), which gives the plan and the iterations
+    # of a solve without, and leaves the thread's setting as it found it, off or on
+    import contextlib
+
+    import trainables.ot as ot_module
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals (torch.set_flush_denormal)")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(200, 2, generator=g, dtype=torch.float64)
+    cost = torch.cdist(x, x + 1.0 + 0.3 * torch.randn(200, 2, generator=g, dtype=torch.float64)) ** 2
+    cost = cost / cost.max()
+    seen = []
+    pcg = ot_module._pcg
+
+    def recording_pcg(*args, **kwargs):
+        seen.append(ot_module._flushing())
+        return pcg(*args, **kwargs)
+
+    monkeypatch.setattr(ot_module, "_pcg", recording_pcg)
+    assert not ot_module._flushing()
+    flushed = sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8)
+    assert seen and all(seen) and not ot_module._flushing()
+    seen.clear()
+    monkeypatch.setattr(ot_module, "_flush_subnormals", lambda on: contextlib.nullcontext())
+    kept = sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8)
+    assert seen and not any(seen)
+    assert float((kept.plan < 1e-38).double().mean()) > 0.02  # ~1,700 entries below float32's normal range
+    assert flushed.n_iters == kept.n_iters and flushed.marginal_error < 1e-8
+    assert torch.allclose(flushed.plan, kept.plan, rtol=0, atol=1e-12)
+    monkeypatch.undo()
+    torch.set_flush_denormal(True)
+    try:
+        sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8)
+        assert ot_module._flushing()  # a thread that flushed before still does
+    finally:
+        torch.set_flush_denormal(False)
+
+
 @pytest.mark.parametrize("seed,eps", [(0, 0.002), (1, 0.001)])
 def test_sns_converges_on_near_permutation_plans_where_sinkhorn_crawls(seed, eps):
     # cosine costs between points and noisy copies of them: at eps <= 0.002 the plan nearly splits into
@@ -630,6 +671,31 @@ def test_gradient_through_the_marginals_passes_gradcheck():
         lambda w_: sinkhorn(cost, eps=0.1, n_iters=10, a=w_ / w_.sum(), warn=False).transport_cost(), (w,))
 
 
+def test_products_route_is_measured_once_per_process_or_named_by_the_environment(monkeypatch):
+    # large CPU solves take their products through numpy only where numpy's are faster on this machine
+    import trainables.ot as ot_mod
+
+    big = torch.zeros(1024, 1024, dtype=torch.float64)  # >= 2^18 entries
+    measured = []
+    monkeypatch.setattr(ot_mod, "_measure_products", lambda: measured.append(1) or "numpy")
+    for env, route, mode in (("torch", "torch", None), (" NumPy ", "numpy", "products"), (None, "numpy", "products")):
+        monkeypatch.setattr(ot_mod, "_PRODUCTS", None)
+        if env is None:
+            monkeypatch.delenv("OTSTUDY_OT_PRODUCTS", raising=False)
+        else:
+            monkeypatch.setenv("OTSTUDY_OT_PRODUCTS", env)
+        assert ot_mod._products_route() == route and ot_mod._numpy_mode(big) == mode
+        assert ot_mod._numpy_mode(big[:256, :256]) == "all"  # small problems: numpy either way
+    ot_mod._products_route()
+    assert measured == [1]  # measured once, when no route was named
+    monkeypatch.setattr(ot_mod, "_PRODUCTS", None)
+    monkeypatch.setenv("OTSTUDY_OT_PRODUCTS", "blas")
+    with pytest.raises(ValueError, match="OTSTUDY_OT_PRODUCTS must be 'numpy' or 'torch' .* got 'blas'"):
+        ot_mod._numpy_mode(big)
+    monkeypatch.undo()
+    assert ot_mod._measure_products(n=128, rounds=3) in ("numpy", "torch")
+
+
 def test_products_through_numpy_give_the_same_plans_gradients_and_leave_blas_threads_alone(monkeypatch):
     # large CPU solves take their matrix-vector products through numpy with BLAS on one thread (torch's
     # elementwise ops), small ones run their iterations and reverse pass in numpy altogether; force the first
@@ -669,6 +735,7 @@ def test_products_through_numpy_give_the_same_plans_gradients_and_leave_blas_thr
         return f(m, v)
 
     monkeypatch.setattr(ot_mod, "_NUMPY_MATVEC_MIN", 0)
+    monkeypatch.setattr(ot_mod, "_PRODUCTS", "numpy")  # as measured on a machine where numpy's are faster
     monkeypatch.setattr(ot_mod, "_np_mv", counted)
     with_numpy = solve_all()
     assert len(calls) > 100  # the route was taken

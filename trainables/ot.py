@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional
@@ -509,20 +511,23 @@ def _scale(kernel, f0, g0, a, b, eps, n_half, fi1, fi2, tol, balanced_rows, rebu
 
 
 # From this many entries up, the matrix-vector products of a CPU solve go through numpy (OpenBLAS), with BLAS held
-# to one thread during the solve: torch's (MKL) gemv, itself single-threaded here, was 1.2-1.7x slower than
-# OpenBLAS's on one thread on this machine's AMD EPYC (n = 1024 float32: 72 us against 51 us), and whole
-# solves took 0.80-0.93x the time at n = 512-2048 (alternating rounds, ad hoc), but 1.05-1.66x at n <= 362,
-# where the round trip through numpy costs more than it saves. With OpenBLAS's two threads a solve took
-# 0.52-1.38x: they contend with torch's OpenMP threads, which spin after every parallel op.
+# to one thread during the solve, where that is the faster route on this machine (:func:`_products_route`). On an
+# AMD EPYC torch's (MKL) gemv, itself single-threaded there, was 1.2-1.7x slower than OpenBLAS's on one thread
+# (n = 1024 float32: 72 us against 51 us), and whole solves took 0.80-0.93x the time at n = 512-2048 through
+# numpy (alternating rounds, ad hoc); with OpenBLAS's two threads 0.52-1.38x (they contend with torch's OpenMP
+# threads, which spin after every parallel op). On an Intel Xeon torch's gemv was the faster one (n = 1024
+# float32: 42 us against 102 us), and 40-iteration solves took 1.27-1.78x the time through numpy. Below this
+# size the round trip through numpy cost 1.05-1.66x (AMD), so only "all" (below) goes to numpy there.
 _NUMPY_MATVEC_MIN = 1 << 18
+_PRODUCTS: Optional[str] = None  # _products_route's answer, once per process
 _BLAS = None  # threadpoolctl's controller, made on first use (it scans the loaded libraries once)
 
 
 def _numpy_mode(mat: Tensor, *others: Tensor) -> Optional[str]:
     """How a solve with ``mat`` uses numpy, decided once per solve: ``"all"`` (its iterations or reverse pass in
     numpy altogether: one small problem, below ``_NUMPY_MATVEC_MIN`` entries, ``others`` of its dtype),
-    ``"products"`` (its matrix-vector products through :func:`_np_mv`, from ``_NUMPY_MATVEC_MIN`` entries) or
-    None (torch). Only for one dense CPU float32/float64 matrix with no autograd graph to record through it or
+    ``"products"`` (its matrix-vector products through :func:`_np_mv`, from ``_NUMPY_MATVEC_MIN`` entries, where
+    numpy's are the faster on this machine: :func:`_products_route`) or None (torch). Only for one dense CPU float32/float64 matrix with no autograd graph to record through it or
     ``others`` (the tensors the products' vectors come from)."""
     if not (mat.dim() == 2 and mat.layout == torch.strided and mat.device.type == "cpu"
             and mat.dtype in (torch.float32, torch.float64)):
@@ -530,8 +535,46 @@ def _numpy_mode(mat: Tensor, *others: Tensor) -> Optional[str]:
     if torch.is_grad_enabled() and any(t.requires_grad for t in (mat, *others)):
         return None
     if mat.numel() >= _NUMPY_MATVEC_MIN:
-        return "products"
+        return "products" if _products_route() == "numpy" else None
     return "all" if all(t.dtype == mat.dtype for t in others) else None
+
+
+def _products_route() -> str:
+    """``"numpy"`` or ``"torch"``: the faster route for a large CPU solve's matrix-vector products on this
+    machine, measured once per process (:func:`_measure_products`, ~20 ms) unless ``OTSTUDY_OT_PRODUCTS`` names
+    one. The two give the same plans to rounding (summation order), so setting it only matters for bitwise
+    repeats of a run, or where the measurement is too close to call on a busy machine."""
+    global _PRODUCTS
+    if _PRODUCTS is None:
+        choice = os.environ.get("OTSTUDY_OT_PRODUCTS", "").strip().lower()
+        if choice not in ("", "numpy", "torch"):
+            raise ValueError(f"OTSTUDY_OT_PRODUCTS must be 'numpy' or 'torch' (unset: measured), got {choice!r}")
+        _PRODUCTS = choice or _measure_products()
+    return _PRODUCTS
+
+
+def _measure_products(n: int = 1024, rounds: int = 9) -> str:
+    """Times both routes' products (``P y`` and ``P^T x``, float32 and float64, n x n) in alternating rounds:
+    numpy (one BLAS thread, as in a solve) only where its median total is below 0.9x torch's (a margin, so that
+    a close call on a noisy machine stays with torch, whose products also serve autograd)."""
+    g = torch.Generator().manual_seed(0)
+    totals = {"numpy": 0.0, "torch": 0.0}
+    with _numpy_context(True):
+        for dtype in (torch.float32, torch.float64):
+            mat, vec = torch.rand(n, n, generator=g, dtype=dtype), torch.rand(n, generator=g, dtype=dtype)
+            m_np, v_np = mat.numpy(), vec.numpy()
+            routes = {"numpy": lambda: (m_np @ v_np, m_np.T @ v_np),
+                      "torch": lambda: (torch.mv(mat, vec), torch.mv(mat.t(), vec))}
+            times: dict = {name: [] for name in routes}
+            for k in range(rounds + 1):  # the first round warms both up
+                for name in (("numpy", "torch") if k % 2 == 0 else ("torch", "numpy")):
+                    start = time.perf_counter()
+                    routes[name]()
+                    if k:
+                        times[name].append(time.perf_counter() - start)
+            for name in totals:
+                totals[name] += sorted(times[name])[rounds // 2]
+    return "numpy" if totals["numpy"] < 0.9 * totals["torch"] else "torch"
 
 
 def _np_mv(mat: Tensor, vec: Tensor) -> Tensor:
@@ -558,6 +601,35 @@ def _numpy_context(on: bool):
     stack.enter_context(_BLAS.limit(limits=1, user_api="blas"))
     stack.enter_context(np.errstate(all="ignore"))
     return stack
+
+
+@contextlib.contextmanager
+def _flush_subnormals(on: bool):
+    """While a CPU solve runs (a no-op unless ``on``): subnormal floats flushed to zero on this thread (x86's
+    FTZ/DAZ, by ``torch.set_flush_denormal``; elsewhere nothing changes), then the thread's setting restored.
+    For SNS's dense plan, whose entries fall far below float32's and float64's normal ranges at small eps: on
+    an Intel Xeon every product with a subnormal operand takes a microcode assist, and SNS's CG products by
+    the float32 copy of the plan ran 14x slower (clouds n = 1024, eps 0.001: 250 products 1.07 s against
+    0.075 s; whole SNS solves 1.6-8x), where this session's earlier AMD EPYC took the same time either way.
+    An entry below 1e-38 (float32) or 2e-308 (float64) holds a negligible share of its row's mass, so the
+    plans and iterations do not change. Sinkhorn's own domains keep the kernel within the normal range, and
+    its solves took the same time either way (0.92-1.06x, ad hoc), so it is left alone there. Only this
+    thread's setting changes: torch's other intra-op threads keep theirs."""
+    if not on or _flushing():
+        yield
+        return
+    if not torch.set_flush_denormal(True):  # not x86 with SSE3
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _flushing() -> bool:
+    """Whether this thread flushes subnormals already (torch has no getter): 2^-1070 times 1 gives 0 then."""
+    return float(torch.tensor([2.0 ** -1070], dtype=torch.float64).mul_(1.0)[0]) == 0.0
 
 
 def _matvec(mat: Tensor, vec: Tensor) -> Tensor:
@@ -920,7 +992,9 @@ def sinkhorn_newton_sparse(
       vectors: CG solves to a relative 1e-2-1e-3, float32 products are exact to ~1e-7 and cost 0.3-0.5x
       float64's; the residuals, the right-hand side, the line search and the plan stay float64. The same
       iterations on every problem of ``benchmarks.sns``; 0.63-0.92x the time on clouds and digits at
-      eps <= 0.005 (``benchmarks.sns --against b4a8644``).
+      eps <= 0.005 (``benchmarks.sns --against b4a8644``, AMD EPYC). The solve flushes subnormals to zero
+      (:func:`_flush_subnormals`): on an Intel Xeon the products by the copy's subnormal entries made SNS
+      1.6-8x slower at eps <= 0.005.
     * The line search evaluates L along the step with one product by the current
       plan (``L(f + s d_f, g + s d_g) - L(f, g)`` needs only ``x^T P y`` with
       ``x = exp(s d_f / eps)``, ``y = exp(s d_g / eps)``, written with ``expm1``
@@ -1019,8 +1093,8 @@ def sinkhorn_newton_sparse(
     c = cost.detach().double()
     numpy_mode = _numpy_mode(c)
     fast = numpy_mode == "products"  # the dense products through numpy
-    cpu = numpy_mode is not None  # CG in numpy, on a float32 copy of a dense plan
-    with torch.no_grad(), _numpy_context(cpu):
+    cpu = c.device.type == "cpu"  # CG in numpy, on a float32 copy of a dense plan (whichever route P's products take)
+    with torch.no_grad(), _numpy_context(cpu), _flush_subnormals(c.device.type == "cpu"):
         mv = _np_mv if fast else _matvec
         a64, b64 = a.double(), b.double()
         cmin, cmax, forbidden = _cost_range(c)  # (1, 1) each
@@ -1211,9 +1285,13 @@ class _ScaledPlan:
         vectors, the two products by P0's float32 copy (CG solves to a relative 1e-2-1e-3, float32 is exact to
         1e-7; the products cost a half to a quarter of float64's), or None (not a CPU, or an entry of P0 or of
         u^2 / r past float32's range; an entry is at most its row's sum). Entries below float32's normal range
-        (1e-38) become subnormal or 0: they hold a negligible share of their row's mass, and numpy's OpenBLAS
-        gemv took the same time on subnormal operands here (torch's MKL one, in an earlier session, 2-5x).
-        Normalising P0's rows first (to keep them normal) cost 1.04-1.18x the solve time, so it is not done."""
+        (1e-38) become subnormal or 0: they hold a negligible share of their row's mass. The solve runs with
+        subnormals flushed (:func:`_flush_subnormals`): on an AMD EPYC numpy's OpenBLAS gemv took the same time
+        on subnormal operands, on an Intel Xeon 14x longer. Normalising P0's rows first (to keep them normal)
+        cost 1.04-1.18x the solve time (AMD), so it is not done. On the Xeon, where torch's own products are
+        otherwise the faster (:func:`_products_route`), numpy's (one thread, flushed) are the faster on this
+        copy: SNS through torch's took 1.9-3.7x the time (torch's second intra-op thread keeps its own
+        setting), and 1.2-1.9x with the copy's entries below 1e-38 zeroed (ad hoc, 5 problems)."""
         import numpy as np
 
         if not self.cpu:
