@@ -274,9 +274,14 @@ def main():
             p.error("--against goes with --part backward")
         return unrolled_against(args.against)
     torch.manual_seed(0)
+    try:
+        import geomloss  # noqa: F401
+        body = ""
+    except ImportError:
+        body = ("GeomLoss is not installed here (`.venv/bin/pip install -e '.[bench]'`): its columns are n/a and "
+                "it is not among the peers.\n\n")
     sizes = [128, 512] if args.quick else [128, 512, 1024, 2048]
     dims = [128] if args.quick else [128, 512]
-    body = ""
     if args.part in ("all", "fixed"):
         body += "### Fixed 40 iterations (median ms; err = L1 marginal error after 40 iterations)\n\n"
         body += fixed_iterations(sizes, dims, [0.01, 0.05, 0.5]) + "\n\n"
