@@ -183,9 +183,9 @@ def main():
         for eps in (0.05, 0.01, 0.005, 0.002, 0.001):
             rows.append([name, eps, *solve(cost, a, b, eps)])
             print(rows[-1], flush=True)
-    header = ["problem", "eps", "Sinkhorn iters", "Sinkhorn domain", "Sinkhorn err", "Sinkhorn ms", "SNS iters", "SNS err", "SNS ms",
-              "iteration ratio", "time ratio (Sinkhorn / SNS)", "fixed warm-up: SNS iters", "SNS ms",
-              "time ratio", "rounds"]
+    header = ["problem", "eps", "Sinkhorn iters", "Sinkhorn domain", "Sinkhorn err", "Sinkhorn ms", "SNS iters",
+              "SNS err", "SNS ms", "iteration ratio", "time ratio (Sinkhorn / SNS)", "fixed warm-up: SNS iters",
+              "SNS ms", "time ratio", "rounds"]
     record("sns: Sinkhorn-Newton-Sparse vs Sinkhorn to marginal error 1e-6",
            "SNS iterations = the Sinkhorn iterations before Newton (at least 5, more while Sinkhorn's rate "
            "predicts 1e-6 within 80 more: `sinkhorn_budget`) + Newton steps (damped or not). The last three "

@@ -527,8 +527,9 @@ def _numpy_mode(mat: Tensor, *others: Tensor) -> Optional[str]:
     """How a solve with ``mat`` uses numpy, decided once per solve: ``"all"`` (its iterations or reverse pass in
     numpy altogether: one small problem, below ``_NUMPY_MATVEC_MIN`` entries, ``others`` of its dtype),
     ``"products"`` (its matrix-vector products through :func:`_np_mv`, from ``_NUMPY_MATVEC_MIN`` entries, where
-    numpy's are the faster on this machine: :func:`_products_route`) or None (torch). Only for one dense CPU float32/float64 matrix with no autograd graph to record through it or
-    ``others`` (the tensors the products' vectors come from)."""
+    numpy's are the faster on this machine: :func:`_products_route`) or None (torch). Only for one dense CPU
+    float32/float64 matrix with no autograd graph to record through it or ``others`` (the tensors the products'
+    vectors come from)."""
     if not (mat.dim() == 2 and mat.layout == torch.strided and mat.device.type == "cpu"
             and mat.dtype in (torch.float32, torch.float64)):
         return None
@@ -541,7 +542,7 @@ def _numpy_mode(mat: Tensor, *others: Tensor) -> Optional[str]:
 
 def _products_route() -> str:
     """``"numpy"`` or ``"torch"``: the faster route for a large CPU solve's matrix-vector products on this
-    machine, measured once per process (:func:`_measure_products`, ~20 ms) unless ``OTSTUDY_OT_PRODUCTS`` names
+    machine, measured once per process (:func:`_measure_products`, ~30 ms) unless ``OTSTUDY_OT_PRODUCTS`` names
     one. The two give the same plans to rounding (summation order), so setting it only matters for bitwise
     repeats of a run, or where the measurement is too close to call on a busy machine."""
     global _PRODUCTS
@@ -1093,8 +1094,8 @@ def sinkhorn_newton_sparse(
     c = cost.detach().double()
     numpy_mode = _numpy_mode(c)
     fast = numpy_mode == "products"  # the dense products through numpy
-    cpu = c.device.type == "cpu"  # CG in numpy, on a float32 copy of a dense plan (whichever route P's products take)
-    with torch.no_grad(), _numpy_context(cpu), _flush_subnormals(c.device.type == "cpu"):
+    cpu = c.device.type == "cpu"  # CG in numpy on a float32 copy of a dense plan, whichever route P's products take
+    with torch.no_grad(), _numpy_context(cpu), _flush_subnormals(cpu):
         mv = _np_mv if fast else _matvec
         a64, b64 = a.double(), b.double()
         cmin, cmax, forbidden = _cost_range(c)  # (1, 1) each
