@@ -422,7 +422,8 @@ held-out test split, which no selection looked at.</p>
 {figs}
 <h2>Overhead</h2>
 <p>Medians over trials of the per-trial median step time (first epoch excluded), OT share = OT solve / step;
-ratios against the baseline (SimCLR, or SinSim with β = 0) at the same batch size. Also in
+ratios against the baseline (SimCLR, or SinSim with β = 0) at the same batch size, on the same hardware (the GPU,
+or the CPU's model and torch's threads, as each trial recorded it). Also in
 <a href="overhead.csv">overhead.csv</a>, <a href="overhead.md">overhead.md</a>, <a href="overhead.tex">overhead.tex</a>.</p>
 {_table_html(over)}
 <h2>Flags</h2>

@@ -73,6 +73,8 @@ def from_mlflow(tracking_uri: str, experiment: str) -> Study:
         tid = r.data.tags.get("otstudy.trial_id", r.info.run_id)
         status = r.data.tags.get("otstudy.status") or STATUS.get(r.info.status, r.info.status.lower())
         row = {"trial_id": tid, "status": status, "error": r.data.tags.get("otstudy.error", "")}
+        if "otstudy.hardware" in r.data.tags:  # what its timings were measured on
+            row["hardware"] = r.data.tags["otstudy.hardware"]
         row.update({k: _num(v) for k, v in r.data.params.items()})
         row.update(r.data.metrics)
         per_epoch: Dict[int, Dict[str, float]] = {}

@@ -43,15 +43,16 @@ OVERHEAD_COLS = {
 
 
 def overhead_table(df: pd.DataFrame, config_cols: List[str], baseline: Optional[pd.Series] = None,
-                   group_cols: Sequence[str] = ("batch_size",)) -> pd.DataFrame:
-    """Median timings per configuration and their ratio to the baseline in the same group.
+                   group_cols: Sequence[str] = ("batch_size", "hardware")) -> pd.DataFrame:
+    """Median timings per configuration and their ratio to the baseline in the same group (batch size, and
+    the hardware the trials ran on where results name it: a cluster's nodes may differ).
 
     Args:
         df: results rows (one per trial) with med_* timing columns.
         config_cols: columns identifying a configuration (e.g. method, beta).
         baseline: boolean mask of baseline rows (SimCLR, or beta = 0); ratios
             are taken against the baseline's median within the same
-            ``group_cols`` (batch size, device).
+            ``group_cols`` (batch size, hardware).
     """
     d = df.copy()
     d["ot_share"] = d["med_ot_time_ms"] / d["med_step_time_ms"]

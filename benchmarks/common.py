@@ -65,23 +65,11 @@ def median_call(fn: Callable[[], object], repeats: int = 3, slow_s: float = 2.0)
     return out, statistics.median_high(times)
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else the platform's processor or machine: figures move with
-    it (an AMD EPYC and an Intel Xeon ranked numpy's and torch's products the other way round)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> str:
     import torch
 
     from trainables.ot import _products_route
+    from trainables.pretrain_probe import cpu_model
 
     return (f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), large CPU products through {_products_route()}, "

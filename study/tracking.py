@@ -259,7 +259,14 @@ class MLflowTracker(Callback):
         done = self._last_step.get(trial.trial_id, -1)
         back = [m for r in restored_rows(result) if done < r["epoch"] < step for m in self._metrics(r, r["epoch"], ts)]
         metrics = back + metrics
-        self._guard(f"log metrics of trial {trial.trial_id}", self._client.log_batch, run_id, metrics=metrics)
+        tags = []
+        hardware = result.get("hardware")  # a string (GPU, or CPU model and threads): a tag, not a metric
+        if isinstance(hardware, str):
+            from mlflow.entities import RunTag
+
+            tags = [RunTag("otstudy.hardware", hardware[:500])]
+        self._guard(f"log metrics of trial {trial.trial_id}", self._client.log_batch, run_id, metrics=metrics,
+                    tags=tags)
         self._last_step[trial.trial_id] = step  # a failed batch is not retried: training goes on
 
     def _finish(self, trial, status: str, outcome: str, error: str = ""):

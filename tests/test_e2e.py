@@ -28,6 +28,7 @@ def test_smoke_study_exports_one_row_per_trial(smoke_study):
         assert res[col].map(math.isfinite).all() and res[col].between(0, 1).all()
     assert len(hist) == 4 * 3 and set(hist.groupby("trial_id")["epoch"].max()) == {3}
     assert (res.loc[res["beta"] > 0, "med_ot_time_ms"] > 0).all()
+    assert res["hardware"].nunique() == 1 and res["hardware"].iloc[0].endswith(" threads")  # one machine here
     for trial in (smoke_study / "ray").glob("trial_*"):  # Tune's JSON and CSV logs; no TensorBoard file
         assert (trial / "result.json").is_file() and (trial / "progress.csv").is_file()
         assert not list(trial.glob("events.out.tfevents*"))
@@ -46,6 +47,8 @@ def test_mlflow_has_one_parent_and_one_child_run_per_trial(smoke_study):
         hist = client.get_metric_history(r.info.run_id, "knn_acc")
         assert sorted(m.step for m in hist) == [1, 2, 3]  # per-epoch metrics, epoch as step
         assert "test_linear_acc" in r.data.metrics
+        # what the timings were measured on, as a tag (a string is no metric)
+        assert r.data.tags["otstudy.hardware"].endswith(" threads") and "hardware" not in r.data.metrics
 
 
 def test_report_writes_plot_table_and_page(smoke_study):

@@ -47,6 +47,22 @@ def test_overhead_ratios_against_simclr_at_the_same_batch_size():
     assert t.loc[(64, "simclr"), "n"] == 2
 
 
+def test_overhead_ratios_are_taken_on_the_same_hardware():
+    # a cluster's nodes may differ: SinSim on the fast CPU is compared with SimCLR on the fast CPU only
+    df = pd.DataFrame({
+        "method": ["simclr", "sinsim", "simclr", "sinsim"],
+        "batch_size": [64, 64, 64, 64],
+        "hardware": ["Xeon, 1 threads", "Xeon, 1 threads", "EPYC, 1 threads", "EPYC, 1 threads"],
+        "med_step_time_ms": [10.0, 11.0, 20.0, 30.0],
+        "med_ot_time_ms": [0.0, 1.0, 0.0, 2.0],
+    })
+    t = overhead_table(df, ["method"], baseline=df["method"] == "simclr")
+    t = t.set_index(["batch_size", "hardware", "method"])
+    assert t.loc[(64, "Xeon, 1 threads", "sinsim"), "med_step_time_ms_ratio"] == pytest.approx(1.1)
+    assert t.loc[(64, "EPYC, 1 threads", "sinsim"), "med_step_time_ms_ratio"] == pytest.approx(1.5)
+    assert t.loc[(64, "EPYC, 1 threads", "simclr"), "n"] == 1
+
+
 def test_importance_ranks_the_knob_that_matters_first():
     rng = np.random.default_rng(0)
     rows = [{"status": "completed", "beta": rng.uniform(0, 1.2), "eps": 10 ** rng.uniform(-2, 0),

@@ -40,6 +40,8 @@ def test_reports_every_epoch_with_the_contract_keys():
     for m in rec.metrics:
         assert EPOCH_KEYS <= set(m)
         assert m["ot_time_ms"] > 0  # sinsim solves OT every step
+        # what the timings were measured on: the CPU's model and torch's threads here
+        assert m["hardware"].endswith(f", {torch.get_num_threads()} threads") and len(m["hardware"]) > 12
     assert FINAL_KEYS <= set(rec.metrics[-1]) and not FINAL_KEYS & set(rec.metrics[0])
     assert 0.0 <= last["test_linear_acc"] <= 1.0 and last == rec.metrics[-1]
 

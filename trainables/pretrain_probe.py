@@ -65,6 +65,29 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else the platform's processor or machine."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_name(device: torch.device) -> str:
+    """What a trial's timings were measured on: the GPU's name, or the CPU's model and torch's threads. Step
+    times and their ratios move with it (an AMD EPYC and an Intel Xeon ranked two BLAS routes the other way
+    round), so results carry it and the report takes overhead ratios within one kind of hardware."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+
+
 def _peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -81,6 +104,7 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
     """Pretrain and probe; returns the last epoch's metrics. ``poll`` (if given) runs before every step."""
     cfg = TrialConfig.from_dict(config)
     device = pick_device(cfg.device)
+    hardware = hardware_name(device)
     data = load_splits(cfg.dataset, cfg.data_root, download=cfg.download, verify_data=cfg.verify_data,
                        image_size=cfg.image_size)
     pool = data.pretrain_x  # (N, C, H, W): train (+ unlabeled for STL-10), never val or test
@@ -122,8 +146,9 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
         recent.extend(recent_metrics(restore))
         if start_epoch >= cfg.epochs and restore.get("metrics"):
             # finished before the runner recorded it (e.g. the driver died): report, do not retrain
-            report(dict(restore["metrics"]), restore)
-            return dict(restore["metrics"])
+            metrics = {**restore["metrics"], "hardware": hardware}
+            report(metrics, restore)
+            return metrics
 
     metrics: Dict[str, float] = {}
     for epoch in range(start_epoch, cfg.epochs):
@@ -176,6 +201,7 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
             "peak_mem_mb": _peak_mem_mb(device),
             "lr": sched.get_last_lr()[0],
             "on_gpu": 1.0 if device.type == "cuda" else 0.0,
+            "hardware": hardware,  # a string: not a metric (MLflow gets it as a tag), kept out of checkpoints
         }
         last = epoch + 1 == cfg.epochs
         embeddings = None
@@ -191,7 +217,7 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
             "shuffle_rng": shuffle_gen.get_state(),
             "aug_rng": aug_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "metrics": {k: float(v) for k, v in metrics.items()},
+            "metrics": {k: float(v) for k, v in metrics.items() if k != "hardware"},
         }
         recent.append(checkpoint["metrics"])
         checkpoint["recent_metrics"] = list(recent)
