@@ -312,7 +312,7 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     carried: Dict[str, float] = {}
     node_id = ray.get_runtime_context().get_node_id()  # which cluster node ran the trial
 
-    def report(metrics: Dict[str, float], checkpoint: Optional[Dict[str, Any]] = None) -> None:
+    def report(metrics: Dict[str, Any], checkpoint: Optional[Dict[str, Any]] = None) -> None:
         m = {**metrics, "node_id": node_id, **setup}
         setup.clear()
         # keep the pruning signal in every result, also between probe epochs

@@ -14,7 +14,8 @@ loop::
 
 Metrics, every epoch: ``epoch``, ``train_loss`` and the loss parts,
 ``epoch_time_s``, median ``step_time_ms`` / ``ot_time_ms`` / ``data_time_ms``,
-``images_per_s``, ``peak_mem_mb``, ``lr``; ``knn_acc`` (validation split)
+``images_per_s``, ``peak_mem_mb``, ``lr``, and ``hardware`` (a string: the GPU's name, or the CPU's model
+and torch's threads, what the timings were measured on); ``knn_acc`` (validation split)
 every ``probe_every`` epochs and at the last one. The last epoch adds
 ``linear_acc`` (val), ``test_linear_acc``, ``test_knn_acc``, ``test_knn5_acc``,
 ``align``, ``uniform`` and ``final: 1``; its checkpoint also carries
@@ -100,7 +101,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]] = None,
-        poll: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+        poll: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
     """Pretrain and probe; returns the last epoch's metrics. ``poll`` (if given) runs before every step."""
     cfg = TrialConfig.from_dict(config)
     device = pick_device(cfg.device)
