@@ -92,6 +92,7 @@ class MLflowTracker(Callback):
         self._parent_id = None
         self._runs: Dict[str, str] = {}
         self._last_step: Dict[str, float] = {}
+        self._hardware: Dict[str, str] = {}  # trial id -> the otstudy.hardware tag logged by this driver
         self._unreachable = False
         self.failures = 0
 
@@ -261,10 +262,11 @@ class MLflowTracker(Callback):
         metrics = back + metrics
         tags = []
         hardware = result.get("hardware")  # a string (GPU, or CPU model and threads): a tag, not a metric
-        if isinstance(hardware, str):
+        if isinstance(hardware, str) and self._hardware.get(trial.trial_id) != hardware:  # once per trial
             from mlflow.entities import RunTag
 
             tags = [RunTag("otstudy.hardware", hardware[:500])]
+            self._hardware[trial.trial_id] = hardware
         self._guard(f"log metrics of trial {trial.trial_id}", self._client.log_batch, run_id, metrics=metrics,
                     tags=tags)
         self._last_step[trial.trial_id] = step  # a failed batch is not retried: training goes on
