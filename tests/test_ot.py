@@ -349,7 +349,8 @@ def test_sns_rectangular_weighted_plan_equals_pot_and_its_gradient_is_the_plan()
 
 def test_sns_needs_ten_times_fewer_iterations_at_small_eps():
     cost = random_cost(64, 64, seed=11)
-    sns = sinkhorn(cost, eps=0.003, method="sns", tol=1e-6)
+    # the paper's handover (Newton as soon as Sinkhorn slows; the default hands over later, for time)
+    sns = sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-6, handover_error=None)
     plain = sinkhorn(cost, eps=0.003, n_iters=200000, tol=1e-6, warn=False)
     assert sns.marginal_error < 1e-6 and plain.marginal_error < 1e-6
     assert sns.n_iters * 10 <= plain.n_iters  # the SNS paper's claim (Sinkhorn warm-up + Newton steps)
@@ -361,7 +362,7 @@ def test_sns_needs_ten_times_fewer_iterations_on_2d_clouds_where_newton_is_dampe
     # into blocks and the line search cuts Newton's steps; every step still counts one iteration (an earlier
     # version ran Sinkhorn iterations after each cut step: 42 here, against 281 for Sinkhorn)
     cost = two_d_clouds(256, seed=3)
-    sns = sinkhorn_newton_sparse(cost, eps=0.002, tol=1e-6)
+    sns = sinkhorn_newton_sparse(cost, eps=0.002, tol=1e-6, handover_error=None)  # the paper's handover
     plain = sinkhorn(cost, eps=0.002, n_iters=20000, tol=1e-6)
     assert sns.marginal_error < 1e-6 and plain.marginal_error < 1e-6
     assert sns.n_iters * 10 <= plain.n_iters
@@ -432,9 +433,10 @@ def test_sns_with_float32_cg_products_matches_float64_cg(monkeypatch):
     x = torch.randn(200, 2, generator=g, dtype=torch.float64)
     cost = torch.cdist(x, x + 1.0 + 0.3 * torch.randn(200, 2, generator=g, dtype=torch.float64)) ** 2
     cost = cost / cost.max()
-    fast = sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8)
+    # Newton from the paper's early handover: most of the iterations are Newton steps, whose CG is compared
+    fast = sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8, handover_error=None)
     monkeypatch.setattr(ot_module._ScaledPlan, "float32_schur", lambda self, col, r, eps: None)
-    exact = sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8)
+    exact = sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8, handover_error=None)
     assert fast.marginal_error < 1e-8 and exact.marginal_error < 1e-8
     assert abs(fast.n_iters - exact.n_iters) <= 1 and fast.n_iters < 40
     assert torch.allclose(fast.plan, exact.plan, rtol=0, atol=1e-9)
@@ -523,6 +525,74 @@ def test_sns_stays_with_sinkhorn_while_its_rate_predicts_convergence_within_the_
         sinkhorn_newton_sparse(cost, eps=0.05, warm_start_factor=0.5)
     with pytest.raises(ValueError, match="warm_start_iters must be an integer >= 2, got 1"):
         sinkhorn_newton_sparse(cost, eps=0.05, warm_start_iters=1)
+
+
+def test_sns_hands_over_to_newton_once_sinkhorn_has_brought_the_error_down_to_handover_error():
+    # the rule read before every Sinkhorn iteration (True: hand over to Newton), on geometric errors 0.9 r^k
+    from trainables.ot import _sinkhorn_while_fast
+
+    def handover_at(rate, **kw):
+        stop = _sinkhorn_while_fast(1e-6, 5, 60, **kw)
+        for k in range(2000):
+            if stop(0.9 * rate ** k):
+                return k
+        return None
+
+    # rate 0.88 (2-D clouds, n = 512, eps = 0.005): 1e-6 is ~85 iterations away at 0.05, more than the budget of 60:
+    # Sinkhorn runs until the error is at most 0.05 (k = 23), the paper's handover right after the warm-up (the
+    # 5th error read, k = 4, is the one after the 5th iteration)
+    assert 0.9 * 0.88 ** 22 > 0.05 >= 0.9 * 0.88 ** 23
+    assert handover_at(0.88, handover=(0.05, 160)) == 23
+    assert handover_at(0.88) == 4
+    # rate 0.975 (eps = 0.001): 0.05 is 114 iterations away, within 160: Sinkhorn goes on to it; with a reach of
+    # 100 it hands over at once; rate 0.999 (0.05 is ~2,900 away): at once too
+    assert handover_at(0.975, handover=(0.05, 160)) == 115
+    assert handover_at(0.975, handover=(0.05, 100)) == 4
+    assert handover_at(0.999, handover=(0.05, 160)) == 4
+    # rate 0.6: 1e-6 within the budget from the start: Sinkhorn to the end, whatever the handover
+    assert handover_at(0.6, handover=(0.05, 160)) is None
+    # budget 0 is the paper's fixed warm-up: the handover rule does not extend it
+    assert _sinkhorn_while_fast(1e-6, 5, 0, handover=(0.05, 160))(0.9) is False
+    stop = _sinkhorn_while_fast(1e-6, 1, 0, handover=(0.05, 160))
+    assert stop(0.9) is True
+    cost = random_cost(8, 8, seed=1)
+    with pytest.raises(ValueError, match="handover_error must be None or a number > 0, got -0.1"):
+        sinkhorn_newton_sparse(cost, eps=0.05, handover_error=-0.1)
+    with pytest.raises(ValueError, match="handover_budget must be an integer >= 0, got 1.5"):
+        sinkhorn_newton_sparse(cost, eps=0.05, handover_budget=1.5)
+
+
+def test_sns_default_handover_reaches_the_same_plan_with_more_sinkhorn_and_fewer_newton_steps(monkeypatch):
+    # 2-D clouds (n = 256, eps = 0.005): the default runs Sinkhorn until its error is at most 0.05, then Newton;
+    # the paper's handover starts Newton after the 5 warm-up iterations. The same plan to the tolerance
+    import trainables.ot as ot_module
+
+    rule, seen = ot_module._sinkhorn_while_fast, []
+
+    def spy(*args, **kw):
+        stop = rule(*args, **kw)
+        seen.clear()
+
+        def recorded(err):
+            seen.append(err)
+            return stop(err)
+        return recorded
+
+    monkeypatch.setattr(ot_module, "_sinkhorn_while_fast", spy)
+    cost = two_d_clouds(256, seed=3)
+    default = sinkhorn_newton_sparse(cost, eps=0.005, tol=1e-8)
+    handed_at = list(seen)
+    paper = sinkhorn_newton_sparse(cost, eps=0.005, tol=1e-8, handover_error=None)
+    plain = sinkhorn(cost, eps=0.005, n_iters=20000, tol=1e-8)
+    assert default.marginal_error < 1e-8 and paper.marginal_error < 1e-8
+    # the rule stopped Sinkhorn at the first error at most 0.05 (the one it was last called with)
+    # (the rule reads the error after each iteration: the paper's handover after 5)
+    assert handed_at[-1] <= 0.05 < min(handed_at[:-1]) and len(handed_at) > 6 and len(seen) == 5
+    sinkhorn_its = len(handed_at)
+    assert default.n_iters - sinkhorn_its < paper.n_iters - 5  # fewer Newton steps
+    assert paper.n_iters < default.n_iters < plain.n_iters
+    assert float((default.plan - plain.plan).abs().sum()) < 1e-6
+    assert float((paper.plan - plain.plan).abs().sum()) < 1e-6
 
 
 def test_sns_respects_masks_and_rejects_unbalanced():
