@@ -1117,7 +1117,7 @@ def sinkhorn_newton_sparse(
     numpy_mode = _numpy_mode(c)
     fast = numpy_mode == "products"  # the dense products through numpy
     cpu = c.device.type == "cpu"  # CG in numpy on a float32 copy of a dense plan, whichever route P's products take
-    with torch.no_grad(), _numpy_context(cpu), _flush_subnormals(cpu):
+    with torch.no_grad(), contextlib.ExitStack() as newton_context:
         mv = _np_mv if fast else _matvec
         a64, b64 = a.double(), b.double()
         cmin, cmax, forbidden = _cost_range(c)  # (1, 1) each
@@ -1133,6 +1133,9 @@ def sinkhorn_newton_sparse(
                                                              cmin, True, until=until)
         if p is None:
             p = _stabilized_kernel(c, f, g, eps)
+        if not warm_err < tol:  # Newton steps follow: numpy's products on one BLAS thread, subnormals flushed
+            newton_context.enter_context(_numpy_context(cpu))  # (entered here, not for a solve that stays
+            newton_context.enter_context(_flush_subnormals(cpu))  # Sinkhorn: ~70 us, 7% of one at n = 512)
         used = half_steps / 2
         dense = False
         ones_n, ones_m = torch.ones_like(a64), torch.ones_like(b64)
@@ -1239,8 +1242,9 @@ def sinkhorn_newton_sparse(
     else:  # p is that plan already (float64)
         plan = p.to(cost.dtype)
     with torch.no_grad():
-        # row and column sums as matrix-vector products (sum(0) over a row-major plan is ~3x slower)
-        err = float((plan @ torch.ones_like(b) - a).abs().sum() + (torch.ones_like(a) @ plan - b).abs().sum())
+        # row and column sums as matrix-vector products (sum(0) over a row-major plan is ~3x slower; torch.mv
+        # by the transpose rather than a vector-matrix product: 16 + 23 us against 79 us at n = 512)
+        err = _l1_error(_matvec(plan, torch.ones_like(b)), a) + _l1_error(_matvec(plan.t(), torch.ones_like(a)), b)
     if warn and err > tol:
         warnings.warn(f"sinkhorn_newton_sparse did not converge: marginal error {err:.3e} > tol {tol:.1e} "
                       f"after {used:g} iterations (eps={eps:g})", SinkhornNotConvergedWarning, stacklevel=2)
