@@ -15,6 +15,7 @@ features, so "loss beyond SimCLR's" is what the method's loss (its OT term with 
 iterations, and its other parts) adds to a step.
 
     .venv/bin/python -m benchmarks.train_overhead [--quick]
+    .venv/bin/python -m benchmarks.train_overhead --part resnet [--rounds 21]
 """
 from __future__ import annotations
 
@@ -120,11 +121,31 @@ def memory(n, d=512, eps=0.05, iters=40):
     return rows
 
 
+def resnet_goal(rounds: int):
+    """Only the goal's case, ResNet-18 at batch 256 (SimCLR, SinSim, GCA-INCE), in ``rounds`` interleaved
+    rounds: its steps vary ~15% from round to round on a shared VM, so 7 rounds leave the median ratio a few
+    percent off; more rounds narrow it."""
+    rgb = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rows = table("resnet18", rgb, [256], rounds, 1, ["simclr", "sinsim", "gca_ince"], 3)
+    header = ["encoder", "batch", "method", "iters", "step ms", "OT ms (solve)", "OT share", "loss ms (fwd+bwd)",
+              "loss beyond SimCLR's, share of step", "step / SimCLR step", "range over rounds"]
+    record(f"train_overhead --part resnet --rounds {rounds}: ResNet-18 at batch 256, the goal's case",
+           f"{rounds} interleaved rounds (one step of each method per round, the order rotating; ratios within a "
+           "round, their median and range).\n\n" + markdown_table(header, rows))
+
+
 def main():
     ensure_malloc_env()
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_overhead")
+    p.add_argument("--quick", action="store_true", help="fewer batch sizes and rounds")
+    p.add_argument("--part", choices=("all", "resnet"), default="all",
+                   help="resnet: only ResNet-18 at batch 256 (the goal's case), in --rounds rounds")
+    p.add_argument("--rounds", type=int, default=21, help="rounds for --part resnet (default 21)")
     args = p.parse_args()
+    if args.rounds < 3:
+        p.error(f"--rounds must be at least 3, got {args.rounds}")
+    if args.part == "resnet":
+        return resnet_goal(args.rounds)
     digits = load_digits_splits().train_x
     rows = table("small_cnn", digits, [64, 128] if args.quick else [64, 128, 256, 512], 5 if args.quick else 11,
                  2, METHOD_LIST, 1)
