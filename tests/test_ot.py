@@ -528,7 +528,7 @@ def test_sns_stays_with_sinkhorn_while_its_rate_predicts_convergence_within_the_
 
 
 def test_sns_hands_over_to_newton_once_sinkhorn_has_brought_the_error_down_to_handover_error():
-    # the rule read before every Sinkhorn iteration (True: hand over to Newton), on geometric errors 0.9 r^k
+    # the rule, read with the error after every Sinkhorn iteration (True: hand over to Newton), on errors 0.9 r^k
     from trainables.ot import _sinkhorn_while_fast
 
     def handover_at(rate, **kw):
@@ -585,8 +585,8 @@ def test_sns_default_handover_reaches_the_same_plan_with_more_sinkhorn_and_fewer
     paper = sinkhorn_newton_sparse(cost, eps=0.005, tol=1e-8, handover_error=None)
     plain = sinkhorn(cost, eps=0.005, n_iters=20000, tol=1e-8)
     assert default.marginal_error < 1e-8 and paper.marginal_error < 1e-8
-    # the rule stopped Sinkhorn at the first error at most 0.05 (the one it was last called with)
-    # (the rule reads the error after each iteration: the paper's handover after 5)
+    # the rule stopped Sinkhorn at the first error at most 0.05 (the last one it read; it reads one after each
+    # iteration, so the paper's handover read 5)
     assert handed_at[-1] <= 0.05 < min(handed_at[:-1]) and len(handed_at) > 6 and len(seen) == 5
     sinkhorn_its = len(handed_at)
     assert default.n_iters - sinkhorn_its < paper.n_iters - 5  # fewer Newton steps

@@ -1072,8 +1072,8 @@ def sinkhorn_newton_sparse(
             them while its rate predicts ``tol`` within this many more iterations (0: the paper's fixed
             warm-up, whatever the handover).  handover_error, handover_budget: and while its error is above
             ``handover_error`` and its rate predicts reaching it within ``handover_budget`` more iterations
-            (None: Newton as soon as the budget rule says so, the fewest iterations; the default, for
-            time).  warm_start_factor, warm_start_iters: above 1, the start is ``warm_start_iters``
+            (the defaults, for time; ``handover_error=None``: Newton as soon as the budget rule says so, for
+            the fewest iterations).  warm_start_factor, warm_start_iters: above 1, the start is ``warm_start_iters``
             Sinkhorn iterations at ``warm_start_factor * eps`` instead (``warmup_iters`` then unused).
     Returns:
         :class:`OTResult`; ``n_iters`` counts Sinkhorn iterations plus Newton steps.
@@ -1133,9 +1133,11 @@ def sinkhorn_newton_sparse(
                                                              cmin, True, until=until)
         if p is None:
             p = _stabilized_kernel(c, f, g, eps)
-        if not warm_err < tol:  # Newton steps follow: numpy's products on one BLAS thread, subnormals flushed
-            newton_context.enter_context(_numpy_context(cpu))  # (entered here, not for a solve that stays
-            newton_context.enter_context(_flush_subnormals(cpu))  # Sinkhorn: ~70 us, 7% of one at n = 512)
+        # Newton steps follow: numpy's products on one BLAS thread, subnormals flushed (entered only then: a solve
+        # that stays with Sinkhorn paid ~70 us for them, 7% of one at n = 512, eps = 0.05)
+        if not warm_err < tol:
+            newton_context.enter_context(_numpy_context(cpu))
+            newton_context.enter_context(_flush_subnormals(cpu))
         used = half_steps / 2
         dense = False
         ones_n, ones_m = torch.ones_like(a64), torch.ones_like(b64)
