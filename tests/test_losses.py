@@ -85,6 +85,78 @@ def test_sinsim_ot_term_is_the_sinkhorn_plan_cost_and_matches_pot():
     assert abs(gibbs - expected_ot) > 1e-3
 
 
+def _autograd_normalised_cosine(x, y):
+    cost = 1.0 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+    return cost / cost.max().clamp_min(1e-12)
+
+
+def test_normalised_cosine_cost_has_autograds_values_and_gradient_without_keeping_the_cost():
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(7, 6, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(L.feature_cost, (x.clone().requires_grad_(True), y.clone().requires_grad_(True)))
+    # a tie for the maximum (the most dissimilar row of x repeated: autograd's max shares the gradient evenly)
+    # and a zero row (F.normalize divides it by 1e-12), against autograd's own ops
+    first = 1.0 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+    x = torch.cat([x, x[int(first.argmax()) // 7][None]])
+    x[2] = 0.0
+    weights = torch.randn(10, 7, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (L.feature_cost, _autograd_normalised_cosine):
+        xs, ys = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        cost = fn(xs, ys)
+        (cost * weights).sum().backward()
+        results.append((cost.detach(), xs.grad, ys.grad))
+    (cost, gx, gy), (cost_ref, gx_ref, gy_ref) = results
+    assert int((cost == cost.max()).sum()) == 2
+    assert torch.allclose(cost, cost_ref, rtol=1e-14, atol=0)
+    assert torch.allclose(gx, gx_ref, rtol=1e-12, atol=1e-12 * float(gx_ref.abs().max()))
+    assert torch.allclose(gy, gy_ref, rtol=1e-12, atol=1e-12)
+    # what backward keeps: only the features and their norms, no N x M matrix (autograd's ops kept the cost)
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = tuple(t.shape)
+        return t
+
+    for fn in (L.feature_cost, _autograd_normalised_cosine):
+        kept.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x.clone().requires_grad_(True), y.clone().requires_grad_(True))
+        shapes = sorted(kept.values())
+        assert ((10, 7) in shapes) == (fn is _autograd_normalised_cosine), shapes
+    # no graph wanted: the plain ops (the same values)
+    with torch.no_grad():
+        assert torch.allclose(L.feature_cost(x, y), cost_ref, rtol=1e-14, atol=0)
+
+
+def test_sinsim_implicit_ot_term_keeps_one_n_by_n_matrix_for_backward():
+    # the bound (at most 2 n x n): the solver's plan, and nothing n x n for the normalised cost
+    n, d = 256, 32
+    h1, h2, z1, z2 = [t.requires_grad_(True) for t in views(n=n, d=d, seed=9)]
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        L.sinsim(h1, h2, z1, z2, beta=0.8, ot_grad="implicit").loss.backward()
+    n_by_n = h1.element_size() * n * n
+    big = sorted(v for v in kept.values() if v >= n_by_n)
+    # NT-Xent's 2n x 2n similarity softmax keeps its own matrices; the OT term adds exactly one n x n
+    simclr = {}
+
+    def pack_simclr(t):
+        simclr[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_simclr, lambda t: t):
+        L.sinsim(h1, h2, z1, z2, beta=0.0).loss
+    base = sorted(v for v in simclr.values() if v >= n_by_n)
+    assert sum(big) - sum(base) == n_by_n, (big, base)
+
+
 def test_sinsim_debiased_divergence_is_zero_for_identical_clouds():
     h1, _, z1, z2 = views(seed=5)
     out = L.sinsim(h1, h1.clone(), z1, z2, beta=1.0, ot_value="divergence", sinkhorn_iters=200)
