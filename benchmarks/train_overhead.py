@@ -121,6 +121,45 @@ def memory(n, d=512, eps=0.05, iters=40):
     return rows
 
 
+def cost_backward(pairs: int = 15, d: int = 512, eps: float = 0.05, iters: int = 40):
+    """SinSim's normalised cosine cost (``feature_cost``, one autograd function) against the same cost written
+    with autograd's ops, alone and with SinSim's implicit OT term after it, forward and backward, in alternating
+    pairs (ratios within a pair, medians), with what each keeps for backward."""
+    import torch.nn.functional as F
+
+    def autograd_ops(x, y):
+        cost = 1.0 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+        return cost / cost.max().clamp_min(1e-12)
+
+    rows = []
+    for n in (256, 512, 1024, 2048):
+        g = torch.Generator().manual_seed(0)
+        h1, h2 = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+        for term in (False, True):
+            def build(fn):
+                x, y = h1.clone().requires_grad_(True), h2.clone().requires_grad_(True)
+                cost = fn(x, y)
+                return sinkhorn(cost, eps=eps, n_iters=iters, grad="implicit").objective() if term else cost.sum()
+
+            kept = {name: saved_bytes(lambda: build(fn))[1] / (n * n * 4)
+                    for name, fn in (("this", feature_cost), ("ops", autograd_ops))}
+            times = {"this": [], "ops": []}
+            for k in range(pairs + 1):  # the first pair warms up
+                for name, fn in ((("this", feature_cost), ("ops", autograd_ops)) if k % 2 == 0 else
+                                 (("ops", autograd_ops), ("this", feature_cost))):
+                    t0 = time.perf_counter()
+                    build(fn).backward()
+                    if k:
+                        times[name].append(time.perf_counter() - t0)
+            ratio = statistics.median(t / o for t, o in zip(times["this"], times["ops"]))
+            rows.append([n, "cost + SinSim's implicit OT term" if term else "cost",
+                         1e3 * statistics.median(times["ops"]), 1e3 * statistics.median(times["this"]), ratio,
+                         kept["ops"], kept["this"]])
+            print(rows[-1], flush=True)
+    return markdown_table(["n", "what", "autograd's ops ms", "feature_cost ms", "time, feature_cost / ops",
+                           "kept (x n*n float32), ops", "kept, feature_cost"], rows)
+
+
 def resnet_goal(rounds: int):
     """Only the goal's case, ResNet-18 at batch 256 (SimCLR, SinSim, GCA-INCE), in ``rounds`` interleaved
     rounds: its steps vary ~15% from round to round on a shared VM, so 7 rounds leave the median ratio a few
@@ -158,6 +197,9 @@ def main():
     mem = memory(512) + memory(2048)
     body += "\n\n### Sinkhorn gradient memory (SinSim's OT term, d = 512, 40 iterations, float32)\n\n"
     body += markdown_table(["n", "gradient", "kept for backward (MiB)", "x n*n float32", "fwd+bwd ms"], mem)
+    body += ("\n\n### SinSim's max-normalised cosine cost: one autograd function vs autograd's ops (d = 512, "
+             "float32, forward + backward, 15 alternating pairs; the implicit OT term at eps 0.05, 40 iterations)\n\n")
+    body += cost_backward()
     record("train_overhead: every method vs SimCLR, per training step", body)
 
 
