@@ -95,6 +95,7 @@ def test_normalised_cosine_cost_has_autograds_values_and_gradient_without_keepin
     x = torch.randn(9, 6, generator=g, dtype=torch.float64)
     y = torch.randn(7, 6, generator=g, dtype=torch.float64)
     assert torch.autograd.gradcheck(L.feature_cost, (x.clone().requires_grad_(True), y.clone().requires_grad_(True)))
+    assert torch.autograd.gradcheck(lambda a: L.feature_cost(a, y), (x.clone().requires_grad_(True),))  # y fixed
     # a tie for the maximum (the most dissimilar row of x repeated: autograd's max shares the gradient evenly)
     # and a zero row (F.normalize divides it by 1e-12), against autograd's own ops
     first = 1.0 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).T

@@ -203,14 +203,15 @@ class _NormalisedCosineCost(torch.autograd.Function):
         xh, yh = x / nx, y / ny
         g_yh = grad @ yh  # (N, D); with dS = -dC, d x_hat = dS y_hat and d y_hat = dS^T x_hat
         gxh = g_yh / -scale
-        gyh = (grad.T @ xh) / -scale
+        gyh = (grad.T @ xh) / -scale if ctx.needs_input_grad[1] else None
         if len(ties):  # d/dm of <G, C / m> = -<G, C> / m^2, shared by the maxima (dC there), <G, C> from G y_hat
             share = -(grad.sum() - (xh * g_yh).sum()) / (scale * scale) / len(ties)
             gxh.index_add_(0, ties[:, 0], yh[ties[:, 1]] * -share)
-            gyh.index_add_(0, ties[:, 1], xh[ties[:, 0]] * -share)
+            if gyh is not None:
+                gyh.index_add_(0, ties[:, 1], xh[ties[:, 0]] * -share)
         # through x_hat = x / max(|x|, 1e-12): (g - x_hat (x_hat . g)) / |x| where |x| > 1e-12, else g / 1e-12
         gx = (gxh - xh * (xh * gxh).sum(1, keepdim=True) * (nx > 1e-12)) / nx if ctx.needs_input_grad[0] else None
-        gy = (gyh - yh * (yh * gyh).sum(1, keepdim=True) * (ny > 1e-12)) / ny if ctx.needs_input_grad[1] else None
+        gy = (gyh - yh * (yh * gyh).sum(1, keepdim=True) * (ny > 1e-12)) / ny if gyh is not None else None
         return gx, gy
 
 
