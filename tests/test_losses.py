@@ -131,10 +131,8 @@ def test_normalised_cosine_cost_has_autograds_values_and_gradient_without_keepin
         assert torch.allclose(L.feature_cost(x, y), cost_ref, rtol=1e-14, atol=0)
 
 
-def test_sinsim_implicit_ot_term_keeps_one_n_by_n_matrix_for_backward():
-    # the issue's bound (at most 2 n x n): the solver's plan, and nothing n x n for the normalised cost
-    n, d = 256, 32
-    h1, h2, z1, z2 = [t.requires_grad_(True) for t in views(n=n, d=d, seed=9)]
+def _kept_bytes(build):
+    """The storages autograd keeps for backward while ``build()`` makes its graph, as {pointer: bytes}."""
     kept = {}
 
     def pack(t):
@@ -142,20 +140,20 @@ def test_sinsim_implicit_ot_term_keeps_one_n_by_n_matrix_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        L.sinsim(h1, h2, z1, z2, beta=0.8, ot_grad="implicit").loss.backward()
+        build()
+    return kept
+
+
+def test_sinsim_implicit_ot_term_keeps_one_n_by_n_matrix_for_backward():
+    # the issue's bound (at most 2 n x n): the solver's plan, and nothing n x n for the normalised cost; NT-Xent's
+    # 2n x 2n softmax keeps its own matrices (beta = 0 builds only those), the OT term adds exactly one n x n
+    n, d = 256, 32
+    h1, h2, z1, z2 = [t.requires_grad_(True) for t in views(n=n, d=d, seed=9)]
     n_by_n = h1.element_size() * n * n
-    big = sorted(v for v in kept.values() if v >= n_by_n)
-    # NT-Xent's 2n x 2n similarity softmax keeps its own matrices; the OT term adds exactly one n x n
-    simclr = {}
-
-    def pack_simclr(t):
-        simclr[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack_simclr, lambda t: t):
-        L.sinsim(h1, h2, z1, z2, beta=0.0).loss
-    base = sorted(v for v in simclr.values() if v >= n_by_n)
-    assert sum(big) - sum(base) == n_by_n, (big, base)
+    big = [v for v in _kept_bytes(lambda: L.sinsim(h1, h2, z1, z2, beta=0.8, ot_grad="implicit")).values()
+           if v >= n_by_n]
+    base = [v for v in _kept_bytes(lambda: L.sinsim(h1, h2, z1, z2, beta=0.0)).values() if v >= n_by_n]
+    assert sum(big) - sum(base) == n_by_n, (sorted(big), sorted(base))
 
 
 def test_sinsim_debiased_divergence_is_zero_for_identical_clouds():
