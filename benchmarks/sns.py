@@ -19,7 +19,11 @@ to the solver moved its iterations and its time.
     .venv/bin/python -m benchmarks.sns --part warm-start
 
 ``--part warm-start`` times SNS from a warm start at 4 eps (``warm_start_factor=4``) against its default
-warm-up at eps, in alternating pairs: fewer iterations, at what time.
+warm-up at eps, in alternating pairs: fewer iterations, at what time. ``--part handover`` times SNS with
+``handover_error`` None (the paper's early handover), 0.02, 0.05 (the default) and 0.1 against the default, in
+rotating rounds: where Sinkhorn should hand over to Newton on this machine.
+
+    .venv/bin/python -m benchmarks.sns --part handover
 """
 from __future__ import annotations
 
@@ -166,11 +170,49 @@ def warm_start(pairs: int = 9, factor: float = 4.0):
            f"capped at {CAP} iterations.\n\n" + markdown_table(header, rows))
 
 
+def handover(pairs: int = 5, settings=(None, 0.02, 0.05, 0.1)):
+    """SNS with each ``handover_error`` in ``settings`` (None: the paper's early handover), in alternating rounds
+    (the order rotating), time ratios against the default's within a round (medians): where Sinkhorn should hand
+    over to Newton on this machine. The default was chosen from this comparison (and the budgets from ad hoc
+    runs), so re-run it on another CPU or a GPU before trusting the default there."""
+    default = inspect.signature(sinkhorn_newton_sparse).parameters["handover_error"].default
+    if default not in settings:
+        settings = (*settings, default)
+    rows = []
+    for name, (cost, a, b) in problems():
+        for eps in (0.01, 0.005, 0.002, 0.001):
+            plain = sinkhorn(cost, eps=eps, n_iters=CAP, tol=1e-6, a=a, b=b, warn=False)
+            times = {h: [] for h in settings}
+            iters = {}
+            for k in range(pairs):
+                for h in settings[k % len(settings):] + settings[:k % len(settings)]:
+                    t0 = time.perf_counter()
+                    res = sinkhorn_newton_sparse(cost, eps=eps, tol=1e-6, a=a, b=b, warn=False, handover_error=h)
+                    times[h].append(time.perf_counter() - t0)
+                    iters[h] = res.n_iters
+            row = [name, eps, plain.n_iters]
+            for h in settings:
+                ratio = statistics.median(t / d for t, d in zip(times[h], times[default]))
+                row += [iters[h], 1e3 * statistics.median(times[h]), ratio]
+            rows.append(row)
+            print(rows[-1], flush=True)
+    header = ["problem", "eps", "Sinkhorn iters"]
+    for h in settings:
+        label = "None (paper)" if h is None else f"{h:g}" + (" (default)" if h == default else "")
+        header += [f"{label}: iters", f"{label}: ms", f"{label}: time / default's"]
+    record("sns --part handover: where Sinkhorn hands over to Newton",
+           f"SNS to L1 error 1e-6 (float64) with `handover_error` in {list(settings)} (None: Newton as soon as "
+           f"Sinkhorn's rate predicts more than `sinkhorn_budget` iterations, the paper's handover), {pairs} rounds "
+           "in rotating order, time ratios against the default's within a round (medians). Sinkhorn's own "
+           f"iterations to 1e-6 (capped at {CAP}) for reference.\n\n" + markdown_table(header, rows))
+
+
 def main():
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sns")
     parser.add_argument("--against", metavar="REV", help="time this checkout's SNS against git revision REV's")
-    parser.add_argument("--part", choices=("main", "warm-start"), default="main",
-                        help="warm-start: SNS from a warm start at 4 eps vs from eps, paired")
+    parser.add_argument("--part", choices=("main", "warm-start", "handover"), default="main",
+                        help="warm-start: SNS from a warm start at 4 eps vs from eps, paired; handover: SNS with "
+                             "handover_error None, 0.02, 0.05, 0.1, paired against the default")
     args = parser.parse_args()
     if args.against and args.part != "main":
         parser.error(f"--against and --part {args.part} are separate runs: give one of them")
@@ -179,6 +221,8 @@ def main():
         return against(args.against)
     if args.part == "warm-start":
         return warm_start()
+    if args.part == "handover":
+        return handover()
     rows = []
     for name, (cost, a, b) in problems():
         for eps in (0.05, 0.01, 0.005, 0.002, 0.001):
