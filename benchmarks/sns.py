@@ -64,6 +64,24 @@ def digits_pair(i=0, j=1, size=28):
     return c / c.max(), masses[0], masses[1]
 
 
+def rotating_rounds(fns: dict, rounds: int, slow_s: float = float("inf")):
+    """Run the callables of ``fns`` in ``rounds`` rounds, the order rotating from round to round (each runs
+    first, second, ... in turn); at least 2 rounds, fewer than ``rounds`` once a round takes over ``slow_s``.
+    Returns ({name: last result}, {name: [seconds per round]})."""
+    names = list(fns)
+    times = {name: [] for name in names}
+    out = {}
+    for k in range(rounds):
+        start = time.perf_counter()
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            t0 = time.perf_counter()
+            out[name] = fns[name]()
+            times[name].append(time.perf_counter() - t0)
+        if time.perf_counter() - start > slow_s and k >= 1:
+            break
+    return out, times
+
+
 def solve(cost, a, b, eps, rounds: int = ROUNDS, slow_s: float = 2.0):
     """Sinkhorn, SNS and SNS with the paper's fixed warm-up in alternating rounds (the order rotating), each
     time ratio taken within a round and its median reported (medians of separate runs let this machine's
@@ -74,17 +92,7 @@ def solve(cost, a, b, eps, rounds: int = ROUNDS, slow_s: float = 2.0):
         "sns": lambda: sinkhorn(cost, eps=eps, method="sns", tol=1e-6, a=a, b=b, warn=False),
         "fixed": lambda: sinkhorn_newton_sparse(cost, eps=eps, tol=1e-6, a=a, b=b, warn=False, sinkhorn_budget=0),
     }
-    names = list(solvers)
-    times = {name: [] for name in names}
-    out = {}
-    for k in range(rounds):
-        start = time.perf_counter()
-        for name in names[k % 3:] + names[:k % 3]:
-            t0 = time.perf_counter()
-            out[name] = solvers[name]()
-            times[name].append(time.perf_counter() - t0)
-        if time.perf_counter() - start > slow_s and k >= 1:
-            break
+    out, times = rotating_rounds(solvers, rounds, slow_s)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     ratio = {name: statistics.median(p / t for p, t in zip(times["plain"], times[name])) for name in ("sns", "fixed")}
     plain, sns, fixed = out["plain"], out["sns"], out["fixed"]
@@ -182,18 +190,12 @@ def handover(pairs: int = 5, settings=(None, 0.02, 0.05, 0.1)):
     for name, (cost, a, b) in problems():
         for eps in (0.01, 0.005, 0.002, 0.001):
             plain = sinkhorn(cost, eps=eps, n_iters=CAP, tol=1e-6, a=a, b=b, warn=False)
-            times = {h: [] for h in settings}
-            iters = {}
-            for k in range(pairs):
-                for h in settings[k % len(settings):] + settings[:k % len(settings)]:
-                    t0 = time.perf_counter()
-                    res = sinkhorn_newton_sparse(cost, eps=eps, tol=1e-6, a=a, b=b, warn=False, handover_error=h)
-                    times[h].append(time.perf_counter() - t0)
-                    iters[h] = res.n_iters
+            out, times = rotating_rounds({h: (lambda h=h: sinkhorn_newton_sparse(
+                cost, eps=eps, tol=1e-6, a=a, b=b, warn=False, handover_error=h)) for h in settings}, pairs)
             row = [name, eps, plain.n_iters]
             for h in settings:
                 ratio = statistics.median(t / d for t, d in zip(times[h], times[default]))
-                row += [iters[h], 1e3 * statistics.median(times[h]), ratio]
+                row += [out[h].n_iters, 1e3 * statistics.median(times[h]), ratio]
             rows.append(row)
             print(rows[-1], flush=True)
     header = ["problem", "eps", "Sinkhorn iters"]

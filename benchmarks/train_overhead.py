@@ -26,7 +26,7 @@ import time
 import torch
 
 from benchmarks.common import ensure_malloc_env, markdown_table, record
-from benchmarks.ot_solvers import saved_bytes
+from benchmarks.ot_solvers import paired_times, saved_bytes
 from trainables.data import AUGMENTS, augment, load_digits_splits
 from trainables.losses import METHODS, compute_loss, feature_cost
 from trainables.models import build_model
@@ -143,14 +143,8 @@ def cost_backward(pairs: int = 15, d: int = 512, eps: float = 0.05, iters: int =
 
             kept = {name: saved_bytes(lambda: build(fn))[1] / (n * n * 4)
                     for name, fn in (("this", feature_cost), ("ops", autograd_ops))}
-            times = {"this": [], "ops": []}
-            for k in range(pairs + 1):  # the first pair warms up
-                for name, fn in ((("this", feature_cost), ("ops", autograd_ops)) if k % 2 == 0 else
-                                 (("ops", autograd_ops), ("this", feature_cost))):
-                    t0 = time.perf_counter()
-                    build(fn).backward()
-                    if k:
-                        times[name].append(time.perf_counter() - t0)
+            _, times = paired_times({"this": lambda: build(feature_cost).backward(),
+                                     "ops": lambda: build(autograd_ops).backward()}, pairs, slow_s=float("inf"))
             ratio = statistics.median(t / o for t, o in zip(times["this"], times["ops"]))
             rows.append([n, "cost + SinSim's implicit OT term" if term else "cost",
                          1e3 * statistics.median(times["ops"]), 1e3 * statistics.median(times["this"]), ratio,

@@ -1131,7 +1131,7 @@ def sinkhorn_newton_sparse(
                                                         handover)
         else:  # the paper's warm-up at eps (with the budget and handover rules below)
             until = _sinkhorn_while_fast(tol, int(warmup_iters), sinkhorn_budget, handover=handover)
-            longest = int(warmup_iters) + (handover[1] if handover else 0) + 4 * sinkhorn_budget
+            longest = int(warmup_iters) + _sinkhorn_phase_cap(sinkhorn_budget, handover)
             f, g, warm_err, half_steps, p, domain = _iterate(c, a64, b64, eps, 2 * longest, 1.0, 1.0, tol, domain,
                                                              cmin, True, until=until)
         if p is None:
@@ -1385,13 +1385,19 @@ def _warm_start(c: Tensor, a: Tensor, b: Tensor, eps: float, factor: float, iter
     p = _stabilized_kernel(c, f, g, eps)
     if predicted > budget:
         return f, g, math.inf, half_steps, p
-    out = _scale(p, f, g, a, b, eps, 2 * ((handover[1] if handover else 0) + 4 * budget), 1.0, 1.0, tol, True,
+    out = _scale(p, f, g, a, b, eps, 2 * _sinkhorn_phase_cap(budget, handover), 1.0, 1.0, tol, True,
                  rebuild=lambda f_, g_: _stabilized_kernel(c, f_, g_, eps),
                  until=_sinkhorn_while_fast(tol, 1, budget, handover=handover))
     if out is None:  # the scalings left float64: Newton from the warm start (p untouched: _scale only scales
         return f, g, math.inf, half_steps, p  # the kernel in place once it has succeeded)
     f, g, err, more, p = out
     return f, g, err, half_steps + more, p
+
+
+def _sinkhorn_phase_cap(budget: int, handover: Optional[Tuple[float, int]]) -> int:
+    """The most Sinkhorn iterations, beyond the warm-up, that :func:`_sinkhorn_while_fast` is let run before
+    Newton: the handover's reach plus four budgets (the rate can keep predicting ``tol`` within the budget)."""
+    return (handover[1] if handover else 0) + 4 * budget
 
 
 def _sinkhorn_while_fast(tol: float, warmup: int, budget: int, window: int = 3,
