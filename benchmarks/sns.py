@@ -24,6 +24,12 @@ warm-up at eps, in alternating pairs: fewer iterations, at what time. ``--part h
 rotating rounds: where Sinkhorn should hand over to Newton on this machine.
 
     .venv/bin/python -m benchmarks.sns --part handover
+
+``--part steps`` reports where SNS's iterations and time go (``OTResult.newton``), with the paper's fixed warm-up
+and with the default: Sinkhorn iterations + Newton steps (damped, refused), CG products per step, and a Newton
+step's time in Sinkhorn iterations beside the most it may cost for SNS to tie with Sinkhorn.
+
+    .venv/bin/python -m benchmarks.sns --part steps
 """
 from __future__ import annotations
 
@@ -209,12 +215,64 @@ def handover(pairs: int = 5, settings=(None, 0.02, 0.05, 0.1)):
            f"iterations to 1e-6 (capped at {CAP}) for reference.\n\n" + markdown_table(header, rows))
 
 
+def steps(rounds: int = ROUNDS):
+    """Where SNS's iterations and time go (``OTResult.newton``), with the paper's fixed warm-up and with the
+    default handover, beside Sinkhorn's time per iteration (alternating rounds, the order rotating): what a
+    Newton step costs in Sinkhorn iterations on this machine, and how many it may cost for SNS to tie with
+    Sinkhorn. Both decide whether SNS can reach 10x fewer iterations and less time at once."""
+    rows = []
+    for name, (cost, a, b) in problems():
+        for eps in (0.01, 0.005, 0.002, 0.001):
+            newton_s = {"fixed": [], "default": []}
+
+            def sns_run(key, **kw):
+                def run():
+                    res = sinkhorn_newton_sparse(cost, eps=eps, tol=1e-6, a=a, b=b, warn=False, **kw)
+                    newton_s[key].append(res.newton["newton_s"])
+                    return res
+                return run
+
+            out, times = rotating_rounds({
+                "plain": lambda: sinkhorn(cost, eps=eps, n_iters=CAP, tol=1e-6, a=a, b=b, warn=False),
+                "fixed": sns_run("fixed", sinkhorn_budget=0), "default": sns_run("default")}, rounds, slow_s=2.0)
+            plain = out["plain"]
+            per_iter = statistics.median(times["plain"]) / plain.n_iters
+            row = [name, eps, plain.n_iters, 1e3 * per_iter, plain.n_iters / 10]
+            for key in ("fixed", "default"):
+                st, k = out[key].newton, out[key].newton["newton_steps"]
+                step_s = statistics.median(newton_s[key]) / k if k else float("nan")
+                split = f"{st['sinkhorn_iters']:g} + {k}" + (f" ({st['damped_steps']} damped" if k else "") + (
+                    f", {st['failed_steps']} refused)" if st["failed_steps"] else (")" if k else ""))
+                row += [split, st["cg_products"] / k if k else float("nan"), 1e3 * step_s, step_s / per_iter,
+                        statistics.median(p / t for p, t in zip(times["plain"], times[key]))]
+                if key == "fixed":  # the Sinkhorn iterations a Newton step may cost for a tie
+                    row.append((plain.n_iters - st["sinkhorn_iters"]) / k if k else float("nan"))
+            rows.append(row)
+            print(rows[-1], flush=True)
+    header = ["problem", "eps", "Sinkhorn iters", "Sinkhorn ms / iter", "10x: SNS iters at most",
+              "fixed warm-up: iters (Sinkhorn + Newton)", "CG products / step", "ms / Newton step",
+              "Newton step in Sinkhorn iters", "time ratio (Sinkhorn / SNS)",
+              "break-even: Newton step in Sinkhorn iters", "default: iters (Sinkhorn + Newton)", "CG products / step", "ms / Newton step",
+              "Newton step in Sinkhorn iters", "time ratio (Sinkhorn / SNS)"]
+    record("sns --part steps: where SNS's iterations and time go",
+           "SNS to L1 error 1e-6 (float64) with the paper's fixed warm-up (`sinkhorn_budget=0`) and with the "
+           "default handover, beside Sinkhorn (capped at "
+           f"{CAP} iterations), in up to {rounds} rounds in rotating order (2 once a round takes over 2 s), median "
+           "times. From `OTResult.newton`: the Sinkhorn iterations before Newton + the Newton steps (damped: a step "
+           "length below 1; refused: directions without ascent, replaced by Sinkhorn iterations, counted with "
+           "Sinkhorn's), CG's Hessian products per step, and the Newton phase's median time per step taken "
+           "(refused directions included), also in Sinkhorn iterations (Sinkhorn's median time / its iterations). "
+           "Break-even: (Sinkhorn's iterations - the warm-up's) / Newton steps, the most a step may cost for "
+           "the fixed warm-up to tie with Sinkhorn.\n\n" + markdown_table(header, rows))
+
+
 def main():
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sns")
     parser.add_argument("--against", metavar="REV", help="time this checkout's SNS against git revision REV's")
-    parser.add_argument("--part", choices=("main", "warm-start", "handover"), default="main",
+    parser.add_argument("--part", choices=("main", "warm-start", "handover", "steps"), default="main",
                         help="warm-start: SNS from a warm start at 4 eps vs from eps, paired; handover: SNS with "
-                             "handover_error None, 0.02, 0.05, 0.1, paired against the default")
+                             "handover_error None, 0.02, 0.05, 0.1, paired against the default; steps: where "
+                             "SNS's iterations and time go, a Newton step's cost in Sinkhorn iterations")
     args = parser.parse_args()
     if args.against and args.part != "main":
         parser.error(f"--against and --part {args.part} are separate runs: give one of them")
@@ -225,6 +283,8 @@ def main():
         return warm_start()
     if args.part == "handover":
         return handover()
+    if args.part == "steps":
+        return steps()
     rows = []
     for name, (cost, a, b) in problems():
         for eps in (0.05, 0.01, 0.005, 0.002, 0.001):

@@ -1,5 +1,6 @@
 """trainables.ot against POT, the marginals, masking, stability and gradients."""
 import math
+import time
 import warnings
 
 import numpy as np
@@ -393,6 +394,48 @@ def test_sns_falls_back_to_sinkhorn_iterations_when_a_newton_step_gives_no_ascen
         res = sinkhorn_newton_sparse(cost, eps=0.05, tol=1e-9, sinkhorn_budget=0)
     assert res.n_iters == plain.n_iters and res.marginal_error < 1e-9
     assert torch.allclose(res.plan, plain.plan, atol=1e-12, rtol=0)
+    # every iteration is Sinkhorn's; the refused directions are counted apart (1, 2, 4, 8, 16, 16, ...)
+    assert res.newton["sinkhorn_iters"] == res.n_iters and res.newton["newton_steps"] == 0
+    assert res.newton["failed_steps"] >= 2 and res.newton["newton_s"] > 0
+
+
+def test_sns_reports_where_its_iterations_and_time_went(monkeypatch):
+    # OTResult.newton: the Sinkhorn iterations before Newton plus the Newton steps make n_iters; CG's products
+    # are counted (checked against the products _pcg is handed); the Newton phase's time is part of the solve's
+    import trainables.ot as ot_module
+
+    calls = []
+    pcg = ot_module._pcg
+
+    def counting_pcg(matvec, *args, **kwargs):
+        def product(y):
+            calls.append(1)
+            return matvec(y)
+        return pcg(product, *args, **kwargs)
+
+    monkeypatch.setattr(ot_module, "_pcg", counting_pcg)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(200, 2, generator=g, dtype=torch.float64)
+    cost = torch.cdist(x, x + 1.0 + 0.3 * torch.randn(200, 2, generator=g, dtype=torch.float64)) ** 2
+    cost = cost / cost.max()
+    t0 = time.perf_counter()
+    res = sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8, sinkhorn_budget=0)  # the paper's fixed warm-up
+    wall = time.perf_counter() - t0
+    stats = res.newton
+    assert res.marginal_error < 1e-8 and stats["sinkhorn_iters"] == 5 and stats["failed_steps"] == 0
+    assert stats["sinkhorn_iters"] + stats["newton_steps"] == res.n_iters and stats["newton_steps"] >= 3
+    assert 0 <= stats["damped_steps"] < stats["newton_steps"]  # the last steps are full Newton steps
+    assert stats["cg_products"] == len(calls) and stats["cg_products"] >= stats["newton_steps"]
+    assert 0 < stats["newton_s"] < wall
+    # the default hands over later: more Sinkhorn iterations, fewer Newton steps, the same accounting
+    later = sinkhorn(cost, eps=0.003, method="sns", tol=1e-8)
+    assert later.newton["sinkhorn_iters"] > 5 and later.newton["newton_steps"] < stats["newton_steps"]
+    assert later.newton["sinkhorn_iters"] + later.newton["newton_steps"] == later.n_iters
+    # Sinkhorn alone within tol in the warm-up: no Newton phase; plain Sinkhorn reports none
+    easy = sinkhorn_newton_sparse(cost, eps=0.5, tol=1e-8)
+    assert easy.newton["newton_steps"] == 0 and easy.newton["newton_s"] == 0.0
+    assert easy.newton["sinkhorn_iters"] == easy.n_iters
+    assert sinkhorn(cost, eps=0.5, n_iters=50).newton is None
 
 
 def test_sns_scaled_plan_products_schur_diagonal_and_float32_schur_match_the_explicit_plan():

@@ -94,6 +94,12 @@ class OTResult:
         forbidden: whether the cost has forbidden (+inf) pairs; None if not known (then treated as
             possible). Without them the values skip the masking (an isfinite and a where over n x m, 3x the
             product's time: 1.1 of SinSim's 1.2 ms for <P, C> at n = 512).
+        newton: Sinkhorn-Newton-Sparse only (else None): where its iterations and time went, a dict of
+            ``sinkhorn_iters`` (before Newton, and in place of Newton steps without ascent), ``newton_steps``
+            (taken), ``damped_steps`` (of those, with a step length below 1), ``failed_steps`` (directions
+            without ascent, not counted in ``n_iters``), ``cg_products`` (CG's Hessian products, all steps),
+            ``newton_s`` (seconds from the first Newton step's start to the last one's end, failed ones and
+            their Sinkhorn iterations included). ``sinkhorn_iters + newton_steps == n_iters``.
     """
 
     plan: Tensor
@@ -110,6 +116,7 @@ class OTResult:
     domain: str
     grad: str
     forbidden: Optional[bool] = None
+    newton: Optional[dict] = None
 
     def log_plan(self) -> Tensor:
         """log P, shape (..., n, m); -inf on masked pairs."""
@@ -1142,6 +1149,9 @@ def sinkhorn_newton_sparse(
             newton_context.enter_context(_numpy_context(cpu))
             newton_context.enter_context(_flush_subnormals(cpu))
         used = half_steps / 2
+        stats = {"sinkhorn_iters": used, "newton_steps": 0, "damped_steps": 0, "failed_steps": 0,
+                 "cg_products": 0, "newton_s": 0.0}  # OTResult.newton
+        started = time.perf_counter()
         dense = False
         ones_n, ones_m = torch.ones_like(a64), torch.ones_like(b64)
         plan_ = _ScaledPlan(p, mv, cpu)  # the plan, scaled by each Newton step without a pass over it
@@ -1184,11 +1194,17 @@ def sinkhorn_newton_sparse(
             # dividing by ~0, which sent CG's iterates to inf and the direction to NaN
             inv_diag = torch.where(schur_diag > 1e-12 * col, eps / schur_diag, 0.0)
             rhs, cg_tol_now = grad_g - prod_cols(grad_f / r_pos), min(cg_tol, math.sqrt(err))
+            product = schur if schur is not None else schur64
+
+            def counted(y):
+                stats["cg_products"] += 1
+                return product(y)
+
             if schur is not None:
-                d_g = torch.from_numpy(_pcg(schur, rhs.numpy(), inv_diag.numpy(), tol=cg_tol_now,
+                d_g = torch.from_numpy(_pcg(counted, rhs.numpy(), inv_diag.numpy(), tol=cg_tol_now,
                                             max_iter=cg_max_iter))
             else:
-                d_g = _pcg(schur64, rhs, inv_diag, tol=cg_tol_now, max_iter=cg_max_iter)
+                d_g = _pcg(counted, rhs, inv_diag, tol=cg_tol_now, max_iter=cg_max_iter)
             d_f = (eps * grad_f - prod_rows(d_g)) / r_pos
             # L is invariant along (1, -1): drop that component, which the sparsified Hessian (no longer
             # exactly singular there) can blow up, and which would only push exp(f/eps) out of range
@@ -1225,6 +1241,7 @@ def sinkhorn_newton_sparse(
                 # Sinkhorn iterations instead, which always ascend; 1, 2, 4, ... up to 16 after consecutive
                 # failures (a failed attempt costs up to cg_max_iter CG products and a line search)
                 failures += 1
+                stats["failed_steps"] += 1
                 out = _scale(plan_.plan(), f, g, a64, b64, eps, 2 * min(2 ** (failures - 1), 16), 1.0, 1.0, tol,
                              True, rebuild=lambda f_, g_: _stabilized_kernel(c, f_, g_, eps))
                 if out is None:  # the scalings left float64: keep the plan reached so far
@@ -1232,14 +1249,19 @@ def sinkhorn_newton_sparse(
                 f, g, _, half_steps, p = out
                 plan_.reset(p)
                 used += half_steps / 2
+                stats["sinkhorn_iters"] += half_steps / 2
                 continue
             failures = 0
             used += 1
+            stats["newton_steps"] += 1
+            stats["damped_steps"] += step < 1.0
             f, g = f + step * d_f, g + step * d_g
             if step * reach <= 30.0:  # the new plan is the old one scaled
                 plan_.scale(torch.exp(step * d_f / eps), torch.exp(step * d_g / eps))
             else:
                 plan_.reset(_stabilized_kernel(c, f, g, eps))
+        if stats["newton_steps"] or stats["failed_steps"]:
+            stats["newton_s"] = time.perf_counter() - started
         p = plan_.plan()
     f, g = f.to(cost.dtype), g.to(cost.dtype)
     if cost.requires_grad and torch.is_grad_enabled():  # the envelope gradient flows through the cost
@@ -1254,7 +1276,8 @@ def sinkhorn_newton_sparse(
         warnings.warn(f"sinkhorn_newton_sparse did not converge: marginal error {err:.3e} > tol {tol:.1e} "
                       f"after {used:g} iterations (eps={eps:g})", SinkhornNotConvergedWarning, stacklevel=2)
     return OTResult(plan=plan, f=f, g=g, cost=cost, eps=eps, a=a, b=b, uot_lambda1=None, uot_lambda2=None,
-                    marginal_error=err, n_iters=used, domain=domain, grad="implicit", forbidden=forbidden)
+                    marginal_error=err, n_iters=used, domain=domain, grad="implicit", forbidden=forbidden,
+                    newton=stats)
 
 
 class _ScaledPlan:
