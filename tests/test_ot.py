@@ -545,6 +545,36 @@ def test_sns_converges_on_near_permutation_plans_where_sinkhorn_crawls(seed, eps
     assert float((res.plan - plain.plan).abs().sum()) < 2e-3  # the same optimum, nearer to it
 
 
+def test_sns_sparsified_hessian_in_scipy_gives_the_steps_of_torchs_csr(monkeypatch):
+    # a near-permutation plan keeps ~1-2 entries a row: SNS's Newton steps run on the sparsified Hessian,
+    # on a CPU as scipy CSR matrices with CG in numpy; torch's CSR tensors (the path on a GPU) give the same
+    # steps and plan
+    import trainables.ot as ot_module
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(128, 32, generator=g, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(x + 0.3 * torch.randn(128, 32, generator=g, dtype=torch.float64), dim=1)
+    cost = 1 - x @ y.T
+    paths = []
+    hessian = ot_module._KeptEntries.hessian
+
+    def spy(self, *args):
+        paths.append((self.scipy_csr, self.count))
+        return hessian(self, *args)
+
+    monkeypatch.setattr(ot_module._KeptEntries, "hessian", spy)
+    scipy_res = sinkhorn_newton_sparse(cost, eps=0.002, tol=1e-8, handover_error=None)
+    scipy_paths, paths[:] = list(paths), []
+    monkeypatch.setattr(ot_module, "_SPARSE_SCIPY", False)
+    torch_res = sinkhorn_newton_sparse(cost, eps=0.002, tol=1e-8, handover_error=None)
+    assert len(scipy_paths) >= 5 and all(on and count < 0.05 * 128 * 128 for on, count in scipy_paths)
+    assert [count for _, count in paths] == [count for _, count in scipy_paths] and not any(on for on, _ in paths)
+    assert scipy_res.marginal_error < 1e-8 and torch_res.marginal_error < 1e-8
+    assert scipy_res.newton["newton_steps"] == torch_res.newton["newton_steps"]
+    assert abs(scipy_res.newton["cg_products"] - torch_res.newton["cg_products"]) <= 2
+    assert torch.allclose(scipy_res.plan, torch_res.plan, rtol=0, atol=1e-10)
+
+
 def test_sns_stays_with_sinkhorn_while_its_rate_predicts_convergence_within_the_budget():
     # eps = 0.05: Sinkhorn's error falls by a steady factor per iteration and reaches 1e-10 in ~21 iterations,
     # fewer than the cost of a few Newton steps: SNS is then exactly Sinkhorn (same iterations, same plan)
