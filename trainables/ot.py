@@ -1457,9 +1457,11 @@ _SPARSE_SCIPY = True  # on a CPU, the sparsified Hessian in scipy (tests set Fal
 class _KeptEntries:
     """The entries of SNS's plan kept in the sparsified Hessian (``keep``, a boolean n x m mask) and the
     Newton system built from them. On a CPU (``scipy_csr``) the CSR pair is scipy's and CG runs in numpy: a
-    Schur product (two CSR products and the vector ops) took 8.5 us against torch's 19 us, the pair 113 us
+    Schur product (two sparse products and the vector ops) took 8.5 us against torch's 19 us, the pair 113 us
     against 195 us to build (near-permutation cosine plan, n = 512, 1,360 kept entries; scipy's transpose
-    converts in O(nnz) where torch's needed an argsort). Elsewhere torch's CSR tensors (a GPU)."""
+    converts in O(nnz) where torch's needed an argsort; now the transpose is used as the CSC view it is, and the
+    Schur diagonal is one ``bincount``: 49 us against 105 us with ``tocsr`` and ``multiply``). Elsewhere torch's
+    CSR tensors (a GPU)."""
 
     def __init__(self, keep: Tensor, scipy_csr: bool):
         self.keep, self.scipy_csr = keep, scipy_csr
@@ -1484,10 +1486,12 @@ class _KeptEntries:
 
         n, m = p.shape
         indptr = np.searchsorted(self.flat, np.arange(n + 1, dtype=np.int64) * m)  # row starts
-        off = scipy.sparse.csr_matrix((p.numpy().ravel()[self.flat], self.flat % m, indptr), shape=(n, m))
-        off_t = off.T.tocsr()
+        values, cols = p.numpy().ravel()[self.flat], self.flat % m
+        off = scipy.sparse.csr_matrix((values, cols, indptr), shape=(n, m), copy=False)
+        off_t = off.T  # CSC, no conversion: its products cost what CSR's do
         r_, col_ = r.numpy(), col.numpy()
-        schur_diag = col - torch.from_numpy(off_t.multiply(off_t) @ (1.0 / r_))
+        schur_diag = col - torch.from_numpy(np.bincount(cols, weights=values * values / r_[self.flat // m],
+                                                        minlength=m))
 
         def schur(y):
             return (col_ * y - off_t @ ((off @ y) / r_)) / eps
