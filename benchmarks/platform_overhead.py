@@ -21,13 +21,17 @@ are separated. The projected ratio for a longer study follows from the two.
     .venv/bin/python -m benchmarks.platform_overhead --part head [--pairs P]
     .venv/bin/python -m benchmarks.platform_overhead --part against --against REV [--pairs P]
     .venv/bin/python -m benchmarks.platform_overhead --part actor [--pairs P]
+    .venv/bin/python -m benchmarks.platform_overhead --part trace [--epochs E]
 
 ``--part head`` compares, pair by pair, a 1-trial study started with Ray's full head
 (``OTSTUDY_RAY_FULL_HEAD=1``: its API server and autoscaler monitor) and with otstudy's lean one.
 ``--part against`` compares, pair by pair, this checkout's `otstudy run` with git revision REV's on a
 1-trial study and on 2 trials run 2 at a time (1 epoch each): the time to the first trial's first line
 and the wall time. ``--part actor`` times a trial's actor started with Tune's runtime env against one
-started without (as otstudy's local cluster does), pair by pair.
+started without (as otstudy's local cluster does), pair by pair. ``--part trace`` runs the 4 trials 2 at a time
+once and reads every process's CPU time from /proc every 0.25 s: the CPU seconds of the driver, the trial
+workers, Ray's processes and the rest of the machine from the command to the first trial's line, their shares
+of the cores while the trials run, and after the last result.
 """
 from __future__ import annotations
 
@@ -345,15 +349,144 @@ def against_pairs(rev: str, pairs: int) -> None:
            head + markdown_table(["pair", *names], rows))
 
 
+RAY_PROCESSES = ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env", "agent", "ray::",
+                 "default_worker.py", "monitor.py", "setup_worker.py")
+
+
+def _cpu_seconds(pid: str) -> Optional[float]:
+    """User + system CPU seconds of process ``pid`` so far (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _command_line(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def trace(epochs: int) -> None:
+    """One `otstudy run` of the 4 trials, 2 at a time, with every process's CPU time read from /proc every
+    0.25 s: where the CPU goes while the study starts (to the first trial's line), while the trials run,
+    and after the last result, by group (the driver, the trial workers, Ray's own processes, the rest of
+    the machine, this sampler). On 2 cores the start is CPU-bound and anything beside the trials takes
+    from them; the groups say how much."""
+    import re
+    import threading
+
+    samples: dict = {}  # pid -> [(s since the command, CPU s)]
+    names: dict = {}
+    events: dict = {}
+    trial_pids: set = set()
+    with tempfile.TemporaryDirectory() as d:
+        study = spec(epochs, 2, "trace")
+        f = Path(d) / "trace.yaml"
+        f.write_text(yaml.safe_dump(study))
+        before = {pid for pid in os.listdir("/proc") if pid.isdigit()}
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "otstudy"), "run", str(f), "--storage", d],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        def read():
+            for line in proc.stdout:
+                now = time.perf_counter() - t0
+                if "[otstudy trial]" in line:
+                    events.setdefault("first trial line", now)
+                    trial_pids.update(re.findall(r"pid=(\d+)", line))
+                if ": completed," in line:
+                    events["last trial completed"] = now
+                if "Configuration for experiment" in line:
+                    events.setdefault("Tune's set-up printed", now)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        while True:
+            now = time.perf_counter() - t0
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    cpu = _cpu_seconds(pid)
+                    if cpu is not None:
+                        if pid not in names:
+                            names[pid] = _command_line(pid)
+                        samples.setdefault(pid, []).append((now, cpu))
+            if proc.poll() is not None:
+                break
+            time.sleep(0.25)
+        reader.join(timeout=5)
+        if proc.returncode != 0:
+            raise RuntimeError(f"otstudy run failed with exit code {proc.returncode}")
+        events["exit"] = time.perf_counter() - t0
+    if "first trial line" not in events or "last trial completed" not in events:
+        raise RuntimeError("the study printed no trial line or no completed trial: nothing to trace")
+
+    def group(pid: str) -> str:
+        if pid == str(proc.pid):
+            return "the driver (otstudy run)"
+        if pid in trial_pids:
+            return "the trial workers (2)"
+        if pid == str(os.getpid()):
+            return "this sampler"
+        if any(k in names[pid] for k in RAY_PROCESSES) and pid not in before:
+            return "Ray's processes (raylet, GCS, agents, log monitor, idle workers)"
+        return "the rest of the machine"
+
+    def cpu_at(pid: str, t: float) -> float:  # the last reading at or before t (0 before a new process ran)
+        base = samples[pid][0][1] if pid in before else 0.0
+        value = base
+        for when, cpu in samples[pid]:
+            if when > t:
+                break
+            value = cpu
+        return value - base
+
+    start, trials_from, trials_to = 0.0, events["first trial line"] + 1.0, events["last trial completed"]
+    windows = [("start: the command to the first trial's line", start, events["first trial line"]),
+               ("the trials running (from 1 s after the first trial's line to the last completed)",
+                trials_from, trials_to), ("after the last result, to the exit", trials_to, events["exit"])]
+    totals: dict = {}
+    for pid in samples:
+        g = group(pid)
+        per = totals.setdefault(g, [0.0] * len(windows))
+        for k, (_, lo, hi) in enumerate(windows):
+            per[k] += cpu_at(pid, hi) - cpu_at(pid, lo)
+    order = ["the driver (otstudy run)", "the trial workers (2)",
+             "Ray's processes (raylet, GCS, agents, log monitor, idle workers)", "the rest of the machine",
+             "this sampler"]
+    rows = []
+    for g in order:
+        per = totals.get(g, [0.0] * len(windows))
+        rows.append([g, f"{per[0]:.2f}", f"{100 * per[1] / (trials_to - trials_from):.1f}", f"{per[2]:.2f}"])
+    cores = os.cpu_count() or 1
+    spans = [hi - lo for _, lo, hi in windows]
+    alls = [sum(t[k] for t in totals.values()) for k in range(len(windows))]
+    rows.append([f"all ({cores} cores: at most {cores} CPU-s a second)", f"{alls[0]:.2f}",
+                 f"{100 * alls[1] / spans[1]:.1f}", f"{alls[2]:.2f}"])
+    timeline = [[k, f"{v:.2f}"] for k, v in sorted(events.items(), key=lambda kv: kv[1])]
+    record("platform_overhead --part trace: where the CPU goes in a 2-at-a-time study",
+           f"One `otstudy run` of the 4 trials x {epochs} epochs, 2 at a time (Ray started by the command), every "
+           "process's user + system CPU time read from /proc every 0.25 s (this sampler's own share is its row), "
+           f"grouped. Windows: the start ({spans[0]:.1f} s), the trials ({spans[1]:.1f} s), the end "
+           f"({spans[2]:.1f} s).\n\n" + markdown_table(["event", "s from the command"], timeline) + "\n\n"
+           + markdown_table(["process group", "CPU s in the start", "% of a core while the trials run",
+                             "CPU s after the last result"], rows))
+
+
 def main():
     ensure_malloc_env()
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--rounds", type=int, default=3, help="every runner once per round; medians over rounds")
-    p.add_argument("--part", choices=("study", "head", "against", "actor"), default="study",
+    p.add_argument("--part", choices=("study", "head", "against", "actor", "trace"), default="study",
                    help="study: otstudy vs plain loops (default); head: Ray's full head vs the lean one, paired; "
                         "against: this checkout vs git revision --against, paired; actor: a trial's actor "
-                        "with Tune's runtime env vs without, paired")
+                        "with Tune's runtime env vs without, paired; trace: where the CPU goes in one "
+                        "2-at-a-time study (/proc, by process group)")
     p.add_argument("--pairs", type=int, default=8, help="--part head / against / actor: pairs of runs")
     p.add_argument("--against", metavar="REV", help="--part against: the git revision to compare with")
     args = p.parse_args()
@@ -369,6 +502,9 @@ def main():
         return
     if args.part == "actor":
         actor_pairs(args.pairs)
+        return
+    if args.part == "trace":
+        trace(args.epochs)
         return
     rounds = []
     for i in range(args.rounds):
