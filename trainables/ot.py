@@ -1457,12 +1457,11 @@ _SPARSE_SCIPY = True  # on a CPU, the sparsified Hessian in scipy (tests set Fal
 
 class _KeptEntries:
     """The entries of SNS's plan kept in the sparsified Hessian (``keep``, a boolean n x m mask) and the
-    Newton system built from them. On a CPU (``scipy_csr``) the CSR pair is scipy's and CG runs in numpy: a
-    Schur product (two sparse products and the vector ops) took 8.5 us against torch's 19 us, the pair 113 us
-    against 195 us to build (near-permutation cosine plan, n = 512, 1,360 kept entries; scipy's transpose
-    converts in O(nnz) where torch's needed an argsort; now the transpose is used as the CSC view it is, and the
-    Schur diagonal is one ``bincount``: 49 us against 105 us with ``tocsr`` and ``multiply``). Elsewhere torch's
-    CSR tensors (a GPU)."""
+    Newton system built from them. On a CPU (``scipy_csr``) P_s is a scipy CSR matrix, P_s^T its CSC view
+    (no conversion), the Schur diagonal one ``bincount``, and CG runs in numpy. Near-permutation cosine plan,
+    n = 512, 1,360 kept entries: a Schur product (two sparse products and the vector ops) 8.5 us against 19 us
+    with torch's CSR tensors, the pair and the diagonal 49 us to build against 195 us (torch's transpose needs
+    an argsort; scipy's ``tocsr`` and ``multiply`` had taken 105 us). Elsewhere (a GPU) torch's CSR tensors."""
 
     def __init__(self, keep: Tensor, scipy_csr: bool):
         self.keep, self.scipy_csr = keep, scipy_csr
