@@ -173,6 +173,9 @@ def test_sinsim_can_solve_its_plans_by_sns_to_convergence():
     run(small(epochs=1, ot_solver="sns", eps=0.01), rec)
     last = [m for m in rec.metrics if "ot_marginal_err" in m][-1]
     assert last["ot_marginal_err"] <= 1e-6 and math.isfinite(last["train_loss"])
+    # at eps 0.01 the features' plans take Newton steps: their mean per training step is logged beside the
+    # iterations they are part of
+    assert 0 < last["ot_newton_steps"] < last["ot_iters"]
 
 
 def test_batch_larger_than_dataset_is_an_error():

@@ -289,9 +289,11 @@ def sinsim(h1, h2, z1, z2, *, tau: float = 0.5, beta: float = 0.8, eps: float = 
             solved = [_timed_solve(cost=c, eps=eps, method="sns", tol=1e-6, warn=False) for c in
                       (cost if cost.dim() == 3 else cost[None])]
             w = torch.stack([r.objective() for r, _ in solved]).reshape(cost.shape[:-2])
-            # as for the batched Sinkhorn solve: the worst error, the most iterations, the total time
+            # as for the batched Sinkhorn solve: the worst error, the most iterations, the total time; and of
+            # those iterations, the most that were Newton steps (OTResult.newton)
             ot_parts = {"ot_marginal_err": max(float(r.marginal_error) for r, _ in solved),
                         "ot_iters": float(max(r.n_iters for r, _ in solved)),
+                        "ot_newton_steps": float(max(r.newton["newton_steps"] for r, _ in solved)),
                         "ot_time_ms": sum(t for _, t in solved)}
         else:
             res, ms = _timed_solve(cost=cost, eps=eps, n_iters=sinkhorn_iters, grad=ot_grad)
