@@ -215,6 +215,14 @@ def handover(pairs: int = 5, settings=(None, 0.02, 0.05, 0.1)):
            f"iterations to 1e-6 (capped at {CAP}) for reference.\n\n" + markdown_table(header, rows))
 
 
+def _split(stats: dict) -> str:
+    """'Sinkhorn iterations + Newton steps (damped, refused)' from ``OTResult.newton``."""
+    notes = [f"{stats['damped_steps']} damped"] if stats["newton_steps"] else []
+    if stats["failed_steps"]:
+        notes.append(f"{stats['failed_steps']} refused")
+    return f"{stats['sinkhorn_iters']:g} + {stats['newton_steps']}" + (f" ({', '.join(notes)})" if notes else "")
+
+
 def steps(rounds: int = ROUNDS):
     """Where SNS's iterations and time go (``OTResult.newton``), with the paper's fixed warm-up and with the
     default handover, beside Sinkhorn's time per iteration (alternating rounds, the order rotating): what a
@@ -241,9 +249,7 @@ def steps(rounds: int = ROUNDS):
             for key in ("fixed", "default"):
                 st, k = out[key].newton, out[key].newton["newton_steps"]
                 step_s = statistics.median(newton_s[key]) / k if k else float("nan")
-                split = f"{st['sinkhorn_iters']:g} + {k}" + (f" ({st['damped_steps']} damped" if k else "") + (
-                    f", {st['failed_steps']} refused)" if st["failed_steps"] else (")" if k else ""))
-                row += [split, st["cg_products"] / k if k else float("nan"), 1e3 * step_s, step_s / per_iter,
+                row += [_split(st), st["cg_products"] / k if k else float("nan"), 1e3 * step_s, step_s / per_iter,
                         statistics.median(p / t for p, t in zip(times["plain"], times[key]))]
                 if key == "fixed":  # the Sinkhorn iterations a Newton step may cost for a tie
                     row.append((plain.n_iters - st["sinkhorn_iters"]) / k if k else float("nan"))
@@ -252,8 +258,8 @@ def steps(rounds: int = ROUNDS):
     header = ["problem", "eps", "Sinkhorn iters", "Sinkhorn ms / iter", "10x: SNS iters at most",
               "fixed warm-up: iters (Sinkhorn + Newton)", "CG products / step", "ms / Newton step",
               "Newton step in Sinkhorn iters", "time ratio (Sinkhorn / SNS)",
-              "break-even: Newton step in Sinkhorn iters", "default: iters (Sinkhorn + Newton)", "CG products / step", "ms / Newton step",
-              "Newton step in Sinkhorn iters", "time ratio (Sinkhorn / SNS)"]
+              "break-even: Newton step in Sinkhorn iters", "default: iters (Sinkhorn + Newton)", "CG products / step",
+              "ms / Newton step", "Newton step in Sinkhorn iters", "time ratio (Sinkhorn / SNS)"]
     record("sns --part steps: where SNS's iterations and time go",
            "SNS to L1 error 1e-6 (float64) with the paper's fixed warm-up (`sinkhorn_budget=0`) and with the "
            "default handover, beside Sinkhorn (capped at "
