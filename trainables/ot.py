@@ -1153,8 +1153,8 @@ def sinkhorn_newton_sparse(
             newton_context.enter_context(_numpy_context(cpu))
             newton_context.enter_context(_flush_subnormals(cpu))
         used = half_steps / 2
-        stats = {"sinkhorn_iters": used, "newton_steps": 0, "damped_steps": 0, "failed_steps": 0,
-                 "cg_products": 0, "newton_s": 0.0}  # OTResult.newton
+        stats = {"newton_steps": 0, "damped_steps": 0, "failed_steps": 0, "cg_products": 0,
+                 "newton_s": 0.0}  # OTResult.newton (its sinkhorn_iters: the rest of n_iters)
         started = time.perf_counter()
         dense = False
         ones_n, ones_m = torch.ones_like(a64), torch.ones_like(b64)
@@ -1182,10 +1182,6 @@ def sinkhorn_newton_sparse(
                 prod_rows, prod_cols, schur_diag, schur = kept.hessian(p, col, r_pos, eps)
                 del kept
 
-            def schur64(y):
-                # (1/eps) (diag(col) - P_s^T diag(1/r) P_s) y: the Newton system with d_f eliminated
-                return (col * y - prod_cols(prod_rows(y) / r_pos)) / eps
-
             # M d = grad (Newton ascent step for the concave L) via its Schur complement in d_g, inexact,
             # Jacobi preconditioned; then d_f from the first block row
             # a column whose Schur diagonal vanishes (all its kept mass comes from rows that send it all
@@ -1194,7 +1190,7 @@ def sinkhorn_newton_sparse(
             # dividing by ~0, which sent CG's iterates to inf and the direction to NaN
             inv_diag = torch.where(schur_diag > 1e-12 * col, eps / schur_diag, 0.0)
             rhs, cg_tol_now = grad_g - prod_cols(grad_f / r_pos), min(cg_tol, math.sqrt(err))
-            product = schur if schur is not None else schur64
+            product = schur if schur is not None else _schur_product(col, prod_rows, prod_cols, r_pos, eps)
 
             def counted(y):
                 stats["cg_products"] += 1
@@ -1249,7 +1245,6 @@ def sinkhorn_newton_sparse(
                 f, g, _, half_steps, p = out
                 plan_.reset(p)
                 used += half_steps / 2
-                stats["sinkhorn_iters"] += half_steps / 2
                 continue
             failures = 0
             used += 1
@@ -1262,6 +1257,7 @@ def sinkhorn_newton_sparse(
                 plan_.reset(_stabilized_kernel(c, f, g, eps))
         if stats["newton_steps"] or stats["failed_steps"]:
             stats["newton_s"] = time.perf_counter() - started
+        stats["sinkhorn_iters"] = used - stats["newton_steps"]
         p = plan_.plan()
     f, g = f.to(cost.dtype), g.to(cost.dtype)
     if cost.requires_grad and torch.is_grad_enabled():  # the envelope gradient flows through the cost
@@ -1491,12 +1487,15 @@ class _KeptEntries:
         off_t = off.T  # CSC, no conversion: its products cost what CSR's do
         r_, col_ = r.numpy(), col.numpy()
         schur_diag = col - torch.from_numpy(np.bincount(cols, weights=values * values / r_[flat // m], minlength=m))
-
-        def schur(y):
-            return (col_ * y - off_t @ ((off @ y) / r_)) / eps
-
         return (lambda y: torch.from_numpy(off @ y.numpy()), lambda x: torch.from_numpy(off_t @ x.numpy()),
-                schur_diag, schur)
+                schur_diag, _schur_product(col_, off.__matmul__, off_t.__matmul__, r_, eps))
+
+
+def _schur_product(col, rows, cols, r, eps: float):
+    """``y -> (diag(col) - P^T diag(1/r) P) y / eps`` from ``rows(y) = P y`` and ``cols(x) = P^T x``: SNS's
+    Newton system with d_f eliminated, for torch tensors or numpy arrays alike (the dense CPU path's float32
+    version is :meth:`_ScaledPlan.float32_schur`)."""
+    return lambda y: (col * y - cols(rows(y) / r)) / eps
 
 
 def _csr_pair(p: Tensor, keep: Tensor, rows_nnz: Tensor):
