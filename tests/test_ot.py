@@ -547,8 +547,8 @@ def test_sns_converges_on_near_permutation_plans_where_sinkhorn_crawls(seed, eps
 
 def test_sns_sparsified_hessian_in_scipy_gives_the_steps_of_torchs_csr(monkeypatch):
     # a near-permutation plan keeps ~1-2 entries a row: SNS's Newton steps run on the sparsified Hessian,
-    # on a CPU as scipy CSR matrices with CG in numpy; torch's CSR tensors (the path on a GPU) give the same
-    # steps and plan
+    # on a CPU as scipy CSR matrices with CG and the step's vectors in numpy; torch's CSR tensors and vectors
+    # (the path on a GPU) give the same steps and plan
     import trainables.ot as ot_module
 
     g = torch.Generator().manual_seed(0)
@@ -565,7 +565,7 @@ def test_sns_sparsified_hessian_in_scipy_gives_the_steps_of_torchs_csr(monkeypat
     monkeypatch.setattr(ot_module._KeptEntries, "hessian", spy)
     scipy_res = sinkhorn_newton_sparse(cost, eps=0.002, tol=1e-8, handover_error=None)
     scipy_paths, paths[:] = list(paths), []
-    monkeypatch.setattr(ot_module, "_SPARSE_SCIPY", False)
+    monkeypatch.setattr(ot_module, "_NEWTON_NUMPY", False)
     torch_res = sinkhorn_newton_sparse(cost, eps=0.002, tol=1e-8, handover_error=None)
     assert len(scipy_paths) >= 5 and all(on and count < 0.05 * 128 * 128 for on, count in scipy_paths)
     assert [count for _, count in paths] == [count for _, count in scipy_paths] and not any(on for on, _ in paths)
@@ -575,6 +575,39 @@ def test_sns_sparsified_hessian_in_scipy_gives_the_steps_of_torchs_csr(monkeypat
     products = scipy_res.newton["cg_products"], torch_res.newton["cg_products"]
     assert abs(products[0] - products[1]) <= 0.02 * products[1]
     assert torch.allclose(scipy_res.plan, torch_res.plan, rtol=0, atol=1e-10)
+
+
+def test_sns_newton_phase_in_numpy_takes_the_steps_of_torchs_on_a_dense_plan(monkeypatch):
+    # 2-D clouds at eps 0.005 give a diffuse plan: the exact (dense) Hessian, CG by its float32 copy. On a CPU
+    # the step's vectors are numpy arrays and the next rows come from the line search's product; torch's
+    # vectors (the path on a GPU, forced here) take the same steps to the same plan
+    import trainables.ot as ot_module
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(160, 2, generator=g, dtype=torch.float64), torch.randn(160, 2, generator=g, dtype=torch.float64)
+    cost = torch.cdist(x, y + 1.0) ** 2
+    cost = cost / cost.max()
+    dense = []
+    kept = ot_module._KeptEntries.__init__
+
+    def spy(self, keep, scipy_csr):
+        kept(self, keep, scipy_csr)
+        dense.append((scipy_csr, self.count > 0.05 * 160 * 160))
+
+    monkeypatch.setattr(ot_module._KeptEntries, "__init__", spy)
+    np_res = sinkhorn_newton_sparse(cost, eps=0.005, tol=1e-9, sinkhorn_budget=0)
+    monkeypatch.setattr(ot_module, "_NEWTON_NUMPY", False)
+    torch_res = sinkhorn_newton_sparse(cost, eps=0.005, tol=1e-9, sinkhorn_budget=0)
+    assert dense == [(True, True), (False, True)]  # dense from the first step, each path once
+    assert np_res.marginal_error < 1e-9 and torch_res.marginal_error < 1e-9
+    assert np_res.newton["newton_steps"] == torch_res.newton["newton_steps"] >= 4
+    assert np_res.newton["damped_steps"] == torch_res.newton["damped_steps"]
+    assert abs(np_res.newton["cg_products"] - torch_res.newton["cg_products"]) <= 1
+    # the same iterates: the last step's error (~2e-11) agrees to 1% (a preconditioner 0.3 col off in one path
+    # took the same steps and products but ended at 4.7e-12)
+    assert abs(np_res.marginal_error - torch_res.marginal_error) <= 0.01 * torch_res.marginal_error
+    assert torch.allclose(np_res.plan, torch_res.plan, rtol=0, atol=1e-12)
+    assert torch.allclose(np_res.f, torch_res.f, rtol=0, atol=1e-9)
 
 
 def test_sns_stays_with_sinkhorn_while_its_rate_predicts_convergence_within_the_budget():

@@ -981,6 +981,12 @@ def sinkhorn_newton_sparse(
       near-permutation plans, which stay sparse, took 0.72-0.84x the time of
       torch's CSR tensors (``benchmarks.sns --against 9265d81``, the same iterations),
       then 0.91-0.94x that with the transpose as a CSC view (``--against c593453``).
+      On a CPU the whole Newton phase's vectors (potentials, marginals, directions, the line search) are
+      numpy arrays too, zero-copy views, the n x m products still by torch (``_NEWTON_NUMPY``): torch's
+      ops on n = 512 vectors cost ~1-10 us each against numpy's 0.4-2.5 us, which at ~60 such ops a step
+      made them a fifth of it. And a step's line search gives the next step's row sums for free
+      (``x * (P y)``, P y being its product). Together 0.84-0.97x the time of every Newton solve of
+      ``benchmarks.sns`` (``--against 66b540d``, Intel Xeon: the same iterations and errors).
     * The Newton system is solved through its Schur complement
       :math:`(\mathrm{diag}(P^\top 1) - P_s^\top \mathrm{diag}(1/P1) P_s)\,d_g = \ldots`
       (d_f eliminated), by conjugate gradients preconditioned with that matrix's
@@ -1157,20 +1163,28 @@ def sinkhorn_newton_sparse(
                  "newton_s": 0.0}  # OTResult.newton (its sinkhorn_iters: the rest of n_iters)
         started = time.perf_counter()
         dense = False
-        ones_n, ones_m = torch.ones_like(a64), torch.ones_like(b64)
-        plan_ = _ScaledPlan(p, mv, cpu)  # the plan, scaled by each Newton step without a pass over it
+        # the Newton phase's vectors: numpy arrays on a CPU (views, no copies), torch tensors elsewhere
+        on_np = cpu and _NEWTON_NUMPY
+        xp = _xp(on_np)
+        a_, b_, f, g = (x.numpy() if on_np else x for x in (a64, b64, f, g))
+        ones_n, ones_m = xp.ones_like(a_), xp.ones_like(b_)
+        plan_ = _ScaledPlan(p, mv, cpu, on_np)  # the plan, scaled by each Newton step without a pass over it
         failures = 0  # consecutive Newton steps without ascent
+        r_next = None  # the plan's row sums after a Newton step, when its line search gave them
         # Sinkhorn reached tol in the warm-up (its rows within tol, its columns exact): no Newton step
         for _ in range(0 if warm_err < tol else max_newton):
-            r, col = plan_.rows(ones_m), plan_.cols(ones_n)  # faster than sum(0) over a row-major P
-            err = _l1_error(r, a64) + _l1_error(col, b64)
+            # faster than sum(0) over a row-major P; the rows from the last line search's product where it has them
+            r, col = plan_.rows(ones_m) if r_next is None else r_next, plan_.cols(ones_n)
+            r_next = None
+            err = _l1(r, a_) + _l1(col, b_)
             if err < tol:
                 break
-            grad_f, grad_g = a64 - r, b64 - col  # ascent direction of L
-            r_pos = r.clamp_min(1e-300)
+            grad_f, grad_g = a_ - r, b_ - col  # ascent direction of L
+            r_pos = xp.maximum(r, 1e-300) if on_np else r.clamp_min(1e-300)  # (numpy's clip: 10 us)
             if not dense:  # keep the entries holding at least sparsity_tol/m of their row's mass
                 p = plan_.plan()
-                kept = _KeptEntries(p >= (sparsity_tol / m) * r[:, None], scipy_csr=cpu and _SPARSE_SCIPY)
+                keep = p >= _tensor((sparsity_tol / m) * r)[:, None]  # torch's comparison (on two threads)
+                kept = _KeptEntries(keep.numpy() if on_np else keep, scipy_csr=on_np)
                 # the kept share only grows as the plan converges: once dense, stay dense (exact Hessian)
                 dense = kept.count > dense_above * n * m
             schur = None  # CG's product, when CG runs in numpy (a CPU)
@@ -1188,7 +1202,7 @@ def sinkhorn_newton_sparse(
             # their kept mass: an isolated block of a near-permutation plan) has a zero row and column in
             # the Schur matrix: the Jacobi preconditioner leaves it out (a pseudo-inverse) rather than
             # dividing by ~0, which sent CG's iterates to inf and the direction to NaN
-            inv_diag = torch.where(schur_diag > 1e-12 * col, eps / schur_diag, 0.0)
+            inv_diag = xp.where(schur_diag > 1e-12 * col, eps / schur_diag, 0.0)
             rhs, cg_tol_now = grad_g - prod_cols(grad_f / r_pos), min(cg_tol, math.sqrt(err))
             product = schur if schur is not None else _schur_product(col, prod_rows, prod_cols, r_pos, eps)
 
@@ -1196,7 +1210,7 @@ def sinkhorn_newton_sparse(
                 stats["cg_products"] += 1
                 return product(y)
 
-            if schur is not None:
+            if schur is not None and not on_np:  # CG in numpy on torch's vectors (a CPU, tests only)
                 d_g = torch.from_numpy(_pcg(counted, rhs.numpy(), inv_diag.numpy(), tol=cg_tol_now,
                                             max_iter=cg_max_iter))
             else:
@@ -1207,13 +1221,13 @@ def sinkhorn_newton_sparse(
             shift = float(d_f.sum() - d_g.sum()) / (n + m)
             d_f, d_g = d_f - shift, d_g + shift
             slope = float(grad_f @ d_f + grad_g @ d_g)
-            lin = float(a64 @ d_f + b64 @ d_g)
+            lin = float(a_ @ d_f + b_ @ d_g)
             total = float(r.sum())
-            reach = float(torch.maximum(d_f.abs().max(), d_g.abs().max())) / eps
+            reach = float(xp.maximum(abs(d_f).max(), abs(d_g).max())) / eps
             # a trial step that sends any exp(s d / eps) past float64's range gives a non-finite gain and is
             # refused: start the halving at the first step that does not (the same step is accepted, without
             # the ~20 refused trials a direction reaching 1e9 eps took)
-            rise = float(torch.maximum(d_f.max(), d_g.max())) / eps
+            rise = float(xp.maximum(d_f.max(), d_g.max())) / eps
             accepted, step = False, 0.0  # no finite ascent direction (a CG breakdown): no line search
             if math.isfinite(rise) and slope > 0:
                 step = 1.0 if rise <= _EXP_MAX else 2.0 ** -math.ceil(math.log2(rise / _EXP_MAX))
@@ -1222,10 +1236,14 @@ def sinkhorn_newton_sparse(
                 # x = exp(s d_f / eps), y = exp(s d_g / eps); for small steps through expm1 (x = 1 + ex),
                 # which keeps the gain exact near convergence
                 if step * reach <= 1.0:
-                    ex, ey = torch.expm1(step * d_f / eps), torch.expm1(step * d_g / eps)
-                    extra = float(ex @ r + ey @ col + ex @ plan_.rows(ey))
+                    ex, ey = xp.expm1(step * d_f / eps), xp.expm1(step * d_g / eps)
+                    p_ey = plan_.rows(ey)
+                    extra = float(ex @ r + ey @ col + ex @ p_ey)
+                    x, y, p_y = ex + 1.0, ey + 1.0, r + p_ey
                 else:
-                    extra = float(torch.exp(step * d_f / eps) @ plan_.rows(torch.exp(step * d_g / eps))) - total
+                    x, y = xp.exp(step * d_f / eps), xp.exp(step * d_g / eps)
+                    p_y = plan_.rows(y)
+                    extra = float(x @ p_y) - total
                 gain = step * lin - eps * extra
                 if math.isfinite(gain) and gain >= 1e-4 * step * slope:
                     accepted = True
@@ -1238,11 +1256,12 @@ def sinkhorn_newton_sparse(
                 # failures (a failed attempt costs up to cg_max_iter CG products and a line search)
                 failures += 1
                 stats["failed_steps"] += 1
-                out = _scale(plan_.plan(), f, g, a64, b64, eps, 2 * min(2 ** (failures - 1), 16), 1.0, 1.0, tol,
-                             True, rebuild=lambda f_, g_: _stabilized_kernel(c, f_, g_, eps))
+                out = _scale(plan_.plan(), _tensor(f), _tensor(g), a64, b64, eps, 2 * min(2 ** (failures - 1), 16),
+                             1.0, 1.0, tol, True, rebuild=lambda f_, g_: _stabilized_kernel(c, f_, g_, eps))
                 if out is None:  # the scalings left float64: keep the plan reached so far
                     break
                 f, g, _, half_steps, p = out
+                f, g = (f.numpy(), g.numpy()) if on_np else (f, g)
                 plan_.reset(p)
                 used += half_steps / 2
                 continue
@@ -1251,15 +1270,16 @@ def sinkhorn_newton_sparse(
             stats["newton_steps"] += 1
             stats["damped_steps"] += step < 1.0
             f, g = f + step * d_f, g + step * d_g
-            if step * reach <= 30.0:  # the new plan is the old one scaled
-                plan_.scale(torch.exp(step * d_f / eps), torch.exp(step * d_g / eps))
+            if step * reach <= 30.0:  # the new plan is the old one scaled, its rows x * (P y): no product
+                plan_.scale(x, y)
+                r_next = x * p_y
             else:
-                plan_.reset(_stabilized_kernel(c, f, g, eps))
+                plan_.reset(_stabilized_kernel(c, _tensor(f), _tensor(g), eps))
         if stats["newton_steps"] or stats["failed_steps"]:
             stats["newton_s"] = time.perf_counter() - started
         stats["sinkhorn_iters"] = used - stats["newton_steps"]
         p = plan_.plan()
-    f, g = f.to(cost.dtype), g.to(cost.dtype)
+    f, g = _tensor(f).to(cost.dtype), _tensor(g).to(cost.dtype)
     if cost.requires_grad and torch.is_grad_enabled():  # the envelope gradient flows through the cost
         plan = torch.exp((f[:, None] + g[None, :] - cost) / eps)
     else:  # p is that plan already (float64)
@@ -1288,8 +1308,11 @@ class _ScaledPlan:
 
     LIMIT = math.exp(30.0)
 
-    def __init__(self, p: Tensor, mv, cpu: bool):
-        self.mv, self.cpu = mv, cpu
+    def __init__(self, p: Tensor, mv, cpu: bool, on_np: bool = False):
+        """``mv``: P's product by a torch vector; ``on_np``: the vectors in and out are numpy arrays (the
+        products still by ``mv``, through zero-copy views)."""
+        self.cpu, self.torch_mv = cpu, mv
+        self.mv = (lambda mat, vec: mv(mat, torch.from_numpy(vec)).numpy()) if on_np else mv
         self._square = self._low = None  # buffers
         self._version = 0  # bumped whenever P0 changes
         self.reset(p)
@@ -1301,29 +1324,30 @@ class _ScaledPlan:
 
     def plan(self) -> Tensor:
         if self.u is not None:
-            self.p.mul_(self.u[:, None]).mul_(self.v[None, :])
+            self.p.mul_(_tensor(self.u)[:, None]).mul_(_tensor(self.v)[None, :])
             self.u = self.v = None
             self._version += 1
         return self.p
 
-    def scale(self, x: Tensor, y: Tensor) -> None:
+    def scale(self, x, y) -> None:
         self.u = x if self.u is None else self.u * x
         self.v = y if self.v is None else self.v * y
-        both = torch.cat((self.u, self.v))
-        if not float(torch.maximum(both.amax(), both.amin().reciprocal())) <= self.LIMIT:
+        ends = [float(t.max()) for t in (self.u, self.v)]
+        ends += [1.0 / low if low > 0 else math.inf for low in (float(t.min()) for t in (self.u, self.v))]
+        if not all(end <= self.LIMIT for end in ends):  # (a NaN too)
             self.plan()
 
-    def rows(self, y: Tensor) -> Tensor:  # P y
+    def rows(self, y):  # P y
         if self.u is None:
             return self.mv(self.p, y)
         return self.u * self.mv(self.p, self.v * y)
 
-    def cols(self, x: Tensor) -> Tensor:  # P^T x
+    def cols(self, x):  # P^T x
         if self.u is None:
             return self.mv(self.p.t(), x)
         return self.v * self.mv(self.p.t(), self.u * x)
 
-    def schur_diagonal(self, col: Tensor, r: Tensor) -> Tensor:
+    def schur_diagonal(self, col, r):
         """diag(col) - diag(P^T diag(1/r) P) = col - v^2 (P0 * P0)^T (u^2 / r), in float64."""
         if self._square_of != self._version:
             self._square = torch.mul(self.p, self.p, out=self._square)
@@ -1332,7 +1356,7 @@ class _ScaledPlan:
             return col - self.mv(self._square.t(), 1.0 / r)
         return col - self.v * self.v * self.mv(self._square.t(), self.u * self.u / r)
 
-    def float32_schur(self, col: Tensor, r: Tensor, eps: float):
+    def float32_schur(self, col, r, eps: float):
         """The Schur product ``y -> (diag(col) - P^T diag(1/r) P) y / eps`` in numpy for CG on a CPU: float64
         vectors, the two products by P0's float32 copy (CG solves to a relative 1e-2-1e-3, float32 is exact to
         1e-7; the products cost a half to a quarter of float64's), or None (not a CPU, or an entry of P0 or of
@@ -1349,15 +1373,15 @@ class _ScaledPlan:
         if not self.cpu:
             return None
         if self._low_of != self._version:
-            row_sums = self.mv(self.p, torch.ones(self.p.shape[1], dtype=self.p.dtype))
+            row_sums = self.torch_mv(self.p, torch.ones(self.p.shape[1], dtype=self.p.dtype))
             if not float(row_sums.max()) < 1e30:
                 return None
             self._low = self._low.copy_(self.p) if self._low is not None else self.p.to(torch.float32)
             self._low_of = self._version
         p32 = self._low.numpy()
-        p32_t, col_ = p32.T, col.numpy()
-        v = self.v.numpy() if self.v is not None else None
-        w = ((self.u * self.u / r) if self.u is not None else 1.0 / r).numpy().astype(np.float32)
+        p32_t, col_ = p32.T, _array(col)
+        v = _array(self.v) if self.v is not None else None
+        w = _array((self.u * self.u / r) if self.u is not None else 1.0 / r).astype(np.float32)
         if not np.isfinite(w).all():  # a row of ~0 mass (1/r past float32's range): float64 products
             return None
 
@@ -1448,7 +1472,32 @@ def _sinkhorn_while_fast(tol: float, warmup: int, budget: int, window: int = 3,
     return stop
 
 
-_SPARSE_SCIPY = True  # on a CPU, the sparsified Hessian in scipy (tests set False to check torch's CSR path)
+_NEWTON_NUMPY = True  # on a CPU, SNS's Newton phase in numpy and scipy (tests set False to check torch's path)
+
+
+def _xp(on_np: bool):
+    """The array module of SNS's Newton phase: numpy (on a CPU) or torch; the names it uses (ones_like, where,
+    maximum of two arrays, exp, expm1) mean the same in both."""
+    if on_np:
+        import numpy
+
+        return numpy
+    return torch
+
+
+def _tensor(x) -> Tensor:
+    """A torch tensor from a numpy array (a zero-copy view) or a tensor."""
+    return x if isinstance(x, Tensor) else torch.from_numpy(x)
+
+
+def _array(x):
+    """A numpy array from a CPU tensor (a zero-copy view) or an array."""
+    return x.numpy() if isinstance(x, Tensor) else x
+
+
+def _l1(x, target) -> float:
+    """||x - target||_1 of two vectors, numpy's or torch's (:func:`_l1_error`)."""
+    return _l1_error(x, target) if isinstance(x, Tensor) else float(abs(x - target).sum())
 
 
 class _KeptEntries:
@@ -1459,19 +1508,20 @@ class _KeptEntries:
     with torch's CSR tensors, the pair and the diagonal 49 us to build against 195 us (torch's transpose needs
     an argsort; scipy's ``tocsr`` and ``multiply`` had taken 105 us). Elsewhere (a GPU) torch's CSR tensors."""
 
-    def __init__(self, keep: Tensor, scipy_csr: bool):
-        self.keep, self.scipy_csr = keep, scipy_csr
+    def __init__(self, keep, scipy_csr: bool):
+        self.keep, self.scipy_csr = keep, scipy_csr  # scipy_csr: keep, and the vectors, are numpy's
         if scipy_csr:  # the count alone decides dense or sparse: the indices only when sparse (a dense plan's
             import numpy as np  # ~1e5 indices took ~200 us to list at n = 512)
 
-            self.count = int(np.count_nonzero(keep.numpy()))
+            self.count = int(np.count_nonzero(keep))
         else:
             self.rows_nnz = keep.sum(1, dtype=torch.int64)
             self.count = int(self.rows_nnz.sum())
 
-    def hessian(self, p: Tensor, col: Tensor, r: Tensor, eps: float):
+    def hessian(self, p: Tensor, col, r, eps: float):
         """(P_s y, P_s^T x, the Schur complement's diagonal col - P_s^T∘P_s^T (1/r), and the Schur product
-        y -> (col y - P_s^T (P_s y / r)) / eps in numpy or None) for the kept entries of ``p``."""
+        y -> (col y - P_s^T (P_s y / r)) / eps in numpy or None) for the kept entries of ``p``; col, r and
+        the vectors numpy arrays with ``scipy_csr``, torch tensors otherwise."""
         if not self.scipy_csr:
             off, off_t = _csr_pair(p, self.keep, self.rows_nnz)
             sq_t = _csr(off_t.crow_indices(), off_t.col_indices(), off_t.values() ** 2, off_t.shape)
@@ -1480,15 +1530,14 @@ class _KeptEntries:
         import scipy.sparse
 
         n, m = p.shape
-        flat = np.flatnonzero(self.keep.numpy())  # row-major order
+        flat = np.flatnonzero(self.keep)  # row-major order
         indptr = np.searchsorted(flat, np.arange(n + 1, dtype=np.int64) * m)  # row starts
         values, cols = p.numpy().ravel()[flat], flat % m
         off = scipy.sparse.csr_matrix((values, cols, indptr), shape=(n, m), copy=False)
         off_t = off.T  # CSC, no conversion: its products cost what CSR's do
-        r_, col_ = r.numpy(), col.numpy()
-        schur_diag = col - torch.from_numpy(np.bincount(cols, weights=values * values / r_[flat // m], minlength=m))
-        return (lambda y: torch.from_numpy(off @ y.numpy()), lambda x: torch.from_numpy(off_t @ x.numpy()),
-                schur_diag, _schur_product(col_, off.__matmul__, off_t.__matmul__, r_, eps))
+        schur_diag = col - np.bincount(cols, weights=values * values / r[flat // m], minlength=m)
+        return off.__matmul__, off_t.__matmul__, schur_diag, _schur_product(col, off.__matmul__, off_t.__matmul__,
+                                                                              r, eps)
 
 
 def _schur_product(col, rows, cols, r, eps: float):
