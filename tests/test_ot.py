@@ -466,6 +466,18 @@ def test_sns_scaled_plan_products_schur_diagonal_and_float32_schur_match_the_exp
     # an entry past float32's range: CG keeps float64 products
     huge = _ScaledPlan(p0 * 1e36, _matvec, cpu=True)
     assert huge.float32_schur(col, r, 0.05) is None
+    # a plan whose entries span 1e-3 to 1e-42 (small eps): the float32 copy holds no subnormal entry (those and
+    # the entries below 1e-20 are 0), and the Schur product stays the explicit plan's to float32's precision
+    tiny = torch.exp(-96.0 * torch.rand(50, 40, generator=g, dtype=torch.float64)) / 1000
+    plan = _ScaledPlan(tiny.clone(), _matvec, cpu=True)
+    r, col = tiny.sum(1), tiny.sum(0)
+    schur = plan.float32_schur(col, r, 0.01)
+    low = plan._low
+    assert float(((tiny < 1e-38) & (tiny > 1e-45)).double().mean()) > 0.05  # subnormal in a plain float32 copy
+    assert not bool(((low != 0) & (low.abs() < 1.18e-38)).any()) and bool((low[tiny < 1e-20] == 0).all())
+    want = (col * wm - tiny.t() @ ((tiny @ wm) / r)) / 0.01
+    got = torch.from_numpy(schur(wm.numpy()))
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
 
 
 def test_sns_with_float32_cg_products_matches_float64_cg(monkeypatch):

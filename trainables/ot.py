@@ -1011,7 +1011,8 @@ def sinkhorn_newton_sparse(
       iterations on every problem of ``benchmarks.sns``; 0.63-0.92x the time on clouds and digits at
       eps <= 0.005 (``benchmarks.sns --against b4a8644``, AMD EPYC). The solve flushes subnormals to zero
       (:func:`_flush_subnormals`): on an Intel Xeon the products by the copy's subnormal entries made SNS
-      1.6-8x slower at eps <= 0.005.
+      1.6-8x slower at eps <= 0.005. With the copy's entries below 1e-20 set to 0, the products run on torch's
+      threads (:meth:`_ScaledPlan.float32_schur`): 0.70-0.99x the time again, the same iterations.
     * The line search evaluates L along the step with one product by the current
       plan (``L(f + s d_f, g + s d_g) - L(f, g)`` needs only ``x^T P y`` with
       ``x = exp(s d_f / eps)``, ``y = exp(s d_g / eps)``, written with ``expm1``
@@ -1357,17 +1358,24 @@ class _ScaledPlan:
         return col - self.v * self.v * self.mv(self._square.t(), self.u * self.u / r)
 
     def float32_schur(self, col, r, eps: float):
-        """The Schur product ``y -> (diag(col) - P^T diag(1/r) P) y / eps`` in numpy for CG on a CPU: float64
+        """The Schur product ``y -> (diag(col) - P^T diag(1/r) P) y / eps`` for CG on a CPU: float64 numpy
         vectors, the two products by P0's float32 copy (CG solves to a relative 1e-2-1e-3, float32 is exact to
         1e-7; the products cost a half to a quarter of float64's), or None (not a CPU, or an entry of P0 or of
-        u^2 / r past float32's range; an entry is at most its row's sum). Entries below float32's normal range
-        (1e-38) become subnormal or 0: they hold a negligible share of their row's mass. The solve runs with
-        subnormals flushed (:func:`_flush_subnormals`): on an AMD EPYC numpy's OpenBLAS gemv took the same time
-        on subnormal operands, on an Intel Xeon 14x longer. Normalising P0's rows first (to keep them normal)
-        cost 1.04-1.18x the solve time (AMD), so it is not done. On the Xeon, where torch's own products are
-        otherwise the faster (:func:`_products_route`), numpy's (one thread, flushed) are the faster on this
-        copy: SNS through torch's took 1.9-3.7x the time (torch's second intra-op thread keeps its own
-        setting), and 1.2-1.9x with the copy's entries below 1e-38 zeroed (ad hoc, 5 problems)."""
+        u^2 / r past float32's range; an entry is at most its row's sum). The copy's entries below
+        ``_F32_FLOOR`` (1e-20) are 0. Only CG's Hessian is the copy's (the gradient, the line search and the
+        plan stay float64), and such an entry holds no share of its row's mass that float32 could carry.
+        Then no operand of the products, and no product but by a vector entry below 1e-18, is subnormal, and
+        the products run on torch's threads: a subnormal operand or result takes a microcode assist on an
+        Intel Xeon unless the thread flushes them, and only this thread does (:func:`_flush_subnormals`;
+        torch's other intra-op thread keeps its setting). Measured there (n = 1024, a clouds plan at
+        eps 0.001, 28% of its float32 entries subnormal, 55% below 1e-20): a pair of products 283 us by
+        numpy's one flushed thread, 1,830 us by torch's two threads, 127 us by torch's two threads on the
+        floored copy (equal at n = 512, 2.1x faster at 2048). ``benchmarks.sns --against 9f328ca``: the
+        same iterations and errors on all 16 problems, 0.70-0.83x the time on digits, 0.87-0.95x on clouds
+        at n = 1024, 0.94-0.99x at n = 512. A floor of 1e-30 left products by vector entries below 1e-8
+        subnormal: 1.1-1.16x slower at n = 512, eps <= 0.002. Before, numpy's one thread (flushed) was the
+        faster route on this copy (torch's took 1.9-3.7x the time, 1.2-1.9x with entries below 1e-38
+        zeroed). Normalising P0's rows first (to keep them normal) cost 1.04-1.18x the solve time (AMD)."""
         import numpy as np
 
         if not self.cpu:
@@ -1377,16 +1385,18 @@ class _ScaledPlan:
             if not float(row_sums.max()) < 1e30:
                 return None
             self._low = self._low.copy_(self.p) if self._low is not None else self.p.to(torch.float32)
+            torch.threshold_(self._low, _F32_FLOOR, 0.0)  # no subnormal operand, nor (but for |y| < 1e-18) result
             self._low_of = self._version
-        p32 = self._low.numpy()
-        p32_t, col_ = p32.T, _array(col)
+        p32, col_ = self._low, _array(col)
         v = _array(self.v) if self.v is not None else None
         w = _array((self.u * self.u / r) if self.u is not None else 1.0 / r).astype(np.float32)
         if not np.isfinite(w).all():  # a row of ~0 mass (1/r past float32's range): float64 products
             return None
+        w_ = torch.from_numpy(w)
 
         def schur(y):
-            back = (p32_t @ (w * (p32 @ (v * y if v is not None else y).astype(np.float32)))).astype(np.float64)
+            yy = torch.from_numpy((v * y if v is not None else y).astype(np.float32))
+            back = torch.mv(p32.t(), torch.mv(p32, yy).mul_(w_)).numpy().astype(np.float64)
             return (col_ * y - (v * back if v is not None else back)) / eps
 
         return schur
@@ -1472,6 +1482,7 @@ def _sinkhorn_while_fast(tol: float, warmup: int, budget: int, window: int = 3,
     return stop
 
 
+_F32_FLOOR = 1e-20  # SNS's float32 copy of its plan: entries below this are 0 (see _ScaledPlan.float32_schur)
 _NEWTON_NUMPY = True  # on a CPU, SNS's Newton phase in numpy and scipy (tests set False to check torch's path)
 
 
