@@ -51,9 +51,13 @@ def test_asha_records_pruned_trials_as_pruned_everywhere(tmp_path):
     otstudy("run", str(spec), "--storage", str(tmp_path / "studies"))
     res = pd.read_parquet(study / "results.parquet")
     assert len(res) == 4
-    assert (res.loc[res["lr"] == 1e-2, "status"] == "completed").all()
+    # a grid runs each configuration's seeds side by side: lr 1e-2 seed 0 is first at every rung and
+    # goes on; seed 1 meets only seed 0's loss (ASHA may stop it); both lr 1e-7 trials meet worse losses
+    first = res[(res["lr"] == 1e-2) & (res["seed"] == 0)]
+    assert (first["status"] == "completed").all() and (first["n_epochs"] == 4).all()
+    assert (res.loc[res["lr"] == 1e-7, "status"] == "pruned").all()
     pruned = res[res["status"] == "pruned"]
-    assert len(pruned) >= 1 and (pruned["lr"] == 1e-7).all() and (pruned["n_epochs"] < 4).all()
+    assert (pruned["n_epochs"] < 4).all()
     _, trials, _ = mlflow_runs(study)
     tags = {r.data.tags["otstudy.trial_id"]: r.data.tags["otstudy.status"] for r in trials}
     assert tags == dict(zip(res["trial_id"], res["status"]))

@@ -47,6 +47,42 @@ def test_good_spec_counts_trials():
     assert spec.resources == {"cpu": 1, "gpu": 0.5}
 
 
+def test_a_grid_runs_every_configuration_with_its_seeds_side_by_side():
+    # Tune's own order for several grid_search keys (alphabetical, first fastest) ran "seed" slowest: a
+    # configuration's seeds far apart, and 2 concurrent trials of unequal cost side by side
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.experiment import Experiment
+
+    from study.records import flat_config
+    from study.runner import _search
+
+    spec = parse_spec(with_(method=["simclr", "sinsim"], seeds=[3, 4],
+                            search={"eps": {"grid": [0.05, 0.1]}, "beta": {"choices": [0.0, 0.8]}}))
+    space, alg, _ = _search(spec)
+    assert alg is None
+    gen = BasicVariantGenerator()
+    gen.add_configurations([Experiment("g", lambda config: None, config=space)])
+    configs = []
+    while (trial := gen.next_trial()) is not None:
+        configs.append(flat_config(trial.config))
+    order = [(c["method"], c["eps"], c["beta"], c["seed"]) for c in configs]
+    assert order == [(m, e, b, s) for m in ("simclr", "sinsim") for e in (0.05, 0.1) for b in (0.0, 0.8)
+                     for s in (3, 4)]
+    assert len(order) == spec.n_trials()
+    assert all(c["epochs"] == 2 and c["dataset"] == "digits" and "__case__" not in c for c in configs)
+
+    # cases (which may set the method) sit between the knobs and the seeds and override both
+    spec = parse_spec(with_(seeds=[0, 1], search={"beta": {"grid": [0.0, 0.8]}, "cases": [
+        {"method": "simclr"}, {"method": "sinsim", "eps": 0.1}]}))
+    gen = BasicVariantGenerator()
+    gen.add_configurations([Experiment("g", lambda config: None, config=_search(spec)[0])])
+    configs = []
+    while (trial := gen.next_trial()) is not None:
+        configs.append(flat_config(trial.config))
+    assert [(c["beta"], c["method"], c["eps"], c["seed"]) for c in configs] == [
+        (b, m, e, s) for b in (0.0, 0.8) for m, e in (("simclr", 0.05), ("sinsim", 0.1)) for s in (0, 1)]
+
+
 def test_issue_example_spec_parses():
     raw = yaml.safe_load("""
 name: sinsim-beta-cifar10
