@@ -19,7 +19,7 @@ are separated. The projected ratio for a longer study follows from the two.
 
     .venv/bin/python -m benchmarks.platform_overhead [--epochs E] [--rounds R]
     .venv/bin/python -m benchmarks.platform_overhead --part head [--pairs P]
-    .venv/bin/python -m benchmarks.platform_overhead --part against --against REV [--pairs P]
+    .venv/bin/python -m benchmarks.platform_overhead --part against --against REV [--pairs P] [--study-epochs E]
     .venv/bin/python -m benchmarks.platform_overhead --part actor [--pairs P]
     .venv/bin/python -m benchmarks.platform_overhead --part trace [--epochs E]
 
@@ -27,7 +27,8 @@ are separated. The projected ratio for a longer study follows from the two.
 (``OTSTUDY_RAY_FULL_HEAD=1``: its API server and autoscaler monitor) and with otstudy's lean one.
 ``--part against`` compares, pair by pair, this checkout's `otstudy run` with git revision REV's on a
 1-trial study and on 2 trials run 2 at a time (1 epoch each): the time to the first trial's first line
-and the wall time. ``--part actor`` times a trial's actor started with Tune's runtime env against one
+and the wall time (with ``--study-epochs E``, also the default part's 4-trial study, E epochs, 2 at a
+time: its wall time and how unevenly its two workers were loaded). ``--part actor`` times a trial's actor started with Tune's runtime env against one
 started without (as otstudy's local cluster does), pair by pair. ``--part trace`` runs the 4 trials 2 at a time
 once and reads every process's CPU time from /proc every 0.25 s: the CPU seconds of the driver, the trial
 workers, Ray's processes and the rest of the machine from the command to the first trial's line, their shares
@@ -307,11 +308,24 @@ def actor_pairs(pairs: int) -> None:
            + markdown_table(["pair", "Tune's runtime env s", "none (inherited) s"], rows))
 
 
-def against_pairs(rev: str, pairs: int) -> None:
+def _worker_imbalance(study_dir: Path) -> float:
+    """The difference between the busiest and the least busy trial worker's time in trials (s): the sum
+    of ``time_total_s`` of the trials each worker process (``pid``) ran. With 2 workers, the time one
+    of them has nothing to run at the end of the study."""
+    busy = {}
+    for f in study_dir.glob("ray/trial_*/result.json"):
+        last = json.loads(f.read_text().splitlines()[-1])
+        busy[last["pid"]] = busy.get(last["pid"], 0.0) + last["time_total_s"]
+    return max(busy.values()) - min(busy.values()) if len(busy) > 1 else float("nan")
+
+
+def against_pairs(rev: str, pairs: int, study_epochs: int = 0) -> None:
     """This checkout's `otstudy run` against git revision ``rev``'s (its files exported to a temporary
     directory, run with ``python -m study.cli`` there), ``pairs`` times each, alternately, on a 1-trial,
     1-epoch study and on 2 one-epoch trials run 2 at a time: each one's time to the (first) trial's first
-    line and wall time, compared pair by pair."""
+    line and wall time, compared pair by pair. With ``study_epochs`` E > 0, also the study of the default
+    part (4 trials of E epochs, 2 at a time): its wall time and the two workers' imbalance (see
+    :func:`_worker_imbalance`)."""
     import shutil
 
     rev_id = short_revision(rev, "platform_overhead")
@@ -326,7 +340,11 @@ def against_pairs(rev: str, pairs: int) -> None:
             first, wall = _one_trial_study(os.environ, code)
             with tempfile.TemporaryDirectory() as d:
                 wall2, first2, _ = _timed_run(two, d, code=code)
-            return [first, wall, first2, wall2]
+            if not study_epochs:
+                return [first, wall, first2, wall2]
+            with tempfile.TemporaryDirectory() as d:
+                wall4, _, _ = _timed_run(spec(study_epochs, 2, "c2"), d, code=code)
+                return [first, wall, first2, wall2, wall4, _worker_imbalance(Path(d) / "c2")]
 
         order = (("this", ROOT), (rev_id, old))
         runs = {"this": [], rev_id: []}
@@ -339,9 +357,14 @@ def against_pairs(rev: str, pairs: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     names = ["1 trial: first trial line s", "1 trial: wall s", "2 trials, 2 at a time: first trial line s",
              "2 trials, 2 at a time: wall s"]
+    if study_epochs:
+        names += [f"4 trials x {study_epochs} epochs, 2 at a time: wall s", "... its workers' imbalance s"]
     summary, rows = paired_tables(runs["this"], runs[rev_id], names)
-    head = (f"{pairs} pairs, alternately (this checkout first in odd pairs); 1-epoch trials. Medians, and this "
-            f"checkout's time minus {rev_id}'s within each pair:\n\n"
+    head = (f"{pairs} pairs, alternately (this checkout first in odd pairs); 1-epoch trials"
+            + (f", and the default part's study (beta in {{0, 0.8}} x seeds {{0, 1}}, {study_epochs} epochs, "
+               f"2 at a time; imbalance: the busiest worker's time in trials minus the other's)"
+               if study_epochs else "")
+            + f". Medians, and this checkout's time minus {rev_id}'s within each pair:\n\n"
             + markdown_table(["time", "this", rev_id, f"this - {rev_id}, median (range)", "this sooner in"],
                              summary)
             + f"\n\nPer pair (this / {rev_id}):\n\n")
@@ -489,16 +512,20 @@ def main():
                         "2-at-a-time study (/proc, by process group)")
     p.add_argument("--pairs", type=int, default=8, help="--part head / against / actor: pairs of runs")
     p.add_argument("--against", metavar="REV", help="--part against: the git revision to compare with")
+    p.add_argument("--study-epochs", type=int, default=0, metavar="E",
+                   help="--part against: also the default part's 4-trial study, E epochs, 2 at a time")
     args = p.parse_args()
     if args.rounds < 1 or args.epochs < 1 or args.pairs < 1:
         p.error(f"--rounds, --epochs and --pairs must be >= 1, got {args.rounds}, {args.epochs}, {args.pairs}")
+    if args.study_epochs < 0 or (args.study_epochs and args.part != "against"):
+        p.error(f"--study-epochs must be >= 0 and goes with --part against, got {args.study_epochs}")
     if (args.part == "against") != (args.against is not None):
         p.error("--part against and --against REV go together")
     if args.part == "head":
         head_pairs(args.pairs)
         return
     if args.part == "against":
-        against_pairs(args.against, args.pairs)
+        against_pairs(args.against, args.pairs, args.study_epochs)
         return
     if args.part == "actor":
         actor_pairs(args.pairs)
