@@ -647,6 +647,30 @@ def test_sns_stays_with_sinkhorn_while_its_rate_predicts_convergence_within_the_
         sinkhorn_newton_sparse(cost, eps=0.05, warm_start_iters=1)
 
 
+def test_sns_default_budget_falls_with_the_problem_size_and_sends_large_problems_to_newton_sooner():
+    from trainables.ot import _default_sinkhorn_budget
+
+    assert [_default_sinkhorn_budget(n, n, True) for n in (64, 512, 768, 1024, 2048, 8192)] == [60, 60, 40, 30, 30, 30]
+    assert _default_sinkhorn_budget(512, 2048, True) == 30 and _default_sinkhorn_budget(4096, 4096, False) == 60
+
+    def clouds(n):  # 2-D Gaussian clouds, squared distance / max (benchmarks.sns): Sinkhorn needs ~41-54 at 0.01
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, 2, generator=g, dtype=torch.float64)
+        c = torch.cdist(x, torch.randn(n, 2, generator=g, dtype=torch.float64) + 1.0) ** 2
+        return c / c.max()
+
+    # n = 1024: Sinkhorn's ~36 iterations after the warm-up exceed the budget of 30, so Newton takes over (fewer
+    # iterations, the same plan as Sinkhorn's); with the old budget of 60 SNS stayed with Sinkhorn
+    cost = clouds(1024)
+    plain = sinkhorn(cost, eps=0.01, n_iters=1000, tol=1e-8)
+    sns = sinkhorn_newton_sparse(cost, eps=0.01, tol=1e-8)
+    assert sns.newton["newton_steps"] > 0 and sns.n_iters < plain.n_iters / 2 and sns.marginal_error < 1e-8
+    assert rel_err(sns.plan.numpy(), plain.plan.numpy()) < 1e-5
+    assert sinkhorn_newton_sparse(cost, eps=0.01, tol=1e-8, sinkhorn_budget=60).newton["newton_steps"] == 0
+    # n = 512 keeps 60: there a Newton step costs more than the Sinkhorn iterations it saves
+    assert sinkhorn_newton_sparse(clouds(512), eps=0.01, tol=1e-6).newton["newton_steps"] == 0
+
+
 def test_sns_hands_over_to_newton_once_sinkhorn_has_brought_the_error_down_to_handover_error():
     # the rule, read with the error after every Sinkhorn iteration (True: hand over to Newton), on errors 0.9 r^k
     from trainables.ot import _sinkhorn_while_fast

@@ -938,7 +938,7 @@ def sinkhorn_newton_sparse(
     b: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     warmup_iters: int = 5,
-    sinkhorn_budget: int = 60,
+    sinkhorn_budget: Optional[int] = None,
     handover_error: Optional[float] = 0.05,
     handover_budget: int = 160,
     warm_start_factor: float = 1.0,
@@ -1026,8 +1026,9 @@ def sinkhorn_newton_sparse(
       one buffer: 10-20% off every Newton solve in ``benchmarks.sns --against``.
     * Warm-up is at least ``warmup_iters`` = 5 iterations, then Sinkhorn goes on
       while the error's rate over its last 3 iterations predicts reaching ``tol``
-      within ``sinkhorn_budget`` = 60 more iterations (the cost of ~3-5 Newton
-      steps here; the rate is re-read every iteration, so an error that falls
+      within ``sinkhorn_budget`` more iterations (the cost of ~4-5 Newton steps:
+      by default 60 up to n = 512 and down to 30 from n = 1024 on a CPU, see
+      :func:`_default_sinkhorn_budget`; the rate is re-read every iteration, so an error that falls
       fast at first and slowly later, as on digits, still gets Newton). The paper
       always runs a fixed warm-up and then Newton; where Sinkhorn needs only
       ~10-100 iterations (moderate eps) that made SNS 1.5-2x slower than Sinkhorn
@@ -1094,7 +1095,7 @@ def sinkhorn_newton_sparse(
         eps: entropic regularisation.  tol: target L1 marginal error.
         warmup_iters: Sinkhorn iterations always run first.  sinkhorn_budget: Sinkhorn goes on after
             them while its rate predicts ``tol`` within this many more iterations (0: the paper's fixed
-            warm-up, whatever the handover).  handover_error, handover_budget: and while its error is above
+            warm-up, whatever the handover; None: by problem size, :func:`_default_sinkhorn_budget`).  handover_error, handover_budget: and while its error is above
             ``handover_error`` and its rate predicts reaching it within ``handover_budget`` more iterations
             (the defaults, for time; ``handover_error=None``: Newton as soon as the budget rule says so, for
             the fewest iterations).  warm_start_factor, warm_start_iters: above 1, the start is ``warm_start_iters``
@@ -1120,6 +1121,8 @@ def sinkhorn_newton_sparse(
     if int(warm_start_iters) != warm_start_iters or warm_start_iters < 2:
         raise ValueError(f"warm_start_iters must be an integer >= 2, got {warm_start_iters}")
     for name, value in (("sinkhorn_budget", sinkhorn_budget), ("handover_budget", handover_budget)):
+        if value is None and name == "sinkhorn_budget":
+            continue
         if int(value) != value or value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value}")
     if handover_error is not None and not (isinstance(handover_error, (int, float)) and 0 < handover_error < math.inf):
@@ -1131,10 +1134,11 @@ def sinkhorn_newton_sparse(
     for name, value in (("max_newton", max_newton), ("cg_max_iter", cg_max_iter)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value}")
-    sinkhorn_budget = int(sinkhorn_budget)
     handover = None if handover_error is None else (float(handover_error), int(handover_budget))
     cost = masked_cost(cost, mask)
     n, m = cost.shape
+    sinkhorn_budget = (_default_sinkhorn_budget(n, m, cost.device.type == "cpu") if sinkhorn_budget is None
+                       else int(sinkhorn_budget))
     a = _marginal(a, [], n, cost, "a")
     b = _marginal(b, [], m, cost, "b")
     c = cost.detach().double()
@@ -1451,6 +1455,25 @@ def _warm_start(c: Tensor, a: Tensor, b: Tensor, eps: float, factor: float, iter
         return f, g, math.inf, half_steps, p  # the kernel in place once it has succeeded)
     f, g, err, more, p = out
     return f, g, err, half_steps + more, p
+
+
+def _default_sinkhorn_budget(n: int, m: int, cpu: bool) -> int:
+    """SNS's default ``sinkhorn_budget``: the Sinkhorn iterations that cost what ~4-5 Newton steps do.
+
+    On a CPU a Newton step costs about as many Sinkhorn iterations as 6,000 / n (11-15 at n = 512, 6-7 at
+    n = 1024, ``benchmarks.sns --part steps``): its fixed work (~60 small vector ops, the sparsification,
+    CG's set-up) weighs less beside the n x m products as n grows. So the budget is 60 up to
+    sqrt(n m) = 512 and 60 * 512 / sqrt(n m) above, but not below 30: at n = 2048, eps = 0.02 (Sinkhorn's
+    21 iterations) a budget of 15 sent SNS to Newton at 0.76x Sinkhorn's time (its plan is dense there and
+    its steps cost more). Measured (Intel Xeon, 2-D clouds, alternating runs, ad hoc): at n = 1024-2048,
+    eps = 0.01, 30 takes 12-13 iterations in 1.10-1.20x less time than Sinkhorn's 41-42, where 60 stayed
+    with Sinkhorn (0.97-1.05x); at eps 0.007 1.30x against 0.99x; the same iterations and time (within
+    noise) at eps 0.015-0.05, at n = 768 (40) and on digits (n = 784: 39). Elsewhere (a GPU, where
+    Newton's many small ops cost launches and Sinkhorn's products little) 60, as before.
+    """
+    if not cpu:
+        return 60
+    return max(30, min(60, round(60 * 512 / math.sqrt(n * m))))
 
 
 def _sinkhorn_phase_cap(budget: int, handover: Optional[Tuple[float, int]]) -> int:
