@@ -28,10 +28,10 @@ are separated. The projected ratio for a longer study follows from the two.
 ``--part against`` compares, pair by pair, this checkout's `otstudy run` with git revision REV's on a
 1-trial study and on 2 trials run 2 at a time (1 epoch each): the time to the first trial's first line
 and the wall time (with ``--study-epochs E``, also the default part's 4-trial study, E epochs, 2 at a
-time: its wall time and how unevenly its two workers were loaded). ``--part actor`` times a trial's actor started with Tune's runtime env against one
-started without (as otstudy's local cluster does), pair by pair. ``--part trace`` runs the 4 trials 2 at a time
-once and reads every process's CPU time from /proc every 0.25 s: the CPU seconds of the driver, the trial
-workers, Ray's processes and the rest of the machine from the command to the first trial's line, their shares
+time: its wall time and how unevenly its two workers were loaded). ``--part actor`` times a trial's actor
+started with Tune's runtime env against one started without (as otstudy's local cluster does), pair by pair.
+``--part trace`` runs the 4 trials 2 at a time once and reads every process's CPU time from /proc every
+0.25 s: the CPU seconds of the driver, the trial workers, Ray's processes and the rest of the machine from the command to the first trial's line, their shares
 of the cores while the trials run, and after the last result.
 """
 from __future__ import annotations

@@ -1028,8 +1028,8 @@ def sinkhorn_newton_sparse(
       while the error's rate over its last 3 iterations predicts reaching ``tol``
       within ``sinkhorn_budget`` more iterations (the cost of ~4-5 Newton steps:
       by default 60 up to n = 512 and down to 30 from n = 1024 on a CPU, see
-      :func:`_default_sinkhorn_budget`; the rate is re-read every iteration, so an error that falls
-      fast at first and slowly later, as on digits, still gets Newton). The paper
+      :func:`_default_sinkhorn_budget`; the rate is re-read every iteration,
+      so an error that falls fast at first and slowly later, as on digits, still gets Newton). The paper
       always runs a fixed warm-up and then Newton; where Sinkhorn needs only
       ~10-100 iterations (moderate eps) that made SNS 1.5-2x slower than Sinkhorn
       alone, and now it costs what Sinkhorn does. ``sinkhorn_budget=0`` is the
@@ -1095,7 +1095,8 @@ def sinkhorn_newton_sparse(
         eps: entropic regularisation.  tol: target L1 marginal error.
         warmup_iters: Sinkhorn iterations always run first.  sinkhorn_budget: Sinkhorn goes on after
             them while its rate predicts ``tol`` within this many more iterations (0: the paper's fixed
-            warm-up, whatever the handover; None: by problem size, :func:`_default_sinkhorn_budget`).  handover_error, handover_budget: and while its error is above
+            warm-up, whatever the handover; None: by problem size, :func:`_default_sinkhorn_budget`).
+            handover_error, handover_budget: and while its error is above
             ``handover_error`` and its rate predicts reaching it within ``handover_budget`` more iterations
             (the defaults, for time; ``handover_error=None``: Newton as soon as the budget rule says so, for
             the fewest iterations).  warm_start_factor, warm_start_iters: above 1, the start is ``warm_start_iters``
@@ -1121,9 +1122,9 @@ def sinkhorn_newton_sparse(
     if int(warm_start_iters) != warm_start_iters or warm_start_iters < 2:
         raise ValueError(f"warm_start_iters must be an integer >= 2, got {warm_start_iters}")
     for name, value in (("sinkhorn_budget", sinkhorn_budget), ("handover_budget", handover_budget)):
-        if value is None and name == "sinkhorn_budget":
+        if value is None and name == "sinkhorn_budget":  # by problem size
             continue
-        if int(value) != value or value < 0:
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or int(value) != value or value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value}")
     if handover_error is not None and not (isinstance(handover_error, (int, float)) and 0 < handover_error < math.inf):
         raise ValueError(f"handover_error must be None or a number > 0, got {handover_error!r}")
