@@ -641,6 +641,8 @@ def test_sns_stays_with_sinkhorn_while_its_rate_predicts_convergence_within_the_
     assert rel_err(paper.plan.numpy(), plain.plan.numpy()) < 1e-6
     with pytest.raises(ValueError, match="sinkhorn_budget must be an integer >= 0, got -1"):
         sinkhorn_newton_sparse(cost, eps=0.05, sinkhorn_budget=-1)
+    with pytest.raises(ValueError, match="handover_budget must be an integer >= 0, got None"):
+        sinkhorn_newton_sparse(cost, eps=0.05, handover_budget=None)  # only sinkhorn_budget has a None default
     with pytest.raises(ValueError, match="warm_start_factor must be a number >= 1, got 0.5"):
         sinkhorn_newton_sparse(cost, eps=0.05, warm_start_factor=0.5)
     with pytest.raises(ValueError, match="warm_start_iters must be an integer >= 2, got 1"):
