@@ -1570,10 +1570,9 @@ class _KeptEntries:
         indptr = np.searchsorted(flat, np.arange(n + 1, dtype=np.int64) * m)  # row starts
         values, cols = p.numpy().ravel()[flat], flat % m
         off = scipy.sparse.csr_matrix((values, cols, indptr), shape=(n, m), copy=False)
-        off_t = off.T  # CSC, no conversion: its products cost what CSR's do
+        rows_mv, cols_mv = off.__matmul__, off.T.__matmul__  # off.T: CSC, no conversion, products as CSR's
         schur_diag = col - np.bincount(cols, weights=values * values / r[flat // m], minlength=m)
-        return off.__matmul__, off_t.__matmul__, schur_diag, _schur_product(col, off.__matmul__, off_t.__matmul__,
-                                                                              r, eps)
+        return rows_mv, cols_mv, schur_diag, _schur_product(col, rows_mv, cols_mv, r, eps)
 
 
 def _schur_product(col, rows, cols, r, eps: float):
