@@ -363,12 +363,49 @@ def trial_label(config: Dict[str, Any], spec: Dict[str, Any]) -> str:
 
 
 class Progress(Callback):
-    """One line per finished trial and a heartbeat every ``every_s`` seconds (Ray's tables are off)."""
+    """One line per finished trial and a heartbeat every ``every_s`` seconds (Ray's tables are off), with the
+    time the study still needs at the pace of its epochs so far (:meth:`time_left`)."""
 
     def __init__(self, n_trials: int, metric: str, mode: str, spec: Dict[str, Any], every_s: float = 30.0):
         self.n_trials, self.metric, self.mode, self.spec, self.every_s = n_trials, metric, mode, spec, every_s
         self._t0 = time.time()
         self._last = 0.0
+        self._pace_from: Optional[Tuple[float, int]] = None  # (time, epochs done) at the first result seen
+        fixed = (spec.get("fixed") or {}).get("epochs")
+        self._fixed_epochs = int(fixed) if fixed is not None else None
+        self._asha = (spec.get("scheduler") or {}).get("type") == "asha"
+
+    def _epochs(self, trials, current=None, result=None) -> Tuple[int, float]:
+        """(epochs run, epochs the study runs in all): a finished trial's as it ran them, a running or pending
+        one's as its config plans them, a trial the searcher has not proposed yet as the spec fixes them (or
+        as the proposed trials plan them on average, where the epochs are searched; else TrialConfig's 20).
+        ``current``'s epochs are ``result``'s (Tune calls the callbacks before it updates its last result)."""
+        done, total, planned = 0, 0.0, []
+        for t in trials:
+            ran = int(((result if t is current and result is not None else t.last_result) or {}).get("epoch") or 0)
+            plan = int(flat_config(t.config).get("epochs", self._fixed_epochs or 20))
+            planned.append(plan)
+            done += min(ran, plan)
+            total += ran if t.status in ("TERMINATED", "ERROR") else max(plan, ran)
+        unseen = max(self.n_trials - len(trials), 0)
+        per = self._fixed_epochs or (sum(planned) / len(planned) if planned else 20)
+        return done, total + unseen * per
+
+    def time_left(self, trials, now: Optional[float] = None, current=None, result=None) -> Optional[str]:
+        """'~N min left' at the pace of the epochs run since the first result this driver saw (so a resumed
+        study's earlier epochs do not count as fast ones; concurrent trials count together), or None before
+        that pace is known. With ASHA the study stops trials early, so it is an upper bound."""
+        now = time.time() if now is None else now
+        done, total = self._epochs(trials, current, result)
+        if self._pace_from is None:
+            self._pace_from = (now, done)
+            return None
+        since, done_then = self._pace_from
+        if done <= done_then or now <= since:
+            return None
+        left = (total - done) * (now - since) / (done - done_then)
+        text = (f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 5400 else f"{left / 3600:.1f} h")
+        return f"{'at most ' if self._asha else ''}~{text} left"
 
     def _finished(self, trials, current=None) -> int:
         # Tune calls the hooks before it updates the current trial's status
@@ -379,14 +416,17 @@ class Progress(Callback):
         print(f"[otstudy {time.time() - self._t0:6.0f}s] {msg}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self._pace_from is None:  # the pace is measured from the first result on
+            self.time_left(trials, current=trial, result=result)
         if time.time() - self._last < self.every_s:
             return
         self._last = time.time()
         vals = [t.last_result.get(self.metric) for t in trials if t.last_result and self.metric in t.last_result]
         best = f"{(max(vals) if self.mode == 'max' else min(vals)):.4f}" if vals else "-"
         running = sum(t.status == "RUNNING" for t in trials)
+        left = self.time_left(trials, current=trial, result=result)
         self._line(f"{running} running, {self._finished(trials)}/{self.n_trials} finished, "
-                   f"best {self.metric} so far {best}")
+                   f"best {self.metric} so far {best}" + (f", {left}" if left else ""))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -368,3 +369,47 @@ print(json.dumps([lines(1, trial), lines(2, trial), lines(1, other), lines(2, ot
     trial_1, trial_2, other_1, other_2 = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(trial_1) == 1 and len(trial_2) == 1  # both workers' trial lines, at once
     assert len(other_1) == 1 and other_2 == []  # Ray's folding still applies to everything else
+
+
+def test_the_heartbeat_tells_the_time_left_at_the_pace_of_the_epochs_so_far(capsys):
+    # 6 trials of 10 epochs (2 not yet proposed): the pace is measured from the first result this driver sees,
+    # so epochs run before it (a resumed study's) do not count as fast ones; a pruned trial plans no more
+    from types import SimpleNamespace as T
+
+    from study.tracking import Progress
+
+    spec = {"fixed": {"epochs": 10}, "scheduler": {}, "search": {"beta": {"grid": [0.0, 0.8]}}, "method": "sinsim"}
+    trials = [T(status="RUNNING", config={"beta": 0.0, "seed": s}, last_result={"epoch": 1}) for s in (0, 1)]
+    trials += [T(status="PENDING", config={"beta": 0.8, "seed": s}, last_result={}) for s in (0, 1)]
+    progress = Progress(6, "knn_acc", "max", spec, every_s=0.0)
+    assert progress.time_left(trials, now=100.0) is None  # the pace starts here: 2 epochs done
+    assert progress.time_left(trials, now=130.0) is None  # no epoch since: no pace yet
+    trials[0].last_result, trials[1].last_result = {"epoch": 4}, {"epoch": 4}  # 6 epochs in 60 s
+    assert progress.time_left(trials, now=160.0) == "~9 min left"  # (60 - 8) epochs at 0.1 a second: 520 s
+    # the current trial's epoch is the result's (Tune updates its last result after the callbacks)
+    assert progress.time_left(trials, now=160.0, current=trials[0], result={"epoch": 10}) == "~4 min left"  # 230 s
+    trials[1].status = "TERMINATED"  # stopped at epoch 4 (pruned): its 6 other epochs are no longer planned
+    assert progress.time_left(trials, now=160.0) == "~8 min left"  # 46 epochs: 460 s
+    trials[0].last_result = {"epoch": 10}
+    trials[0].status = "TERMINATED"
+    assert progress.time_left(trials, now=220.0) == "~7 min left"  # 12 epochs in 120 s; 40 left: 400 s
+    # with ASHA an upper bound; seconds and hours
+    asha = Progress(6, "knn_acc", "max", dict(spec, scheduler={"type": "asha"}), every_s=0.0)
+    asha.time_left(trials, now=0.0)
+    trials[2].last_result = {"epoch": 1}
+    assert asha.time_left(trials, now=2.0) == "at most ~78 s left"  # 39 epochs at 0.5 a second
+    assert asha.time_left(trials, now=400.0) == "at most ~4.3 h left"  # 39 epochs at 1 in 400 s
+    # the epochs searched, not fixed: the trials not yet proposed plan the proposed ones' mean
+    searched = Progress(3, "knn_acc", "max", dict(spec, fixed={}), every_s=0.0)
+    few = [T(status="RUNNING", config={"epochs": 4, "seed": 0}, last_result={"epoch": 0}),
+           T(status="RUNNING", config={"epochs": 8, "seed": 1}, last_result={"epoch": 0})]
+    searched.time_left(few, now=0.0)
+    few[0].last_result = {"epoch": 2}
+    assert searched.time_left(few, now=10.0) == "~80 s left"  # (4 + 8 + 6 - 2) epochs at 0.2 a second
+    # the heartbeat line carries it, from its second result on
+    beat = Progress(6, "knn_acc", "max", spec, every_s=0.0)
+    beat.on_trial_result(0, few, few[1], {"epoch": 1})
+    time.sleep(0.01)
+    beat.on_trial_result(1, few, few[1], {"epoch": 2})
+    first, second = capsys.readouterr().out.strip().splitlines()
+    assert first.endswith("best knn_acc so far -") and re.search(r"so far -, ~\d+ (s|min) left$", second)
