@@ -458,15 +458,17 @@ def _search(spec: Spec):
 def _scheduler(spec: Spec, study_dir: Path):
     from ray.tune.schedulers import FIFOScheduler
 
+    from trainables.config import TrialConfig
+
     from .scheduler import ReplayASHA
 
     if spec.scheduler.get("type") != "asha":
         return FIFOScheduler()
-    epochs = int(spec.fixed.get("epochs", 20))
+    epochs = int(spec.fixed.get("epochs", TrialConfig.epochs))
     return ReplayASHA(experiment_dir=str((study_dir / EXPERIMENT_DIR).resolve()), time_attr="epoch",
                       max_t=int(spec.scheduler.get("max_epochs", epochs)),
-                         grace_period=int(spec.scheduler.get("grace_period", 1)),
-                         reduction_factor=float(spec.scheduler.get("reduction_factor", 2)))
+                      grace_period=int(spec.scheduler.get("grace_period", 1)),
+                      reduction_factor=float(spec.scheduler.get("reduction_factor", 2)))
 
 
 def _trial_dirname(trial) -> str:

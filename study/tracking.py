@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ray.tune import Callback
 
 from trainables.cache import cache_dir, write_atomically
+from trainables.config import TrialConfig
 
 from . import records
 from .records import (RAY_KEYS, flat_config, git_revision, mlflow_fail_fast, restored_rows, result_epoch,
@@ -373,22 +374,23 @@ class Progress(Callback):
         self._pace_from: Optional[Tuple[float, int]] = None  # (time, epochs done) at the first result seen
         fixed = (spec.get("fixed") or {}).get("epochs")
         self._fixed_epochs = int(fixed) if fixed is not None else None
+        self._epochs_default = self._fixed_epochs or TrialConfig.epochs  # a trial's, where its config has none
         self._asha = (spec.get("scheduler") or {}).get("type") == "asha"
 
     def _epochs(self, trials, current=None, result=None) -> Tuple[int, float]:
         """(epochs run, epochs the study runs in all): a finished trial's as it ran them, a running or pending
         one's as its config plans them, a trial the searcher has not proposed yet as the spec fixes them (or
-        as the proposed trials plan them on average, where the epochs are searched; else TrialConfig's 20).
+        as the proposed trials plan them on average, where the epochs are searched; else TrialConfig's default).
         ``current``'s epochs are ``result``'s (Tune calls the callbacks before it updates its last result)."""
         done, total, planned = 0, 0.0, []
         for t in trials:
             ran = int(((result if t is current and result is not None else t.last_result) or {}).get("epoch") or 0)
-            plan = int(flat_config(t.config).get("epochs", self._fixed_epochs or 20))
+            plan = int(flat_config(t.config).get("epochs", self._epochs_default))
             planned.append(plan)
             done += min(ran, plan)
             total += ran if t.status in ("TERMINATED", "ERROR") else max(plan, ran)
         unseen = max(self.n_trials - len(trials), 0)
-        per = self._fixed_epochs or (sum(planned) / len(planned) if planned else 20)
+        per = self._fixed_epochs or (sum(planned) / len(planned) if planned else self._epochs_default)
         return done, total + unseen * per
 
     def time_left(self, trials, now: Optional[float] = None, current=None, result=None) -> Optional[str]:
