@@ -3,7 +3,7 @@
     otstudy presets                       list the named studies
     otstudy run SPEC.yaml | --preset NAME [--storage DIR|URI] [--name NAME] [--address ADDR] [--smoke-test]
     otstudy resume DIR|URI [--address ADDR] [--restart-errored]
-    otstudy status DIR                    trial states, best so far, time used
+    otstudy status DIR                    trial states, best so far, time used and left
     otstudy export DIR                    results.parquet + history.parquet (also mid-study)
     otstudy report DIR                    report/index.html with figures and tables
     otstudy ui DIR [--host H] [--port P]  MLflow UI on that study's store (127.0.0.1 by default)
@@ -146,6 +146,34 @@ def cmd_export(args) -> int:
     return 0
 
 
+def training_left(res, hist, spec: dict, expected: int):
+    """(trial-seconds of training the study still needs, wall seconds at its ``max_concurrent`` trials at a time),
+    or None when nothing is left or no epoch has a time yet. A running or pending trial's remaining epochs count at
+    its median epoch time (the study's median where it has none yet), and so do those of the trials the searcher
+    has not proposed yet (the spec's epochs, or the proposed trials' mean where epochs are searched). Training
+    only, as ``time used`` (probes and starts are not in ``epoch_time_s``); with ASHA an upper bound."""
+    from trainables.config import TrialConfig
+
+    if hist.empty or "epoch_time_s" not in hist.columns or not hist["epoch_time_s"].notna().any():
+        return None
+    per_trial = hist.groupby("trial_id")["epoch_time_s"].median()
+    typical = float(hist["epoch_time_s"].median())
+    fixed = (spec.get("fixed") or {}).get("epochs")
+    default = int(fixed) if fixed is not None else TrialConfig.epochs
+    planned = (res["epochs"].fillna(default) if "epochs" in res.columns else res["trial_id"].map(lambda _: default))
+    left = 0.0
+    for (_, row), plan in zip(res.iterrows(), planned):
+        if row["status"] in ("running", "pending"):
+            t, ran = per_trial.get(row["trial_id"], typical), row.get("n_epochs")
+            ran = 0.0 if ran is None or ran != ran else float(ran)
+            left += max(float(plan) - ran, 0.0) * (typical if t != t else float(t))
+    unseen = max(int(expected) - len(res), 0)
+    left += unseen * (default if fixed is not None or not len(planned) else float(planned.mean())) * typical
+    if left <= 0:
+        return None
+    return left, left / max(int(spec.get("max_concurrent") or 1), 1)
+
+
 def cmd_status(args) -> int:
     import json
 
@@ -175,6 +203,12 @@ def cmd_status(args) -> int:
         print(f"best so far: trial {best['trial_id']} {metric}={best[metric]:.4f}")
     if not hist.empty and "epoch_time_s" in hist.columns:
         print(f"time used: {hist['epoch_time_s'].sum() / 60:.1f} trial-minutes of training")
+    left = training_left(res, hist, spec, expected)
+    if left is not None:
+        bound = "at most " if (spec.get("scheduler") or {}).get("type") == "asha" else ""
+        print(f"time left: {bound}~{left[0] / 60:.1f} trial-minutes of training, ~{left[1] / 60:.1f} min at "
+              f"{spec.get('max_concurrent') or 1} at a time (at the epoch times so far; resume continues a "
+              "stopped study)")
     return 0
 
 
@@ -249,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restart-errored", action="store_true", help="restart failed trials from scratch instead of their last checkpoint")
     s.set_defaults(fn=cmd_resume)
 
-    s = sub.add_parser("status", help="trial states, best so far, time used")
+    s = sub.add_parser("status", help="trial states, best so far, time used and left")
     s.add_argument("dir", help="study directory, or its home URI")
     s.add_argument("--workdir", default="studies", help="where to mirror a study given by its object-store URI")
     s.set_defaults(fn=cmd_status)

@@ -413,3 +413,26 @@ def test_the_heartbeat_tells_the_time_left_at_the_pace_of_the_epochs_so_far(caps
     beat.on_trial_result(1, few, few[1], {"epoch": 2})
     first, second = capsys.readouterr().out.strip().splitlines()
     assert first.endswith("best knn_acc so far -") and re.search(r"so far -, ~\d+ (s|min) left$", second)
+
+
+def test_status_tells_the_training_time_left_from_the_epoch_times_so_far():
+    # a running trial's remaining epochs at its own median epoch time, a pending one's and an unproposed one's at
+    # the study's; finished trials need nothing; wall time at max_concurrent trials at a time
+    import pandas as pd
+
+    from study.cli import training_left
+
+    res = pd.DataFrame({"trial_id": ["a", "b", "c", "d"], "status": ["completed", "running", "pending", "pruned"],
+                        "n_epochs": [10, 4, float("nan"), 2], "epochs": [10, 10, 10, 10]})
+    hist = pd.DataFrame({"trial_id": ["a"] * 10 + ["b"] * 4 + ["d"] * 2,
+                         "epoch_time_s": [2.0] * 10 + [3.0] * 4 + [2.0] * 2})
+    spec = {"fixed": {"epochs": 10}, "max_concurrent": 2}
+    # b: 6 x 3 s; c: 10 x 2 s (the study's median); 1 unproposed: 10 x 2 s
+    assert training_left(res, hist, spec, expected=5) == (58.0, 29.0)
+    assert training_left(res, hist, dict(spec, max_concurrent=1), expected=4) == (38.0, 38.0)
+    done = res.assign(status=["completed", "completed", "completed", "pruned"])
+    assert training_left(done, hist, spec, expected=4) is None  # nothing left
+    assert training_left(res, hist.iloc[:0], spec, expected=5) is None  # no epoch time yet
+    # epochs searched (not fixed): the unproposed trial plans the proposed ones' mean
+    searched = res.assign(epochs=[10, 10, 10, 6])
+    assert training_left(searched, hist, {"fixed": {}, "max_concurrent": 2}, expected=5) == (56.0, 28.0)
