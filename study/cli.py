@@ -148,30 +148,29 @@ def cmd_export(args) -> int:
 
 def training_left(res, hist, spec: dict, expected: int):
     """(trial-seconds of training the study still needs, wall seconds at its ``max_concurrent`` trials at a time),
-    or None when nothing is left or no epoch has a time yet. A running or pending trial's remaining epochs count at
-    its median epoch time (the study's median where it has none yet), and so do those of the trials the searcher
-    has not proposed yet (the spec's epochs, or the proposed trials' mean where epochs are searched). Training
+    or None when nothing is left or no epoch has a time yet. The epochs still to run are
+    :func:`study.records.epochs_to_run`'s (a trial finished unless running or pending): a trial's at its median
+    epoch time (the study's median where it has none yet), the trials not yet proposed at the study's. Training
     only, as ``time used`` (probes and starts are not in ``epoch_time_s``); with ASHA an upper bound."""
-    from trainables.config import TrialConfig
+    from study.records import epochs_to_run
 
     if hist.empty or "epoch_time_s" not in hist.columns or not hist["epoch_time_s"].notna().any():
         return None
     per_trial = hist.groupby("trial_id")["epoch_time_s"].median()
     typical = float(hist["epoch_time_s"].median())
     fixed = (spec.get("fixed") or {}).get("epochs")
-    default = int(fixed) if fixed is not None else TrialConfig.epochs
-    planned = (res["epochs"].fillna(default) if "epochs" in res.columns else res["trial_id"].map(lambda _: default))
-    left = 0.0
-    for (_, row), plan in zip(res.iterrows(), planned):
-        if row["status"] in ("running", "pending"):
-            t, ran = per_trial.get(row["trial_id"], typical), row.get("n_epochs")
-            ran = 0.0 if ran is None or ran != ran else float(ran)
-            left += max(float(plan) - ran, 0.0) * (typical if t != t else float(t))
-    unseen = max(int(expected) - len(res), 0)
-    left += unseen * (default if fixed is not None or not len(planned) else float(planned.mean())) * typical
-    if left <= 0:
+
+    def number(x) -> Optional[float]:  # None for a missing value (None or NaN)
+        return None if x is None or x != x else float(x)
+
+    known = [(number(row.get("epochs")), number(row.get("n_epochs")) or 0.0,
+              row["status"] not in ("running", "pending")) for _, row in res.iterrows()]
+    left, unseen = epochs_to_run(known, expected, int(fixed) if fixed is not None else None)
+    times = [float(per_trial.get(tid, typical)) for tid in res["trial_id"]]
+    seconds = sum(e * (typical if t != t else t) for e, t in zip(left, times)) + unseen * typical
+    if seconds <= 0:
         return None
-    return left, left / max(int(spec.get("max_concurrent") or 1), 1)
+    return seconds, seconds / max(int(spec.get("max_concurrent") or 1), 1)
 
 
 def cmd_status(args) -> int:

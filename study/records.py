@@ -1,6 +1,6 @@
 """What a study records, without Ray or MLflow: the keys of a Tune result that are bookkeeping, a
-result's epoch, the epoch rows a continued trial restored, a trial's flat config, the study's default
-MLflow store and git revision.
+result's epoch, the epoch rows a continued trial restored, a trial's flat config, the epochs a study
+still runs, the study's default MLflow store and git revision.
 
 Kept apart from :mod:`study.tracking` (whose callbacks subclass Ray Tune's ``Callback``) so that
 the CLI, export and report can use them without importing Ray Tune (1.2 s), and ``otstudy run``
@@ -13,7 +13,7 @@ import os
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 # keys Ray adds to every result, and otstudy's restored_metrics (see export.read_results); they are
 # bookkeeping, not metrics
@@ -28,6 +28,25 @@ RECOVERED_FILE = "recovered_results.json"
 # trial id -> its directory, for trials a killed driver had started after its last snapshot: Tune's
 # restored state does not know them, so they never run again (their seeds run under new ids)
 ABANDONED_FILE = "abandoned_trials.json"
+
+
+def epochs_to_run(trials: Sequence[Tuple[Optional[float], float, bool]], expected: int,
+                  fixed_epochs: Optional[int]) -> Tuple[List[float], float]:
+    """The epochs a study still runs: (each known trial's, the trials not yet proposed's in all).
+
+    ``trials``: (epochs its config plans, or None; epochs it ran; finished) per known trial. A finished
+    trial runs no more (a pruned one included); an unfinished one its plan minus what it ran; each of the
+    ``expected - len(trials)`` trials the searcher has not proposed yet the spec's ``fixed_epochs``, or
+    where epochs are searched the known trials' mean plan. A plan that is None is ``fixed_epochs``, or
+    TrialConfig's default. For the time-left estimates of the heartbeat and of ``otstudy status``.
+    """
+    from trainables.config import TrialConfig
+
+    default = fixed_epochs if fixed_epochs is not None else TrialConfig.epochs
+    plans = [default if plan is None else float(plan) for plan, _, _ in trials]
+    left = [0.0 if finished else max(plan - float(ran), 0.0) for plan, (_, ran, finished) in zip(plans, trials)]
+    per = default if fixed_epochs is not None or not plans else sum(plans) / len(plans)
+    return left, max(int(expected) - len(trials), 0) * per
 
 
 def git_revision(cwd: Optional[str] = None) -> str:

@@ -26,11 +26,10 @@ from typing import Any, Dict, List, Optional, Tuple
 from ray.tune import Callback
 
 from trainables.cache import cache_dir, write_atomically
-from trainables.config import TrialConfig
 
 from . import records
-from .records import (RAY_KEYS, flat_config, git_revision, mlflow_fail_fast, restored_rows, result_epoch,
-                      trial_result_file)
+from .records import (RAY_KEYS, epochs_to_run, flat_config, git_revision, mlflow_fail_fast, restored_rows,
+                      result_epoch, trial_result_file)
 
 TRIAL_TAG = "otstudy.trial_id"
 ROLE_TAG = "otstudy.role"
@@ -374,38 +373,33 @@ class Progress(Callback):
         self._pace_from: Optional[Tuple[float, int]] = None  # (time, epochs done) at the first result seen
         fixed = (spec.get("fixed") or {}).get("epochs")
         self._fixed_epochs = int(fixed) if fixed is not None else None
-        self._epochs_default = self._fixed_epochs or TrialConfig.epochs  # a trial's, where its config has none
         self._asha = (spec.get("scheduler") or {}).get("type") == "asha"
 
     def _epochs(self, trials, current=None, result=None) -> Tuple[int, float]:
-        """(epochs run, epochs the study runs in all): a finished trial's as it ran them, a running or pending
-        one's as its config plans them, a trial the searcher has not proposed yet as the spec fixes them (or
-        as the proposed trials plan them on average, where the epochs are searched; else TrialConfig's default).
-        ``current``'s epochs are ``result``'s (Tune calls the callbacks before it updates its last result)."""
-        done, total, planned = 0, 0.0, []
+        """(epochs run, epochs still to run: :func:`study.records.epochs_to_run`, a trial finished once Tune
+        terminated it or it failed). ``current``'s epochs are ``result``'s (Tune calls the callbacks before it
+        updates its last result)."""
+        known = []
         for t in trials:
-            ran = int(((result if t is current and result is not None else t.last_result) or {}).get("epoch") or 0)
-            plan = int(flat_config(t.config).get("epochs", self._epochs_default))
-            planned.append(plan)
-            done += min(ran, plan)
-            total += ran if t.status in ("TERMINATED", "ERROR") else max(plan, ran)
-        unseen = max(self.n_trials - len(trials), 0)
-        per = self._fixed_epochs or (sum(planned) / len(planned) if planned else self._epochs_default)
-        return done, total + unseen * per
+            last = result if t is current and result is not None else t.last_result
+            known.append((flat_config(t.config).get("epochs"), int((last or {}).get("epoch") or 0),
+                          t.status in ("TERMINATED", "ERROR")))
+        left, unseen = epochs_to_run(known, self.n_trials, self._fixed_epochs)
+        return sum(ran for _, ran, _ in known), sum(left) + unseen
 
     def time_left(self, trials, now: Optional[float] = None, current=None, result=None) -> Optional[str]:
         """'~N min left' at the pace of the epochs run since the first result this driver saw (so a resumed
         study's earlier epochs do not count as fast ones; concurrent trials count together), or None before
         that pace is known. With ASHA the study stops trials early, so it is an upper bound."""
         now = time.time() if now is None else now
-        done, total = self._epochs(trials, current, result)
+        done, to_run = self._epochs(trials, current, result)
         if self._pace_from is None:
             self._pace_from = (now, done)
             return None
         since, done_then = self._pace_from
         if done <= done_then or now <= since:
             return None
-        left = (total - done) * (now - since) / (done - done_then)
+        left = to_run * (now - since) / (done - done_then)
         text = (f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 5400 else f"{left / 3600:.1f} h")
         return f"{'at most ' if self._asha else ''}~{text} left"
 
