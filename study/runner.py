@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import tempfile
 import time
@@ -593,11 +594,25 @@ def init_ray(address: Optional[str] = None) -> None:
         os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
         os.environ.setdefault("RAY_enable_worker_prestart", "0")
         os.environ.setdefault("PL_DISABLE_FORK", "1")  # what Tune sets in each trial's runtime env
+        # Ray 2.60 turns token authentication on for a new local cluster and warns on every start that it
+        # did so (a warning about nothing wrong, in every study's output): keep the default, drop the line
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_AUTH_NOTICE)
         inherited = dict(os.environ)  # the raylet ray.init starts, and the workers it starts, inherit it
         with _lean_head():
             ray.init(**kwargs)
         global _RAYLET_ENV
         _RAYLET_ENV = inherited
+
+
+class _TokenAuthNotice(logging.Filter):
+    """Drops Ray's notice that a new local cluster has token authentication on (its default); any
+    other record of that logger, e.g. that authentication is off, passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+_TOKEN_AUTH_NOTICE = _TokenAuthNotice()  # one instance: a logger adds a filter it already has once
 
 
 FULL_HEAD_ENV = "OTSTUDY_RAY_FULL_HEAD"  # =1: a local cluster with Ray's API server and autoscaler monitor

@@ -13,8 +13,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory):
     storage = tmp_path_factory.mktemp("studies")
-    otstudy("run", "--preset", "sinsim_beta", "--smoke-test", "--storage", str(storage))
+    proc = otstudy("run", "--preset", "sinsim_beta", "--smoke-test", "--storage", str(storage))
+    (storage / "run.stderr").write_text(proc.stderr)
     return storage / "sinsim_beta"
+
+
+def test_a_local_study_prints_no_warnings(smoke_study):
+    # the trials' own lines come through Ray's log prefix; nothing else on stderr may be a warning
+    # (Ray 2.60 warned on every local start that it had turned token authentication on)
+    lines = [ln for ln in (smoke_study.parent / "run.stderr").read_text().splitlines() if "pid=" not in ln]
+    assert not [ln for ln in lines if "WARNING" in ln or "Warning" in ln], lines
 
 
 def test_smoke_study_exports_one_row_per_trial(smoke_study):
