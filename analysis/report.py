@@ -106,9 +106,15 @@ def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str
     done, converged = split_converged(done, knob)
     methods = sorted(done["method"].dropna().unique()) if "method" in done.columns else [None]
     base = done[_baseline_mask(done)]
+    # the baseline is a band where it is one configuration along this knob (SimCLR, or SinSim at beta = 0, on a
+    # plot over beta or eps); where it varies along the knob (batch size, method) it is a curve of its own, and
+    # a band would pool its points
+    band = len(base) > 0 and knob != "method" and base[knob].nunique() <= 1
+    # a categorical knob's values have one position each on the shared axis, whichever methods ran them
+    cats = _categories(done[knob]) if scale == "category" or done[knob].dtype == object else None
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        if knob != "method" and len(base):
+        if band:
             m, lo, hi = base[metric].mean(), *_ci_bounds(base[metric])
             ax.axhspan(100 * lo, 100 * hi, color="0.85", zorder=0, label=f"SimCLR baseline (n={len(base)})")
             ax.axhline(100 * m, color="0.5", lw=1, zorder=0)
@@ -123,12 +129,9 @@ def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str
             if knob != "method" and d[knob].nunique() < 2 and method != "simclr":
                 continue
             s = summarise(d, [knob], metric)
-            if scale == "category" or s[knob].dtype == object:
-                s = s.sort_values(knob)
-                x = np.arange(len(s))
-                # K = 40, not 40.0 (a knob some cases leave unset is a float column)
-                ax.set_xticks(x, [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
-                                  for v in s[knob]])
+            if cats is not None:
+                x = np.array([cats.index(_tick(v)) for v in s[knob]])
+                ax.set_xticks(np.arange(len(cats)), cats)
             else:
                 x = s[knob].astype(float).values
             ax.errorbar(x, 100 * s["mean"], yerr=100 * s["ci"].fillna(0), marker="o", capsize=3,
@@ -145,6 +148,18 @@ def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str
         ax.set_title(f"{METRICS.get(metric, metric)} vs {knob}", fontsize=10)
         ax.legend(fontsize=7, loc="best")
     return _save(fig, out, f"sensitivity_{knob}")
+
+
+def _tick(v) -> str:
+    """A knob value as a tick label: K = 40, not 40.0 (a knob some cases leave unset is a float column)."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "unset"
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+def _categories(values: pd.Series) -> List[str]:
+    """The tick labels of a categorical knob's values, sorted by value, "unset" last."""
+    return [_tick(v) for v in sorted(values.dropna().unique().tolist())] + (["unset"] if values.isna().any() else [])
 
 
 def _ci_bounds(x: pd.Series):
@@ -273,6 +288,11 @@ def flags(res: pd.DataFrame, hist: pd.DataFrame) -> pd.DataFrame:
             else "failed"
         rows.append({"trial_id": r["trial_id"], "flag": kind, "detail": str(r.get("error", ""))[:200]})
     return pd.DataFrame(rows, columns=["trial_id", "flag", "detail"])
+
+
+def _listed(value) -> str:
+    """A spec's list (methods, seeds) as "simclr, sinsim", a single value as itself."""
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _fmt_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -410,8 +430,8 @@ code {{ background: #f4f4f4; padding: 0 3px; }}
 </style></head><body>
 <h1>otstudy report: {name}</h1>
 <p>{html.escape(str(spec.get('description', '')))}</p>
-<p><b>Trials:</b> {status} (expected {expected}). Method(s): {html.escape(str(spec.get('method')))};
-dataset: {html.escape(str(spec.get('dataset')))}; seeds: {html.escape(str(spec.get('seeds')))};
+<p><b>Trials:</b> {status} (expected {expected}). Method(s): {html.escape(_listed(spec.get('method')))};
+dataset: {html.escape(str(spec.get('dataset')))}; seeds: {html.escape(_listed(spec.get('seeds')))};
 metric for search/pruning: {html.escape(str(spec.get('metric')))} (validation split). Accuracies below are on the
 held-out test split, which no selection looked at.</p>
 {warn}

@@ -56,7 +56,8 @@ def overhead_table(df: pd.DataFrame, config_cols: List[str], baseline: Optional[
     """
     d = df.copy()
     d["ot_share"] = d["med_ot_time_ms"] / d["med_step_time_ms"]
-    group_cols = [c for c in group_cols if c in d.columns and c not in config_cols]
+    # a searched batch size is also a configuration column: its ratios are still against the baseline at it
+    group_cols = [c for c in group_cols if c in d.columns]
     keys = list(dict.fromkeys(group_cols + config_cols))
     cols = [c for c in OVERHEAD_COLS if c in d.columns]
     grouped = d.groupby(keys, dropna=False)

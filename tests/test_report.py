@@ -47,6 +47,61 @@ def test_overhead_ratios_against_simclr_at_the_same_batch_size():
     assert t.loc[(64, "simclr"), "n"] == 2
 
 
+def test_overhead_ratios_against_simclr_at_the_same_batch_size_when_batch_size_is_searched():
+    # the batch_size preset: batch size is a configuration column too; its ratios were taken against SimCLR's
+    # median over every batch size (a study at 64 and 128 showed SimCLR at 0.67x and 1.33x itself)
+    df = pd.DataFrame({"method": ["simclr", "sinsim", "simclr", "sinsim"], "batch_size": [64, 64, 128, 128],
+                       "hardware": ["Xeon, 1 threads"] * 4, "med_step_time_ms": [30.0, 33.0, 60.0, 66.0],
+                       "med_ot_time_ms": [0.0, 1.0, 0.0, 2.0]})
+    t = overhead_table(df, ["batch_size", "method"], baseline=df["method"] == "simclr")
+    t = t.set_index(["batch_size", "method"])
+    assert t.loc[(64, "simclr"), "med_step_time_ms_ratio"] == pytest.approx(1.0)
+    assert t.loc[(128, "simclr"), "med_step_time_ms_ratio"] == pytest.approx(1.0)
+    assert t.loc[(64, "sinsim"), "med_step_time_ms_ratio"] == pytest.approx(1.1)
+    assert t.loc[(128, "sinsim"), "med_step_time_ms_ratio"] == pytest.approx(1.1)
+
+
+def _plotted(monkeypatch, done, knob):
+    """sensitivity_plot's first axis: {legend label: (x positions, y values)}, tick labels, baseline band
+    labels."""
+    import analysis.report as report
+
+    figs = []
+    monkeypatch.setattr(report, "_save", lambda fig, out, stem: figs.append(fig) or f"{stem}.png")
+    assert report.sensitivity_plot(done, knob, Path("."), ["test_linear_acc"]) == f"sensitivity_{knob}.png"
+    ax = figs[0].axes[0]
+    series = {c.get_label(): (c.lines[0].get_xdata().tolist(), c.lines[0].get_ydata().tolist())
+              for c in ax.containers}
+    bands = [p.get_label() for p in ax.patches if "baseline" in p.get_label()]
+    return series, [t.get_text() for t in ax.get_xticklabels()], bands
+
+
+def test_sensitivity_plot_puts_each_category_at_one_position_for_every_method(monkeypatch):
+    # the methods and batch_size presets: every method was drawn at the first position(s) and the ticks
+    # were the last method's, so SimCLR stood above "sinsim"; SimCLR's own batch sizes were pooled into a band
+    rows = [{"method": m, "batch_size": b, "seed": s, "beta": 0.8 if m == "sinsim" else np.nan,
+             "test_linear_acc": acc + 0.01 * s}
+            for m, b, acc in (("simclr", 64, 0.90), ("simclr", 128, 0.92), ("sinsim", 128, 0.80),
+                              ("sinsim", 256, 0.82)) for s in (0, 1)]
+    done = pd.DataFrame(rows)
+    series, ticks, bands = _plotted(monkeypatch, done, "method")
+    assert ticks == ["simclr", "sinsim"] and bands == []
+    assert series["simclr"][0] == [0] and series["sinsim"][0] == [1]
+    assert series["simclr"][1] == [pytest.approx(91.5)] and series["sinsim"][1] == [pytest.approx(81.5)]
+    series, ticks, bands = _plotted(monkeypatch, done, "batch_size")
+    assert ticks == ["64", "128", "256"] and bands == []  # SimCLR varies along batch size: a curve, no band
+    assert series["simclr"][0] == [0, 1] and series["sinsim"][0] == [1, 2]
+    assert series["sinsim"][1] == [pytest.approx(80.5), pytest.approx(82.5)]
+
+
+def test_sensitivity_plot_draws_the_baseline_as_a_band_where_it_is_one_configuration(monkeypatch):
+    done = pd.DataFrame([{"method": "sinsim", "beta": b, "seed": s, "test_linear_acc": 0.9 - 0.1 * b + 0.01 * s}
+                         for b in (0.0, 0.4, 0.8) for s in (0, 1, 2)])
+    series, _, bands = _plotted(monkeypatch, done, "beta")
+    assert bands == ["SimCLR baseline (n=3)"]  # SinSim at beta = 0
+    assert series["sinsim"][0] == [0.0, 0.4, 0.8]
+
+
 def test_overhead_ratios_are_taken_on_the_same_hardware():
     # a cluster's nodes may differ: SinSim on the fast CPU is compared with SimCLR on the fast CPU only
     df = pd.DataFrame({
@@ -122,6 +177,7 @@ def test_report_of_a_synthetic_study(tmp_path):
     assert fl["trial_id"].tolist() == ["t6"] and fl["flag"].iloc[0] == "sinkhorn not converged"
     page = index.read_text()
     assert "have not finished" not in page
+    assert "Method(s): sinsim;" in page and "seeds: 0, 1, 2;" in page
     assert "step time (ms) × baseline" in page
     for f in ("sensitivity_beta.png", "sensitivity_beta.pdf", "learning_curves.png",
               "overhead.tex", "overhead.md"):
