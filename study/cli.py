@@ -316,7 +316,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # here, so that a reader gone early is met below, not in the interpreter's teardown
+        return code
+    except BrokenPipeError:
+        # `otstudy status DIR | head`: the reader has what it wanted; leave as a command stopped by SIGPIPE
+        # does, without a traceback (stdout goes to /dev/null so that the last flush at exit cannot fail)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
     except CliError as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:

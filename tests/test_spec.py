@@ -229,6 +229,19 @@ def test_presets_command_lists_each(capsys):
     assert all(name in out for name in PRESETS)
 
 
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    # `otstudy presets | head -1`: the output is flushed after head has gone; it printed BrokenPipeError's
+    # traceback (from the interpreter's last flush), now the command ends as one stopped by SIGPIPE
+    import subprocess
+
+    from helpers import OTSTUDY
+
+    proc = subprocess.Popen([OTSTUDY, "presets"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command (which needs ~0.3 s to start) writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == ""
+
+
 def test_define_by_run_space_is_conditional():
     import optuna
 
