@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -150,6 +151,12 @@ def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str
     return _save(fig, out, f"sensitivity_{knob}")
 
 
+def _pooled_over(knob: str, knobs: List[str]) -> str:
+    """The caption's note of the knobs a plot over ``knob`` pools (each method is its own curve)."""
+    others = [_label(k) for k in knobs if k not in (knob, "method")]
+    return f", pooled over {', '.join(others)}" if others else ""
+
+
 def _tick(v) -> str:
     """A knob value as a tick label: K = 40, not 40.0 (a knob some cases leave unset is a float column)."""
     if v is None or (isinstance(v, float) and v != v):
@@ -199,6 +206,7 @@ def learning_curves(hist: pd.DataFrame, res: pd.DataFrame, knobs: List[str], out
                 label=key if key not in labels else None)
         labels.setdefault(key, color)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs 1, 2, 3, not 1.25
     ax.set_ylabel(METRICS["knn_acc"])
     ax.set_title("learning curves (dashed: pruned, dotted: failed)", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
@@ -336,7 +344,8 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
         if len(done):
             f = sensitivity_plot(done, knob, out, metrics)
             if f:
-                figures.append((f, f"Final accuracy vs {_label(knob)}: mean and 95% CI over seeds (n per point)."))
+                figures.append((f, f"Final accuracy vs {_label(knob)}: mean and 95% CI over seeds (n per point)"
+                                   + _pooled_over(knob, knobs) + "."))
     f = learning_curves(hist, res, knobs, out)
     if f:
         figures.append((f, "Validation kNN accuracy (the pruning signal) per trial."))
@@ -345,7 +354,9 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
         if "test_linear_acc" in res.columns and len(knobs) >= 2 else {}
     f = importance_plot(importance, "test_linear_acc", out)
     if f:
-        figures.append((f, "Which knob moves the final accuracy most: Optuna's PED-ANOVA over completed trials."))
+        n_done = int((res["status"] == "completed").sum())
+        figures.append((f, f"Which knob moves the final accuracy most: Optuna's PED-ANOVA over the {n_done} "
+                           "completed trials."))
     emb = embedding_plot(res, study_dir, knobs, out)
     if emb:
         figures.append((emb[0], f"{emb[1]} of the frozen test features: the best configuration (by validation "

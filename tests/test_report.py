@@ -94,6 +94,18 @@ def test_sensitivity_plot_puts_each_category_at_one_position_for_every_method(mo
     assert series["sinsim"][1] == [pytest.approx(80.5), pytest.approx(82.5)]
 
 
+def test_learning_curves_tick_whole_epochs(monkeypatch):
+    import analysis.report as report
+
+    figs = []
+    monkeypatch.setattr(report, "_save", lambda fig, out, stem: figs.append(fig) or f"{stem}.png")
+    res = pd.DataFrame({"trial_id": ["a"], "status": ["completed"], "beta": [0.4]})
+    hist = pd.DataFrame({"trial_id": ["a"] * 3, "epoch": [1, 2, 3], "knn_acc": [0.5, 0.6, 0.7]})
+    assert report.learning_curves(hist, res, ["beta"], Path(".")) == "learning_curves.png"
+    ticks = figs[0].axes[0].get_xticks()
+    assert len(ticks) and all(float(t).is_integer() for t in ticks)  # were 1.00, 1.25, ... 3.00
+
+
 def test_sensitivity_plot_draws_the_baseline_as_a_band_where_it_is_one_configuration(monkeypatch):
     done = pd.DataFrame([{"method": "sinsim", "beta": b, "seed": s, "test_linear_acc": 0.9 - 0.1 * b + 0.01 * s}
                          for b in (0.0, 0.4, 0.8) for s in (0, 1, 2)])
@@ -211,6 +223,10 @@ def test_report_of_a_cases_study_where_some_cases_leave_a_knob_unset(tmp_path):
     assert set(imp["knob"]) == {"relaxation", "sinkhorn_iters"} and imp["importance"].sum() == pytest.approx(1.0)
     assert len(pd.read_csv(rep / "summary.csv")) == 4  # U(1), U(a) and U(a,b) with K = 1, 4
     assert (rep / "sensitivity_relaxation.png").stat().st_size > 0
+    page = (rep / "index.html").read_text()
+    # the plot over U pools U(a,b)'s K values, and says so; the importance names how many trials it read
+    assert "Final accuracy vs coupling set U: mean and 95% CI over seeds (n per point), pooled over K" in page
+    assert "PED-ANOVA over the 12 completed trials." in page
 
 
 def test_converged_sns_trials_are_the_reference_band_on_the_plot_over_k(tmp_path):
