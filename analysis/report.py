@@ -16,7 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -142,6 +142,11 @@ def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str
                             ha="center")
         if scale == "log":
             ax.set_xscale("log")
+            # within a decade matplotlib labels the minor ticks as 1.2x10^-1, 1.4x10^-1, ..., overprinted: label
+            # 1, 2 and 5 of each decade as plain numbers instead
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         elif scale == "symlog":
             ax.set_xscale("symlog", linthresh=0.1)
         ax.set_xlabel(_label(knob))
@@ -198,7 +203,7 @@ def learning_curves(hist: pd.DataFrame, res: pd.DataFrame, knobs: List[str], out
         if tid not in cfg.index:
             continue
         row = cfg.loc[tid]
-        key = " ".join(f"{c}={row[c]}" for c in cols if c in cfg.columns)
+        key = _describe(row, [c for c in cols if c in cfg.columns])
         color = palette[list(labels).index(key) % 12] if key in labels else palette[len(labels) % 12]
         status = row["status"]
         ax.plot(g["epoch"], 100 * g["knn_acc"], color=color, lw=1.2, alpha=0.8,
@@ -238,7 +243,8 @@ def _embed_2d(x: np.ndarray, seed: int = 0) -> tuple:
 
 
 def _describe(row, cols) -> str:
-    return " ".join(f"{c}={row[c]}" for c in cols)
+    """A configuration as "method=sinsim beta=0.823 eps=0.269": a sampled value to 3 significant digits."""
+    return " ".join(f"{c}={row[c]:.3g}" if isinstance(row[c], float) else f"{c}={row[c]}" for c in cols)
 
 
 def embedding_plot(res: pd.DataFrame, study_dir: Optional[Path], knobs: List[str], out: Path,

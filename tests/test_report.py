@@ -94,6 +94,26 @@ def test_sensitivity_plot_puts_each_category_at_one_position_for_every_method(mo
     assert series["sinsim"][1] == [pytest.approx(80.5), pytest.approx(82.5)]
 
 
+def test_a_log_axis_is_labelled_in_plain_numbers_that_do_not_overprint(monkeypatch):
+    # TPE's eps in [0.12, 0.27]: matplotlib labelled every minor tick as 1.2x10^-1, 1.4x10^-1, ... on top of
+    # each other
+    import analysis.report as report
+
+    figs = []
+    monkeypatch.setattr(report, "_save", lambda fig, out, stem: figs.append(fig) or f"{stem}.png")
+    for values, expected in (([0.123, 0.269], {"0.2"}), ([0.01, 0.05, 0.1, 0.5], {"0.01", "0.05", "0.1", "0.5"})):
+        done = pd.DataFrame([{"method": "sinsim", "eps": e, "seed": s, "test_linear_acc": 0.9}
+                             for e in values for s in (0, 1)])
+        report.sensitivity_plot(done, "eps", Path("."), ["test_linear_acc"])
+        ax = figs[-1].axes[0]
+        figs[-1].canvas.draw()
+        lo, hi = ax.get_xlim()
+        shown = [t.get_text() for t in ax.xaxis.get_majorticklabels() if lo <= t.get_position()[0] <= hi]
+        assert expected <= set(shown), shown
+        assert all(float(t) > 0 for t in shown)  # plain numbers, no 10^k
+        assert not [t.get_text() for t in ax.xaxis.get_minorticklabels() if t.get_text()]
+
+
 def test_learning_curves_tick_whole_epochs(monkeypatch):
     import analysis.report as report
 
@@ -104,6 +124,10 @@ def test_learning_curves_tick_whole_epochs(monkeypatch):
     assert report.learning_curves(hist, res, ["beta"], Path(".")) == "learning_curves.png"
     ticks = figs[0].axes[0].get_xticks()
     assert len(ticks) and all(float(t).is_integer() for t in ticks)  # were 1.00, 1.25, ... 3.00
+    # a sampled value is named to 3 significant digits in the legend (was beta=0.8232202558909871)
+    res = pd.DataFrame({"trial_id": ["a"], "status": ["completed"], "beta": [0.8232202558909871], "method": ["x"]})
+    report.learning_curves(hist, res, ["beta"], Path("."))
+    assert [t.get_text() for t in figs[-1].axes[0].get_legend().get_texts()] == ["method=x beta=0.823"]
 
 
 def test_sensitivity_plot_draws_the_baseline_as_a_band_where_it_is_one_configuration(monkeypatch):
