@@ -6,7 +6,6 @@ searcher.py and tracking.py), so Ray's API churn touches one place.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import os
@@ -414,22 +413,10 @@ def grid_points(spec: Spec) -> List[Dict[str, Any]]:
     steps with SinSim's OT term on digits) on the other, which then ran alone at the end (see
     BENCHMARKS.md, platform_overhead). The points are one ``grid_search`` over dicts (key
     ``__case__``, merged into the trial's config by :func:`study.records.flat_config`); a case's keys
-    override a knob's, as before.
+    override a knob's, and a knob is left out of the methods that do not read it
+    (:meth:`study.spec.Spec.grid_configs`).
     """
-    axes: List[List[Dict[str, Any]]] = []
-    if len(spec.methods) > 1 and not spec.cases_set_method:
-        axes.append([{"method": m} for m in spec.methods])
-    axes += [[{k: v} for v in vals] for k, vals in spec.grid_knobs.items()]
-    if spec.cases:
-        axes.append([dict(c) for c in spec.cases])
-    axes.append([{"seed": s} for s in spec.seeds])
-    points = []
-    for combo in itertools.product(*axes):
-        point: Dict[str, Any] = {}
-        for part in combo:
-            point.update(part)
-        points.append(point)
-    return points
+    return [{**config, "seed": seed} for config in spec.grid_configs() for seed in spec.seeds]
 
 
 def _search(spec: Spec):

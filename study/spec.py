@@ -7,6 +7,7 @@ YAML is read with ``yaml.safe_load``; nothing in a spec is evaluated as code.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -79,13 +80,37 @@ class Spec:
     def cases(self) -> List[Dict[str, Any]]:
         return list(self.search.get("cases", []))
 
+    def grid_configs(self) -> List[Dict[str, Any]]:
+        """A grid study's configurations (no seed), in the order they start: the methods, then each knob's
+        values, then the cases, in the spec's order with the first slowest; a case's keys override a knob's.
+
+        A knob only some of the study's methods read is left out of the other methods' configurations,
+        as the Optuna samplers' define-by-run space leaves it out: crossed with them it ran the same
+        trial again under another name (SinSim once per GCA-UOT lambda1, with the same seed: the same
+        result twice, counted as two configurations by the summary and its error bars)."""
+        owners = knob_owners()
+        axes: List[List[Dict[str, Any]]] = []
+        if len(self.methods) > 1 and not self.cases_set_method:
+            axes.append([{"method": m} for m in self.methods])
+        axes += [[{k: v} for v in vals] for k, vals in self.grid_knobs.items()]
+        if self.cases:
+            axes.append([dict(c) for c in self.cases])
+        configs: List[Dict[str, Any]] = []
+        seen = set()
+        for combo in itertools.product(*axes):
+            point: Dict[str, Any] = {}
+            for part in combo:
+                point.update(part)
+            method = point.get("method", self.methods[0])
+            point = {k: v for k, v in point.items() if k not in owners or method in owners[k]}
+            key = tuple(sorted((k, repr(v)) for k, v in point.items()))
+            if key not in seen:
+                seen.add(key)
+                configs.append(point)
+        return configs
+
     def n_configs(self) -> int:
-        if self.sampler == "grid":
-            n = (1 if self.cases_set_method else len(self.methods)) * max(1, len(self.cases))
-            for values in self.grid_knobs.values():
-                n *= len(values)
-            return n
-        return self.num_samples
+        return len(self.grid_configs()) if self.sampler == "grid" else self.num_samples
 
     def n_trials(self) -> int:
         return self.n_configs() * len(self.seeds)

@@ -57,7 +57,7 @@ def test_a_grid_runs_every_configuration_with_its_seeds_side_by_side():
     from study.records import flat_config
     from study.runner import _search
 
-    spec = parse_spec(with_(method=["simclr", "sinsim"], seeds=[3, 4],
+    spec = parse_spec(with_(method=["sinsim", "gca_ince"], seeds=[3, 4],
                             search={"eps": {"grid": [0.05, 0.1]}, "beta": {"choices": [0.0, 0.8]}}))
     space, alg, _ = _search(spec)
     assert alg is None
@@ -66,10 +66,11 @@ def test_a_grid_runs_every_configuration_with_its_seeds_side_by_side():
     configs = []
     while (trial := gen.next_trial()) is not None:
         configs.append(flat_config(trial.config))
-    order = [(c["method"], c["eps"], c["beta"], c["seed"]) for c in configs]
-    assert order == [(m, e, b, s) for m in ("simclr", "sinsim") for e in (0.05, 0.1) for b in (0.0, 0.8)
-                     for s in (3, 4)]
-    assert len(order) == spec.n_trials()
+    order = [(c["method"], c["eps"], c.get("beta"), c["seed"]) for c in configs]
+    # GCA reads eps, not beta (a SinSim knob): its configurations are the eps values alone
+    assert order == [(m, e, b, s) for m in ("sinsim", "gca_ince") for e in (0.05, 0.1)
+                     for b in ((0.0, 0.8) if m == "sinsim" else (None,)) for s in (3, 4)]
+    assert len(order) == spec.n_trials() == 12
     assert all(c["epochs"] == 2 and c["dataset"] == "digits" and "__case__" not in c for c in configs)
 
     # cases (which may set the method) sit between the knobs and the seeds and override both
@@ -80,8 +81,32 @@ def test_a_grid_runs_every_configuration_with_its_seeds_side_by_side():
     configs = []
     while (trial := gen.next_trial()) is not None:
         configs.append(flat_config(trial.config))
-    assert [(c["beta"], c["method"], c["eps"], c["seed"]) for c in configs] == [
-        (b, m, e, s) for b in (0.0, 0.8) for m, e in (("simclr", 0.05), ("sinsim", 0.1)) for s in (0, 1)]
+    # SimCLR reads no beta: it runs once (at the first beta's place), SinSim at each beta
+    assert [(c.get("beta"), c["method"], c["eps"], c["seed"]) for c in configs] == [
+        (b, m, e, s) for b, m, e in ((None, "simclr", 0.05), (0.0, "sinsim", 0.1), (0.8, "sinsim", 0.1))
+        for s in (0, 1)]
+    assert len(configs) == spec.n_trials()
+
+
+def test_a_grid_leaves_a_knob_out_of_the_methods_that_do_not_read_it():
+    # SinSim x GCA-UOT over beta x lambda1 ran 16 trials: SinSim once per lambda1 (which it does not read),
+    # GCA-UOT once per beta; the same trial twice, with the same seed and the same result
+    from study.runner import grid_points
+
+    spec = parse_spec(with_(method=["sinsim", "gca_uot"], seeds=[0, 1],
+                            search={"beta": {"grid": [0.4, 0.8]}, "uot_lambda1": {"grid": [0.1, 1.0]}}))
+    assert spec.grid_configs() == [{"method": "sinsim", "beta": 0.4}, {"method": "sinsim", "beta": 0.8},
+                                   {"method": "gca_uot", "uot_lambda1": 0.1}, {"method": "gca_uot", "uot_lambda1": 1.0}]
+    assert spec.n_configs() == 4 and spec.n_trials() == 8 and len(grid_points(spec)) == 8
+    assert grid_points(spec)[:2] == [{"method": "sinsim", "beta": 0.4, "seed": 0},
+                                     {"method": "sinsim", "beta": 0.4, "seed": 1}]
+    # a knob every method reads stays crossed with each; one method alone keeps its whole grid
+    spec = parse_spec(with_(method=["simclr", "sinsim"], search={"batch_size": {"grid": [64, 128]},
+                                                                 "beta": {"grid": [0.0, 0.8]}}))
+    assert [(c["method"], c["batch_size"], c.get("beta")) for c in spec.grid_configs()] == [
+        ("simclr", 64, None), ("simclr", 128, None), ("sinsim", 64, 0.0), ("sinsim", 64, 0.8),
+        ("sinsim", 128, 0.0), ("sinsim", 128, 0.8)]
+    assert parse_spec(with_(search={"beta": {"grid": [0.0, 0.8]}, "eps": {"grid": [0.05, 0.1]}})).n_configs() == 4
 
 
 def test_issue_example_spec_parses():
