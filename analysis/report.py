@@ -113,6 +113,12 @@ def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str
     band = len(base) > 0 and knob != "method" and base[knob].nunique() <= 1
     # a categorical knob's values have one position each on the shared axis, whichever methods ran them
     cats = _categories(done[knob]) if scale == "category" or done[knob].dtype == object else None
+    # a curve per method with at least two values of the knob (SimCLR, the baseline, with one); a method that
+    # does not read the knob (its value unset) has no place on the axis: SimCLR is then the band
+    drawn = [m for m in methods if knob == "method" or
+             (done if m is None else done[done["method"] == m])[knob].nunique() >= (1 if m == "simclr" else 2)]
+    if not drawn:
+        return None  # e.g. over beta in a SinSim x GCA study whose SinSim trials at the other betas were pruned
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         if band:
@@ -125,10 +131,8 @@ def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str
             ax.axhspan(100 * lo, 100 * hi, color="tab:green", alpha=0.15, zorder=0,
                        label=f"converged plan, SNS (n={len(vals)})")
             ax.axhline(100 * m, color="tab:green", lw=1, ls="--", zorder=0)
-        for method in methods:
+        for method in drawn:
             d = done if method is None else done[done["method"] == method]
-            if knob != "method" and d[knob].nunique() < 2 and method != "simclr":
-                continue
             s = summarise(d, [knob], metric)
             if cats is not None:
                 x = np.array([cats.index(_tick(v)) for v in s[knob]])
@@ -398,11 +402,26 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
     mlflow_errors = int(meta.get("mlflow_errors", 0))
     pd.DataFrame(sorted(importance.items(), key=lambda kv: -kv[1]),
                  columns=["knob", "importance"]).to_csv(out / "importance.csv", index=False)
+    _remove_stale_figures(out, {Path(f).stem for f, _ in figures})
     page = _html(spec, meta, counts, expected, missing, figures, summary, over, flagged, mlflow_errors,
                  time.perf_counter() - t0)
     index = out / "index.html"
     index.write_text(page)
     return index
+
+
+FIGURE_STEMS = ("sensitivity_*", "heatmap_*", "learning_curves", "importance", "embeddings")
+
+
+def _remove_stale_figures(out: Path, written: set) -> None:
+    """Delete the figures an earlier report of this study wrote and this one did not (a running study's
+    report regenerated after a knob's plot lost its last curve), so that report/ holds this page's figures
+    only. Only files named as this module names its figures are touched."""
+    for pattern in FIGURE_STEMS:
+        for ext in ("png", "pdf"):
+            for f in out.glob(f"{pattern}.{ext}"):
+                if f.stem not in written:
+                    f.unlink()
 
 
 def _readable(df: pd.DataFrame) -> pd.DataFrame:

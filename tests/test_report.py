@@ -130,6 +130,41 @@ def test_learning_curves_tick_whole_epochs(monkeypatch):
     assert [t.get_text() for t in figs[-1].axes[0].get_legend().get_texts()] == ["method=x beta=0.823"]
 
 
+def test_no_plot_over_a_knob_that_no_method_varies(monkeypatch):
+    # SinSim x GCA-UOT over beta x lambda1 with ASHA: SinSim's trials at beta = 0.8 were pruned, GCA-UOT reads no
+    # beta: the plot over beta was an empty frame (and matplotlib warned of a legend without artists)
+    import warnings
+
+    from analysis.report import sensitivity_plot
+
+    rows = [{"method": "sinsim", "beta": 0.4, "seed": s, "test_linear_acc": 0.9} for s in (0, 1)]
+    rows += [{"method": "gca_uot", "uot_lambda1": lam, "seed": s, "test_linear_acc": 0.95}
+             for lam in (0.1, 1.0) for s in (0, 1)]
+    done = pd.DataFrame(rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sensitivity_plot(done, "beta", Path("."), ["test_linear_acc"]) is None
+    series, _, _ = _plotted(monkeypatch, done, "uot_lambda1")
+    assert list(series) == ["gca_uot"]  # SinSim reads no lambda1: no points at an unset value
+    # SimCLR next to SinSim over beta: SimCLR has no beta, so it is the band (with SinSim at beta = 0), no curve
+    done = pd.DataFrame([{"method": "simclr", "seed": s, "test_linear_acc": 0.9} for s in (0, 1)]
+                        + [{"method": "sinsim", "beta": b, "seed": s, "test_linear_acc": 0.8}
+                           for b in (0.0, 0.8) for s in (0, 1)])
+    series, _, bands = _plotted(monkeypatch, done, "beta")
+    assert list(series) == ["sinsim"] and bands == ["SimCLR baseline (n=4)"]
+
+
+def test_a_report_written_again_keeps_only_its_own_figures(tmp_path):
+    d = synthetic_study(tmp_path / "syn", n_expected=9)
+    rep = write_report(d).parent
+    (rep / "sensitivity_eps.png").write_bytes(b"stale")  # a plot an earlier report drew
+    (rep / "sensitivity_eps.pdf").write_bytes(b"stale")
+    (rep / "my_notes.png").write_bytes(b"mine")  # not a name the report writes
+    write_report(d)
+    assert not (rep / "sensitivity_eps.png").exists() and not (rep / "sensitivity_eps.pdf").exists()
+    assert (rep / "my_notes.png").read_bytes() == b"mine" and (rep / "sensitivity_beta.png").stat().st_size > 0
+
+
 def test_sensitivity_plot_draws_the_baseline_as_a_band_where_it_is_one_configuration(monkeypatch):
     done = pd.DataFrame([{"method": "sinsim", "beta": b, "seed": s, "test_linear_acc": 0.9 - 0.1 * b + 0.01 * s}
                          for b in (0.0, 0.4, 0.8) for s in (0, 1, 2)])
