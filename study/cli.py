@@ -118,11 +118,20 @@ def cmd_run(args) -> int:
         print(f"[otstudy] spec is valid: {spec.n_trials()} trials would run in {target}")
         return 0
     try:
-        run_study(spec, storage=args.storage, address=args.address, smoke=args.smoke_test,
-                  workdir=args.workdir)
+        done = run_study(spec, storage=args.storage, address=args.address, smoke=args.smoke_test,
+                         workdir=args.workdir)
     except (StudyExists, StorageError, ResourceError) as exc:
         return _fail(str(exc))
-    return 0
+    return _exit_code(done)
+
+
+def _exit_code(study_dir: Path) -> int:
+    """0 when every trial of the study has finished; 130, as for Ctrl-C, when it stopped before (Tune
+    handles SIGINT itself and returns as if done), so that `otstudy run S && otstudy report D` stops too."""
+    from study.runner import trials_finished
+
+    finished, expected = trials_finished(study_dir)
+    return 0 if finished >= expected else 130
 
 
 def cmd_resume(args) -> int:
@@ -130,10 +139,10 @@ def cmd_resume(args) -> int:
 
     d = _study_dir(args.dir, args.workdir, refresh=False)  # resume_study refreshes the mirror itself
     try:
-        resume_study(d, address=args.address, restart_errored=args.restart_errored)
+        done = resume_study(d, address=args.address, restart_errored=args.restart_errored)
     except ResourceError as exc:
         return _fail(f"{exc}; the study is unchanged")
-    return 0
+    return _exit_code(done)
 
 
 def cmd_export(args) -> int:

@@ -591,15 +591,22 @@ def init_ray(address: Optional[str] = None) -> None:
         _RAYLET_ENV = inherited
 
 
-class _TokenAuthNotice(logging.Filter):
-    """Drops Ray's notice that a new local cluster has token authentication on (its default); any
-    other record of that logger, e.g. that authentication is off, passes."""
+class _Drop(logging.Filter):
+    """Drops a logger's records that start with ``prefix``; any other record of it passes."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+        return not record.getMessage().startswith(self.prefix)
 
 
-_TOKEN_AUTH_NOTICE = _TokenAuthNotice()  # one instance: a logger adds a filter it already has once
+# one instance each: a logger adds a filter it already has once
+# Ray's notice that a new local cluster has token authentication on (its default); e.g. that it is off passes
+_TOKEN_AUTH_NOTICE = _Drop("Token authentication is enabled for this Ray cluster")
+# Tune's advice after Ctrl-C to call Tuner.restore(path, trainable=...): _finish prints `otstudy resume DIR`
+_TUNE_RESTORE_ADVICE = _Drop("Experiment has been interrupted")
 
 
 FULL_HEAD_ENV = "OTSTUDY_RAY_FULL_HEAD"  # =1: a local cluster with Ray's API server and autoscaler monitor
@@ -607,6 +614,7 @@ _RAYLET_ENV: Optional[Dict[str, str]] = None  # the environment of the local clu
 
 
 def _fit(tuner) -> None:
+    logging.getLogger("ray.tune.tune").addFilter(_TUNE_RESTORE_ADVICE)
     with _trial_env_inherited():
         tuner.fit()
 
@@ -1126,4 +1134,20 @@ def _finish(study_dir: Path) -> Path:
         remote.push_home(study_dir)
     counts = res["status"].value_counts().to_dict() if len(res) else {}
     print(f"[otstudy] {study_dir}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    finished, expected = trials_finished(study_dir, res)
+    if finished < expected:  # stopped early (Ctrl-C): Tune saves the experiment, ends its run and returns
+        target = display(remote.home) if remote is not None else study_dir
+        print(f"[otstudy] {finished} of {expected} trials finished; continue with `otstudy resume {target}`")
     return study_dir
+
+
+def trials_finished(study_dir: Path, res=None) -> tuple:
+    """(trials finished: completed, pruned or failed; trials the study has) from its exported results."""
+    import pandas as pd
+
+    if res is None:
+        f = Path(study_dir) / "results.parquet"
+        res = pd.read_parquet(f) if f.is_file() else pd.DataFrame({"status": []})
+    meta = Path(study_dir) / "study.json"
+    expected = json.loads(meta.read_text()).get("n_trials", len(res)) if meta.is_file() else len(res)
+    return int(res["status"].isin(["completed", "pruned", "failed"]).sum()), int(expected)

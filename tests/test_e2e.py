@@ -81,6 +81,30 @@ def test_resume_of_a_finished_study_reruns_nothing(smoke_study):
     assert len(trials) == 4 and len(parents) == 1
 
 
+def test_ctrl_c_stops_the_study_and_says_how_to_continue(tmp_path):
+    # Tune handles SIGINT itself (it saves the experiment and returns), so the study ended as if done: exit 0,
+    # and the last lines were Tune's advice to call Tuner.restore(path, trainable=...), not `otstudy resume`
+    import signal
+    import subprocess
+    import time
+
+    from helpers import OTSTUDY
+
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([OTSTUDY, "run", "--preset", "sinsim_beta", "--storage", str(tmp_path)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while "[otstudy trial]" not in log.read_text() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # the first trials have started (30 epochs each: none has finished)
+    assert proc.wait(timeout=180) == 130  # as for Ctrl-C: `otstudy run ... && otstudy report ...` stops here
+    text = log.read_text()
+    assert "Tuner.restore" not in text, text[-2000:]
+    study = tmp_path / "sinsim_beta"
+    assert f"of 12 trials finished; continue with `otstudy resume {study}`" in text, text[-2000:]
+
+
 def test_tpe_study_repeats_each_configuration_per_seed(tmp_path):
     otstudy("run", "--preset", "sinsim_eps_tpe", "--smoke-test", "--storage", str(tmp_path))
     res = pd.read_parquet(tmp_path / "sinsim_eps_tpe" / "results.parquet")
