@@ -115,8 +115,8 @@ def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str
     cats = _categories(done[knob]) if scale == "category" or done[knob].dtype == object else None
     # a curve per method with at least two values of the knob (SimCLR, the baseline, with one); a method that
     # does not read the knob (its value unset) has no place on the axis: SimCLR is then the band
-    drawn = [m for m in methods if knob == "method" or
-             (done if m is None else done[done["method"] == m])[knob].nunique() >= (1 if m == "simclr" else 2)]
+    rows = {m: done if m is None else done[done["method"] == m] for m in methods}
+    drawn = [m for m in methods if knob == "method" or rows[m][knob].nunique() >= (1 if m == "simclr" else 2)]
     if not drawn:
         return None  # e.g. over beta in a SinSim x GCA study whose SinSim trials at the other betas were pruned
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
@@ -132,8 +132,7 @@ def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str
                        label=f"converged plan, SNS (n={len(vals)})")
             ax.axhline(100 * m, color="tab:green", lw=1, ls="--", zorder=0)
         for method in drawn:
-            d = done if method is None else done[done["method"] == method]
-            s = summarise(d, [knob], metric)
+            s = summarise(rows[method], [knob], metric)
             if cats is not None:
                 x = np.array([cats.index(_tick(v)) for v in s[knob]])
                 ax.set_xticks(np.arange(len(cats)), cats)

@@ -13,7 +13,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -1141,7 +1141,7 @@ def _finish(study_dir: Path) -> Path:
     return study_dir
 
 
-def trials_finished(study_dir: Path, res=None) -> tuple:
+def trials_finished(study_dir: Path, res=None) -> Tuple[int, int]:
     """(trials finished: completed, pruned or failed; trials the study has) from its exported results."""
     import pandas as pd
 
