@@ -346,16 +346,21 @@ def error_summary(trial) -> str:
 
 
 def trial_label(config: Dict[str, Any], spec: Dict[str, Any]) -> str:
-    """A short human label: the swept knobs and the seed, e.g. 'beta=0.4 seed=1'."""
+    """A short human label: the swept knobs and the seed, e.g. 'beta=0.4 seed=1'; a sampled value to 4
+    significant digits ('eps=0.07821', not 0.07821210768011508; the run's params keep every digit)."""
+    def part(k) -> str:
+        v = config[k]
+        return f"{k}={v:.4g}" if isinstance(v, float) and len(repr(v)) > 7 else f"{k}={v}"
+
     keys = list((spec.get("search") or {}).keys())
     parts = []
     for k in keys:
         if k == "cases":
             continue
         if k in config:
-            parts.append(f"{k}={config[k]}")
+            parts.append(part(k))
     for case in (spec.get("search") or {}).get("cases", []):
-        parts += [f"{k}={config[k]}" for k in case if k in config and f"{k}={config[k]}" not in parts]
+        parts += [part(k) for k in case if k in config and part(k) not in parts]
     if "method" in config and isinstance(spec.get("method"), list) and f"method={config['method']}" not in parts:
         parts.insert(0, f"method={config['method']}")
     parts.append(f"seed={config.get('seed')}")

@@ -254,6 +254,21 @@ def test_presets_command_lists_each(capsys):
     assert all(name in out for name in PRESETS)
 
 
+def test_a_trial_label_names_a_sampled_value_to_4_significant_digits():
+    # a random or TPE study's lines (and MLflow run names) read 'beta=0.5903948646972071 eps=0.07821210768011508'
+    from study.tracking import trial_label
+
+    spec = {"method": ["sinsim", "iot_cl"], "search": {"beta": {}, "eps": {}, "lambda_p": {}}}
+    cfg = {"method": "sinsim", "beta": 0.5903948646972071, "eps": 0.07821210768011508, "seed": 0}
+    assert trial_label(cfg, spec) == "method=sinsim beta=0.5904 eps=0.07821 seed=0"
+    # a grid's values as written in the spec
+    assert trial_label({"beta": 0.0, "eps": 1e-3, "seed": 1}, {"method": "sinsim", "search": {"beta": {}, "eps": {}}}) \
+        == "beta=0.0 eps=0.001 seed=1"
+    assert trial_label({"relaxation": "Uab", "sinkhorn_iters": 4, "seed": 2},
+                       {"method": "iot_cl", "search": {"cases": [{"relaxation": "Uab", "sinkhorn_iters": 4}]}}) \
+        == "relaxation=Uab sinkhorn_iters=4 seed=2"
+
+
 def test_a_reader_that_leaves_early_gets_no_traceback():
     # `otstudy presets | head -1`: the output is flushed after head has gone; it printed BrokenPipeError's
     # traceback (from the interpreter's last flush), now the command ends as one stopped by SIGPIPE
