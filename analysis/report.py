@@ -263,7 +263,8 @@ def embedding_plot(res: pd.DataFrame, study_dir: Optional[Path], knobs: List[str
     cols = [c for c in _config_cols(knobs) if c in done.columns]
     best_key = rest.groupby(cols, dropna=False)["linear_acc"].mean().idxmax()
     best_key = best_key if isinstance(best_key, tuple) else (best_key,)
-    best = rest[np.logical_and.reduce([rest[c] == v for c, v in zip(cols, best_key)])]
+    # a knob the best configuration's method does not read is unset (NaN), and NaN == NaN is False
+    best = rest[np.logical_and.reduce([(rest[c] == v) | (rest[c].isna() & pd.isna(v)) for c, v in zip(cols, best_key)])]
     picks = []
     for kind, rows in (("baseline", base), ("best", best)):
         row = rows.sort_values("seed").iloc[0] if "seed" in rows.columns else rows.iloc[0]

@@ -154,6 +154,24 @@ def test_no_plot_over_a_knob_that_no_method_varies(monkeypatch):
     assert list(series) == ["sinsim"] and bands == ["SimCLR baseline (n=4)"]
 
 
+def test_the_embedding_picture_finds_a_best_configuration_with_unset_knobs(tmp_path):
+    # SimCLR, SinSim and IOT-CL over beta, eps and lambda_p: the best configuration (IOT-CL) has no beta, and
+    # matching its NaN beta with == found no trial: the report failed with an IndexError
+    from analysis.report import embedding_plot
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (method, beta, lam, acc) in enumerate((("simclr", np.nan, np.nan, 0.90), ("sinsim", 0.6, np.nan, 0.85),
+                                                   ("iot_cl", np.nan, 1.0, 0.95), ("iot_cl", np.nan, 0.0, 0.93))):
+        ckpt = tmp_path / "ray" / f"trial_t{i}" / "checkpoint_000002"
+        ckpt.mkdir(parents=True)
+        np.savez(ckpt / "embeddings.npz", features=rng.normal(size=(60, 8)), labels=np.arange(60) % 10)
+        rows.append({"trial_id": f"t{i}", "status": "completed", "method": method, "beta": beta, "lambda_p": lam,
+                     "seed": 0, "linear_acc": acc})
+    got = embedding_plot(pd.DataFrame(rows), tmp_path, ["method", "beta", "lambda_p"], tmp_path)
+    assert got is not None and got[0] == "embeddings.png" and (tmp_path / "embeddings.png").stat().st_size > 0
+
+
 def test_a_report_written_again_keeps_only_its_own_figures(tmp_path):
     d = synthetic_study(tmp_path / "syn", n_expected=9)
     rep = write_report(d).parent
