@@ -72,8 +72,8 @@ def _label(knob: str) -> str:
 
 def _save(fig, out: Path, stem: str) -> str:
     fig.tight_layout()
-    fig.savefig(out / f"{stem}.png", dpi=120)
-    fig.savefig(out / f"{stem}.pdf")
+    fig.savefig(out / f"{stem}.png", dpi=120, bbox_inches="tight")
+    fig.savefig(out / f"{stem}.pdf", bbox_inches="tight")
     plt.close(fig)
     return f"{stem}.png"
 
@@ -217,7 +217,8 @@ def learning_curves(hist: pd.DataFrame, res: pd.DataFrame, knobs: List[str], out
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs 1, 2, 3, not 1.25
     ax.set_ylabel(METRICS["knn_acc"])
     ax.set_title("learning curves (dashed: pruned, dotted: failed)", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    # below the axes: inside, it covered the curves it names
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     return _save(fig, out, "learning_curves")
 
 
@@ -246,8 +247,10 @@ def _embed_2d(x: np.ndarray, seed: int = 0) -> tuple:
 
 
 def _describe(row, cols) -> str:
-    """A configuration as "method=sinsim beta=0.823 eps=0.269": a sampled value to 3 significant digits."""
-    return " ".join(f"{c}={row[c]:.3g}" if isinstance(row[c], float) else f"{c}={row[c]}" for c in cols)
+    """A configuration as "method=sinsim beta=0.823 eps=0.269": a sampled value to 3 significant digits, a knob
+    its method does not read (unset) left out."""
+    return " ".join(f"{c}={row[c]:.3g}" if isinstance(row[c], float) else f"{c}={row[c]}" for c in cols
+                    if not (isinstance(row[c], float) and row[c] != row[c]))
 
 
 def embedding_plot(res: pd.DataFrame, study_dir: Optional[Path], knobs: List[str], out: Path,

@@ -128,6 +128,10 @@ def test_learning_curves_tick_whole_epochs(monkeypatch):
     res = pd.DataFrame({"trial_id": ["a"], "status": ["completed"], "beta": [0.8232202558909871], "method": ["x"]})
     report.learning_curves(hist, res, ["beta"], Path("."))
     assert [t.get_text() for t in figs[-1].axes[0].get_legend().get_texts()] == ["method=x beta=0.823"]
+    # a knob the trial's method does not read is left out (was "beta=nan")
+    res = pd.DataFrame({"trial_id": ["a"], "status": ["completed"], "beta": [np.nan], "method": ["simclr"]})
+    report.learning_curves(hist, res, ["beta"], Path("."))
+    assert [t.get_text() for t in figs[-1].axes[0].get_legend().get_texts()] == ["method=simclr"]
 
 
 def test_no_plot_over_a_knob_that_no_method_varies(monkeypatch):
