@@ -31,8 +31,9 @@ and the wall time (with ``--study-epochs E``, also the default part's 4-trial st
 time: its wall time and how unevenly its two workers were loaded). ``--part actor`` times a trial's actor
 started with Tune's runtime env against one started without (as otstudy's local cluster does), pair by pair.
 ``--part trace`` runs the 4 trials 2 at a time once and reads every process's CPU time from /proc every
-0.25 s: the CPU seconds of the driver, the trial workers, Ray's processes and the rest of the machine from the command to the first trial's line, their shares
-of the cores while the trials run, and after the last result.
+0.25 s: the CPU seconds of the driver, the trial workers, Ray's processes and the rest of the machine from
+the command to the first trial's line, their shares of the cores while the trials run, and after the last
+result.
 """
 from __future__ import annotations
 

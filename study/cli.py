@@ -125,13 +125,10 @@ def cmd_run(args) -> int:
     return _exit_code(done)
 
 
-def _exit_code(study_dir: Path) -> int:
+def _exit_code(end) -> int:
     """0 when every trial of the study has finished; 130, as for Ctrl-C, when it stopped before (Tune
     handles SIGINT itself and returns as if done), so that `otstudy run S && otstudy report D` stops too."""
-    from study.runner import trials_finished
-
-    finished, expected = trials_finished(study_dir)
-    return 0 if finished >= expected else 130
+    return 130 if end.unfinished else 0
 
 
 def cmd_resume(args) -> int:

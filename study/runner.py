@@ -13,7 +13,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import yaml
 
@@ -775,8 +775,9 @@ def read_study(study_dir: Path) -> Spec:
 
 
 def run_study(spec: Spec, *, storage: Optional[str] = None, address: Optional[str] = None,
-              smoke: bool = False, workdir: str = "studies") -> Path:
-    """Create the study directory, run every trial, export Parquet. Returns the study dir."""
+              smoke: bool = False, workdir: str = "studies") -> "StudyEnd":
+    """Create the study directory, run every trial, export Parquet. Returns the study dir and how many of
+    its trials did not finish (:class:`StudyEnd`)."""
     study_dir = study_dir_for(spec, storage, workdir)
     home = home_for(spec, storage)
     if study_dir.exists() and any(study_dir.iterdir()):
@@ -819,7 +820,7 @@ def run_study(spec: Spec, *, storage: Optional[str] = None, address: Optional[st
     return _finish(study_dir)
 
 
-def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_errored: bool = False) -> Path:
+def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_errored: bool = False) -> "StudyEnd":
     """Continue a study after Ctrl-C, a crash or kill -9 of the driver.
 
     Finished trials are not rerun; unfinished ones continue from their last
@@ -1123,7 +1124,16 @@ def repair_grid_generator(study_dir: Path, remote=None) -> Optional[str]:
     return what
 
 
-def _finish(study_dir: Path) -> Path:
+class StudyEnd(NamedTuple):
+    """Where a run or resume left the study: its directory, and its trials not finished (not completed, pruned
+    or failed) when Tune returned; 0 for a study that is done, more after Ctrl-C (Tune saves the experiment,
+    ends its run and returns as if done)."""
+
+    study_dir: Path
+    unfinished: int
+
+
+def _finish(study_dir: Path) -> StudyEnd:
     from .export import export_study
 
     remote = remote_of(study_dir)
@@ -1134,20 +1144,10 @@ def _finish(study_dir: Path) -> Path:
         remote.push_home(study_dir)
     counts = res["status"].value_counts().to_dict() if len(res) else {}
     print(f"[otstudy] {study_dir}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    finished, expected = trials_finished(study_dir, res)
-    if finished < expected:  # stopped early (Ctrl-C): Tune saves the experiment, ends its run and returns
+    meta = study_dir / "study.json"
+    expected = int(json.loads(meta.read_text()).get("n_trials", len(res)) if meta.is_file() else len(res))
+    finished = sum(counts.get(s, 0) for s in ("completed", "pruned", "failed"))
+    if finished < expected:  # stopped early (Ctrl-C)
         target = display(remote.home) if remote is not None else study_dir
         print(f"[otstudy] {finished} of {expected} trials finished; continue with `otstudy resume {target}`")
-    return study_dir
-
-
-def trials_finished(study_dir: Path, res=None) -> Tuple[int, int]:
-    """(trials finished: completed, pruned or failed; trials the study has) from its exported results."""
-    import pandas as pd
-
-    if res is None:
-        f = Path(study_dir) / "results.parquet"
-        res = pd.read_parquet(f) if f.is_file() else pd.DataFrame({"status": []})
-    meta = Path(study_dir) / "study.json"
-    expected = json.loads(meta.read_text()).get("n_trials", len(res)) if meta.is_file() else len(res)
-    return int(res["status"].isin(["completed", "pruned", "failed"]).sum()), int(expected)
+    return StudyEnd(study_dir, max(expected - finished, 0))
