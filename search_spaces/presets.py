@@ -20,6 +20,7 @@ from typing import Any, Dict
 _BASE_FIXED = {"encoder": "small_cnn", "epochs": 30, "batch_size": 256,
                "lr": 1e-3, "probe_every": 1}
 
+# the papers' methods (the public-code variants sinsim_gibbs_kernel and gca_rince_code are run by name)
 _ALL_METHODS = ["simclr", "sinsim", "gca_ince", "gca_rince", "gca_uot", "iot_cl", "vicreg", "barlow_twins"]
 
 
@@ -44,31 +45,38 @@ def _preset(description: str, method, search: Dict[str, Any], *, fixed=None, see
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "sinsim_beta": _preset(
-        "SinSim: OT weight beta in {0, 0.4, 0.8, 1.2} (beta=0 is SimCLR), eps=0.05, 40 iterations",
+        "SinSim: OT weight beta in {0, 0.4, 0.8, 1.2} (beta=0 is SimCLR, the baseline), eps=0.05, 40 iterations",
         "sinsim", {"beta": {"grid": [0.0, 0.4, 0.8, 1.2]}}, fixed={"eps": 0.05, "sinkhorn_iters": 40}),
     "sinsim_eps": _preset(
-        "SinSim: entropy eps in {0.01, 0.05, 0.1, 0.5} at beta=0.8", "sinsim",
+        "SinSim: entropy eps in {0.01, 0.05, 0.1, 0.5} at beta=0.8, against SimCLR", ["simclr", "sinsim"],
         {"eps": {"grid": [0.01, 0.05, 0.1, 0.5]}}, fixed={"beta": 0.8, "sinkhorn_iters": 40}),
     "sinsim_iters": _preset(
         "SinSim: Sinkhorn iterations K in {1, 5, 10, 40, 100} at beta=0.8, eps=0.05, and the converged plan "
-        "(Sinkhorn-Newton-Sparse to marginal error 1e-6, envelope gradient) as the reference", "sinsim",
-        {"cases": [{"sinkhorn_iters": k} for k in (1, 5, 10, 40, 100)] + [{"ot_solver": "sns"}]},
+        "(Sinkhorn-Newton-Sparse to marginal error 1e-6, envelope gradient) as the reference; against SimCLR",
+        None, {"cases": [{"method": "simclr"}] + [{"method": "sinsim", "sinkhorn_iters": k} for k in (1, 5, 10, 40, 100)]
+               + [{"method": "sinsim", "ot_solver": "sns"}]},
         fixed={"beta": 0.8, "eps": 0.05}),
     "gca_iters": _preset(
-        "GCA-INCE: Bregman projections T in {1, 3, 5, 10, 50} (T=1 is InfoNCE)", "gca_ince",
-        {"sinkhorn_iters": {"grid": [1, 3, 5, 10, 50]}}, fixed={"eps": 0.5}),
+        # the GCA paper's T (full Sinkhorn iterations; its code runs 10): T = 0.5 is the row update alone, InfoNCE,
+        # which SimCLR at tau = eps = 0.5 also is
+        "GCA-INCE: Sinkhorn iterations T in {0.5, 1, 3, 5, 10, 50} (T=0.5, the row update alone, is InfoNCE), "
+        "against SimCLR (tau = eps = 0.5)", None,
+        {"cases": [{"method": "simclr"}] + [{"method": "gca_ince", "gca_iters": t} for t in (0.5, 1, 3, 5, 10, 50)]},
+        fixed={"eps": 0.5, "tau": 0.5}),
     "gca_uot_lambdas": _preset(
-        "GCA-UOT: marginal penalties lambda1 x lambda2 in {0.1, 1, 10}^2", "gca_uot",
+        "GCA-UOT: marginal penalties lambda1 x lambda2 in {0.1, 1, 10}^2, against SimCLR", ["simclr", "gca_uot"],
         {"uot_lambda1": {"grid": [0.1, 1.0, 10.0]}, "uot_lambda2": {"grid": [0.1, 1.0, 10.0]}},
-        fixed={"eps": 0.5, "sinkhorn_iters": 5}, seeds=(0, 1)),
+        fixed={"eps": 0.5, "gca_iters": 5}, seeds=(0, 1)),
     "iotcl_relaxation": _preset(
-        "IOT-CL: coupling set U(1), U(a), U(a,b) with K in {1, 2, 4, 8}", "iot_cl",
-        {"cases": [{"relaxation": "U1"}, {"relaxation": "Ua"}]
-         + [{"relaxation": "Uab", "sinkhorn_iters": k} for k in (1, 2, 4, 8)]},
-        fixed={"eps": 0.5}),
+        "IOT-CL: coupling set U(1), U(a), U(a,b) with K in {1, 2, 4, 8}, against SimCLR (U(a) at eps = tau is "
+        "SimCLR)", None,
+        {"cases": [{"method": "simclr"}, {"method": "iot_cl", "relaxation": "U1"},
+                   {"method": "iot_cl", "relaxation": "Ua"}]
+         + [{"method": "iot_cl", "relaxation": "Uab", "sinkhorn_iters": k} for k in (1, 2, 4, 8)]},
+        fixed={"eps": 0.5, "tau": 0.5}),
     "iotcl_uniformity": _preset(
-        "IOT-CL U(a): uniformity penalty lambda_p in {0, 0.1, 0.5, 1, 5, 10}", "iot_cl",
-        {"lambda_p": {"grid": [0.0, 0.1, 0.5, 1.0, 5.0, 10.0]}}, fixed={"eps": 0.5, "relaxation": "Ua"}),
+        "IOT-CL U(a): uniformity penalty lambda_p in {0, 0.1, 0.5, 1, 5, 10} (lambda_p = 0 is SimCLR, the baseline)",
+        "iot_cl", {"lambda_p": {"grid": [0.0, 0.1, 0.5, 1.0, 5.0, 10.0]}}, fixed={"eps": 0.5, "relaxation": "Ua"}),
     "batch_size": _preset(
         "Batch size in {64, 128, 256, 512} for SimCLR, SinSim, GCA-INCE and IOT-CL", None,
         {"cases": [{"method": m} for m in ("simclr", "sinsim", "gca_ince", "iot_cl")],

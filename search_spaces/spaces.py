@@ -11,6 +11,7 @@ from a value that had no effect.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional
 
 from trainables.catalog import METHOD_INFO as METHODS
@@ -18,6 +19,8 @@ from trainables.catalog import METHOD_INFO as METHODS
 # integer config keys: ranges over these are sampled as integers
 INT_KNOBS = ("sinkhorn_iters", "batch_size", "epochs", "warmup_epochs", "proj_hidden", "proj_dim",
              "knn_k", "probe_every")
+# knobs in steps of one half: GCA's iterations (0.5 = the row update alone); a log range takes whole iterations
+HALF_KNOBS = ("gca_iters",)
 
 
 def knob_owners() -> Dict[str, List[str]]:
@@ -61,8 +64,10 @@ class DefineByRun:
                 continue  # conditional: this method has no such knob
             if "grid" in dom or "choices" in dom:
                 trial.suggest_categorical(knob, list(dom.get("grid", dom.get("choices"))))
-            elif knob in INT_KNOBS:
-                trial.suggest_int(knob, int(dom["low"]), int(dom["high"]), log=bool(dom.get("log", False)))
+            elif knob in INT_KNOBS or (knob in HALF_KNOBS and dom.get("log")):
+                trial.suggest_int(knob, math.ceil(dom["low"]), int(dom["high"]), log=bool(dom.get("log", False)))
+            elif knob in HALF_KNOBS:
+                trial.suggest_float(knob, math.ceil(2 * dom["low"]) / 2, math.floor(2 * dom["high"]) / 2, step=0.5)
             else:
                 trial.suggest_float(knob, float(dom["low"]), float(dom["high"]), log=bool(dom.get("log", False)))
         return constants

@@ -27,7 +27,7 @@ SAMPLERS = ("grid", "random", "tpe")
 SCHEDULERS = ("none", "asha")
 # metrics the trainable reports every epoch (a scheduler can act on these)
 EPOCH_METRICS = ("knn_acc", "train_loss")
-FINAL_METRICS = ("linear_acc", "test_linear_acc", "test_knn_acc", "test_knn5_acc", "align", "uniform")
+FINAL_METRICS = ("linear_acc", "knn5_acc", "test_linear_acc", "test_knn_acc", "test_knn5_acc", "align", "uniform")
 TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
 TOP_KEYS = ("name", "description", "method", "dataset", "fixed", "search", "sampler", "sampler_seed",
             "num_samples", "seeds", "scheduler", "metric", "mode", "resources", "max_concurrent",
@@ -374,21 +374,34 @@ def _check_search(search, known, sampler, p) -> None:
                 p(f"{path}: a range needs sampler random or tpe; the grid sampler takes {{grid: [...]}}")
 
 
+# a knob some methods read under another name now: key -> (the new key, why)
+RENAMED = {"sinkhorn_iters": ("gca_iters", "GCA counts its iterations in gca_iters, full Sinkhorn iterations as the "
+                                           "paper does (0.5 = the row update alone, InfoNCE); sinkhorn_iters "
+                                           "counted single projections for it")}
+
+
 def _check_knob_owners(methods, fixed, search, p) -> None:
     if not methods:
         return
     owners = knob_owners()
+
+    def check(path, k, runs, what):
+        if k not in owners or set(owners[k]) & set(runs):
+            return
+        new, why = RENAMED.get(k, (None, ""))
+        if new is not None and set(owners.get(new, ())) & set(runs):
+            p(f"{path}: {why}; use {new}")
+        else:
+            p(f"{path}: only used by {', '.join(owners[k])}; {what} runs {', '.join(runs)}")
+
     for where, keys in (("fixed", fixed.keys()), ("search", [k for k in search if k != "cases"])):
         for k in keys:
-            if k in owners and not set(owners[k]) & set(methods):
-                p(f"{where}.{k}: only used by {', '.join(owners[k])}; this study runs {', '.join(methods)}")
+            check(f"{where}.{k}", k, methods, "this study")
     for i, case in enumerate(search.get("cases", []) if isinstance(search.get("cases"), list) else []):
         if not isinstance(case, dict):
             continue
-        case_methods = [case["method"]] if "method" in case else methods
         for k in case:
-            if k in owners and not set(owners[k]) & set(case_methods):
-                p(f"search.cases[{i}].{k}: only used by {', '.join(owners[k])}; this case runs {', '.join(case_methods)}")
+            check(f"search.cases[{i}].{k}", k, [case["method"]] if "method" in case else methods, "this case")
 
 
 def _check_values(methods, base, search, p) -> None:

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from trainables import losses as L
 from trainables.ot import sinkhorn
 
+import transcriptions as ref
+
 
 def views(n=8, d=6, dh=10, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
@@ -60,9 +62,71 @@ def test_iot_cl_under_ua_equals_simclr(eps):
 
 @pytest.mark.parametrize("eps", [0.1, 0.5])
 def test_gca_with_one_row_projection_equals_infonce(eps):
+    # gca_iters = 0.5: the row projection alone, half a Sinkhorn iteration
     h1, h2, z1, z2 = views(seed=2)
-    gca = L.gca_ince(h1, h2, z1, z2, eps=eps, sinkhorn_iters=1).loss
+    gca = L.gca_ince(h1, h2, z1, z2, eps=eps, gca_iters=0.5).loss
     assert gca.item() == pytest.approx(L.nt_xent(z1, z2, tau=eps).item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("t", [1, 3, 10])
+def test_gca_iters_counts_full_sinkhorn_iterations(t):
+    # T of the GCA paper and its code: T times a row update then a column update, i.e. K = T iterations of the
+    # solver; the old count (single projections) made the default T = 5 two and a half iterations
+    _, _, z1, z2 = views(n=6, seed=14)
+    cost = L.contrastive_cost(z1, z2)
+    plan = L._gca_plan(z1, z2, eps=0.5, gca_iters=t)[0].plan
+    assert torch.allclose(plan, ref.gca_sinkhorn_plan_loop(cost, eps=0.5, iterations=t), rtol=1e-12, atol=0)
+    assert torch.allclose(plan, sinkhorn(cost, eps=0.5, n_iters=t).plan, rtol=1e-12, atol=0)
+    half = L._gca_plan(z1, z2, eps=0.5, gca_iters=0.5)[0].plan
+    assert torch.allclose(half, ref.gca_row_projection_plan(cost, eps=0.5), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="gca_iters must be a multiple of 0.5"):
+        L.gca_ince(None, None, z1, z2, gca_iters=0.75)
+
+
+@pytest.mark.parametrize("q, lam", [(0.5, 0.01), (1.0, 0.1), (0.1, 0.025)])
+@pytest.mark.parametrize("eps", [0.2, 0.5])
+def test_gca_rince_with_one_row_projection_is_rince(q, lam, eps):
+    # RINCE (Chuang et al. 2022) on unnormalised exp(cos / tau), transcribed independently (tests/transcriptions.py)
+    _, _, z1, z2 = views(n=7, seed=15)
+    ours = L.gca_rince(None, None, z1, z2, eps=eps, gca_iters=0.5, rince_q=q, rince_lam=lam).loss
+    assert ours.item() == pytest.approx(ref.rince(z1, z2, tau=eps, q=q, lam=lam).item(), rel=1e-10)
+
+
+def test_gca_rince_q_and_lambda_act_on_the_features():
+    # the old form rescaled the plan to row mass 1, so after a row update lambda's term was the constant
+    # lambda^q / q: the loss moved by exactly (0.5^q - 0.01^q) / q and the gradient not at all
+    _, _, z1, z2 = views(n=8, seed=16)
+
+    def loss_and_grad(**kw):
+        z = [t.clone().requires_grad_(True) for t in (z1, z2)]
+        loss = L.gca_rince(None, None, *z, **kw).loss
+        return loss.item(), torch.cat(torch.autograd.grad(loss, z))
+
+    base, g_base = loss_and_grad()  # the defaults: T = 5, q = 0.5, lambda = 0.01
+    for kw in ({"rince_lam": 0.5}, {"rince_q": 0.9}):
+        value, grad = loss_and_grad(**kw)
+        assert (grad - g_base).norm() > 1e-2 * g_base.norm(), kw
+    lam_value, _ = loss_and_grad(rince_lam=0.5)
+    assert abs((lam_value - base) - (0.5 ** 0.5 - 0.01 ** 0.5) / 0.5) > 1e-3
+    # d loss / d lambda at the defaults, by central differences: mean_i lambda^(q-1) (sum_j S_ij)^q, not 0
+    h = 1e-6
+    up, _ = loss_and_grad(rince_lam=0.01 + h)
+    down, _ = loss_and_grad(rince_lam=0.01 - h)
+    assert (up - down) / (2 * h) > 0.1
+
+
+@pytest.mark.parametrize("iterations, q", [(10, 0.98), (3, 0.5)])
+def test_gca_rince_code_is_the_authors_public_code(iterations, q):
+    # nerdslab/gca gca_loss_cifar.py class gca_rince, transcribed independently; the code pairs rows 2k, 2k+1
+    _, _, z1, z2 = views(n=6, seed=17)
+    interleaved = torch.stack([z1, z2], dim=1).reshape(12, -1)  # (2N, D): z1[0], z2[0], z1[1], ...
+    want = ref.gca_rince_public_code(interleaved, epsilon=0.5, iterations=iterations, lam=0.01, q=q)
+    got = L.gca_rince_code(None, None, z1, z2, eps=0.5, gca_iters=iterations, rince_q=q).loss
+    assert got.item() == pytest.approx(want.item(), rel=1e-10)
+    # its lambda is inert (every class weight ends up 1): not a knob of this variant
+    assert "rince_lam" not in L.METHODS["gca_rince_code"].knobs
+    assert ref.gca_rince_public_code(interleaved, epsilon=0.5, iterations=iterations, lam=0.5, q=q).item() == \
+        pytest.approx(want.item(), rel=1e-12)
 
 
 def test_sinsim_with_beta_zero_equals_simclr():
@@ -73,16 +137,34 @@ def test_sinsim_with_beta_zero_equals_simclr():
 
 def test_sinsim_ot_term_is_the_sinkhorn_plan_cost_and_matches_pot():
     h1, h2, z1, z2 = views(n=12, seed=4)
-    out = L.sinsim(h1, h2, z1, z2, beta=0.8, tau=0.5, eps=0.05, sinkhorn_iters=2000)
     cost = L.feature_cost(h1, h2)
     plan = pot.sinkhorn(np.full(12, 1 / 12), np.full(12, 1 / 12), cost.numpy(), 0.05, numItermax=100000,
                         stopThr=1e-13)
-    expected_ot = float((plan * cost.numpy()).sum())
-    assert out.parts["ot_loss"] == pytest.approx(expected_ot, rel=1e-6)
-    assert out.loss.item() == pytest.approx(L.nt_xent(z1, z2, tau=0.5).item() + 0.8 * expected_ot, rel=1e-6)
-    # the plan, not the Gibbs kernel, is what enters the loss: the public script's value differs
-    gibbs = L.sinsim_gibbs_kernel(h1, h2, z1, z2, beta=0.8, eps=0.05).parts["ot_loss"]
-    assert abs(gibbs - expected_ot) > 1e-3
+    transport = float((plan * cost.numpy()).sum())
+    entropy = float(-(plan * (np.log(plan) - 1)).sum())  # H(P) = -sum P (log P - 1)
+    for value, expected in (("cost", transport), ("entropic", transport - 0.05 * entropy)):
+        out = L.sinsim(h1, h2, z1, z2, beta=0.8, tau=0.5, eps=0.05, sinkhorn_iters=2000, ot_value=value)
+        assert out.parts["ot_loss"] == pytest.approx(expected, rel=1e-6)
+        assert out.loss.item() == pytest.approx(L.nt_xent(z1, z2, tau=0.5).item() + 0.8 * expected, rel=1e-6)
+        assert out.parts["reg_loss"] == pytest.approx(0.8 * expected, rel=1e-6)
+    # the paper's Eq. 3 (the entropic objective) is the default
+    assert L.sinsim(h1, h2, z1, z2, sinkhorn_iters=2000).parts["ot_loss"] == pytest.approx(
+        transport - 0.05 * entropy, rel=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.5])
+def test_sinsim_gibbs_kernel_is_the_public_script(eps):
+    # squared-Euclidean cost + 1e-6, divided by its detached maximum, sum C exp(-C/eps) / N (an independent
+    # transcription of the script as audited); value and gradient
+    h1, h2, z1, z2 = views(n=9, seed=18)
+    got_h = [h.clone().requires_grad_(True) for h in (h1, h2)]
+    want_h = [h.clone().requires_grad_(True) for h in (h1, h2)]
+    out = L.sinsim_gibbs_kernel(got_h[0], got_h[1], z1, z2, beta=0.8, eps=eps)
+    want = ref.sinsim_script_ot_term(*want_h, eps=eps)
+    assert out.parts["ot_loss"] == pytest.approx(want.item(), rel=1e-10)
+    assert out.loss.item() == pytest.approx(L.nt_xent(z1, z2, tau=0.5).item() + 0.8 * want.item(), rel=1e-10)
+    for g_got, g_want in zip(torch.autograd.grad(out.loss, got_h), torch.autograd.grad(0.8 * want, want_h)):
+        assert torch.allclose(g_got, g_want, rtol=1e-8, atol=1e-12)
 
 
 def _autograd_normalised_cosine(x, y):
@@ -168,7 +250,35 @@ def test_sinsim_beta_changes_the_encoder_gradient():
     assert h1.grad is not None and h1.grad.abs().sum() > 0  # OT acts on encoder features h
 
 
-@pytest.mark.parametrize("ot_value", ["cost", "divergence"])
+@pytest.mark.parametrize("ot_value", ["entropic", "divergence"])
+@pytest.mark.parametrize("eps", [0.05, 0.2])
+def test_the_gradient_method_never_changes_the_value_minimised(ot_value, eps):
+    # every allowed (ot_value, ot_grad) pair: unrolled and implicit give the same value and the same gradient on
+    # the encoder features once Sinkhorn has converged (the envelope theorem: dOT_eps/dC = P*)
+    out, grads = {}, {}
+    for grad in ("unrolled", "implicit"):
+        h1, h2, z1, z2 = [t.requires_grad_(True) for t in views(n=10, seed=19)]
+        out[grad] = L.sinsim(h1, h2, z1, z2, beta=1.0, eps=eps, ot_value=ot_value, ot_grad=grad, sinkhorn_iters=3000)
+        out[grad].loss.backward()
+        grads[grad] = torch.cat([h1.grad, h2.grad])
+    assert out["unrolled"].parts["ot_loss"] == pytest.approx(out["implicit"].parts["ot_loss"], rel=1e-8)
+    assert torch.allclose(grads["unrolled"], grads["implicit"], rtol=1e-6, atol=1e-9 * float(grads["implicit"].abs().max()))
+    # and the value knob does change the gradient: <P*, C>'s differs from OT_eps's
+    h1, h2, z1, z2 = [t.requires_grad_(True) for t in views(n=10, seed=19)]
+    L.sinsim(h1, h2, z1, z2, beta=1.0, eps=eps, ot_value="cost", sinkhorn_iters=3000).loss.backward()
+    cost_grad = torch.cat([h1.grad, h2.grad])
+    if ot_value == "entropic":
+        assert (cost_grad - grads["implicit"]).norm() > 0.05 * grads["implicit"].norm()
+
+
+def test_sinsim_refuses_an_implicit_gradient_of_the_transport_cost():
+    h1, h2, z1, z2 = views()
+    for kw in ({"ot_grad": "implicit"}, {"ot_solver": "sns"}):
+        with pytest.raises(ValueError, match=r"ot_value=cost \(<P\*, C>\) has no implicit gradient"):
+            L.sinsim(h1, h2, z1, z2, ot_value="cost", **kw)
+
+
+@pytest.mark.parametrize("ot_value", ["entropic", "divergence"])
 def test_sinsim_with_sns_is_the_converged_implicit_objective_and_its_gradient(ot_value):
     # ot_solver="sns": the plan solved to 1e-6 by Sinkhorn-Newton-Sparse, with the envelope gradient; at
     # convergence that is OT_eps and its gradient as Sinkhorn run long with grad="implicit" gives them
@@ -234,20 +344,10 @@ def test_iot_cl_uniformity_penalty_by_hand():
     assert out.loss.item() == pytest.approx(out.parts["iot_align"] + 2.0 * kl.item(), rel=1e-10)
 
 
-def test_gca_rince_with_q_one_is_linear_in_the_plan():
-    _, _, z1, z2 = views(n=4, seed=10)
-    out = L.gca_rince(None, None, z1, z2, eps=0.5, sinkhorn_iters=1, rince_q=1.0, rince_lam=0.1)
-    p = torch.softmax(-L.contrastive_cost(z1, z2) / 0.5, dim=1)  # row-normalised, s = 2N P
-    idx = torch.arange(8)
-    s_pos = p[idx, (idx + 4) % 8]
-    expected = (-s_pos + 0.1 * p.sum(1)).mean()
-    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-10)
-
-
 def test_gca_uot_tends_to_balanced_gca_for_large_lambdas():
     h1, h2, z1, z2 = views(seed=11)
-    bal = L.gca_ince(h1, h2, z1, z2, eps=0.5, sinkhorn_iters=200).loss
-    uot = L.gca_uot(h1, h2, z1, z2, eps=0.5, sinkhorn_iters=200, uot_lambda1=1e6, uot_lambda2=1e6).loss
+    bal = L.gca_ince(h1, h2, z1, z2, eps=0.5, gca_iters=100).loss
+    uot = L.gca_uot(h1, h2, z1, z2, eps=0.5, gca_iters=100, uot_lambda1=1e6, uot_lambda2=1e6).loss
     assert uot.item() == pytest.approx(bal.item(), rel=1e-4)
 
 
@@ -255,7 +355,7 @@ def _dense_reference(method, z1, z2, cfg):
     """The 2N x 2N formulas the losses used before they read only the positive pairs: the full log-plan,
     the dense target and generalised KL, RINCE's logsumexp over rows, IOT-CL's gather from the full log-plan."""
     n = z1.shape[0]
-    res, _ = L._gca_plan(z1, z2, eps=cfg["eps"], sinkhorn_iters=cfg["sinkhorn_iters"],
+    res, _ = L._gca_plan(z1, z2, eps=cfg["eps"], gca_iters=cfg["gca_iters"],
                          uot_lambda1=cfg.get("uot_lambda1"), uot_lambda2=cfg.get("uot_lambda2")) \
         if method != "iot_cl" else (sinkhorn(L.contrastive_cost(z1, z2), eps=cfg["eps"],
                                              n_iters=cfg["sinkhorn_iters"]), None)
@@ -265,7 +365,7 @@ def _dense_reference(method, z1, z2, cfg):
     if method in ("gca_ince", "gca_uot"):
         return L._generalised_kl(L._positive_target(n, res.plan), log_p)
     if method == "gca_rince":
-        log_s = log_p + math.log(2 * n)
+        log_s = log_p - res.f[:, None] / cfg["eps"] + 1 / cfg["eps"]  # the plan without its row scaling: (1+g-C)/eps
         q, lam = 0.5, 0.01
         return ((-torch.exp(q * log_s[idx, pos]) + torch.exp(q * (math.log(lam) + torch.logsumexp(log_s, 1)))) / q
                 ).mean()
@@ -273,10 +373,10 @@ def _dense_reference(method, z1, z2, cfg):
 
 
 @pytest.mark.parametrize("method, cfg", [
-    ("gca_ince", dict(eps=0.5, sinkhorn_iters=5)),
-    ("gca_ince", dict(eps=0.1, sinkhorn_iters=4)),
-    ("gca_uot", dict(eps=0.5, sinkhorn_iters=5, uot_lambda1=1.0, uot_lambda2=0.5)),
-    ("gca_rince", dict(eps=0.5, sinkhorn_iters=5)),
+    ("gca_ince", dict(eps=0.5, gca_iters=2.5)),
+    ("gca_ince", dict(eps=0.1, gca_iters=2)),
+    ("gca_uot", dict(eps=0.5, gca_iters=2.5, uot_lambda1=1.0, uot_lambda2=0.5)),
+    ("gca_rince", dict(eps=0.5, gca_iters=2.5)),
     ("iot_cl", dict(eps=0.5, sinkhorn_iters=4, relaxation="Uab")),
 ])
 def test_losses_reading_only_the_positive_pairs_equal_the_dense_formulas(method, cfg):
@@ -309,10 +409,12 @@ def test_barlow_twins_and_vicreg_closed_forms():
     assert v.parts["vic_var"] == pytest.approx(1.0 - math.sqrt(1e-4), rel=1e-12)  # relu(1 - sqrt(0 + 1e-4))
 
 
-@pytest.mark.parametrize("name", sorted(L.METHODS))
+# sinsim_gibbs_kernel reproduces the public script, whose detached maximum makes its gradient differ from the
+# loss's derivative by design; test_sinsim_gibbs_kernel_is_the_public_script compares it with the script's
+@pytest.mark.parametrize("name", sorted(set(L.METHODS) - {"sinsim_gibbs_kernel"}))
 def test_gradcheck_every_loss_float64(name):
     h1, h2, z1, z2 = [t.requires_grad_(True) for t in views(n=4, d=3, dh=5, seed=12)]
-    knobs = {"sinkhorn_iters": 3} if "sinkhorn_iters" in L.METHODS[name].knobs else {}
+    knobs = {k: v for k, v in (("sinkhorn_iters", 3), ("gca_iters", 1.5)) if k in L.METHODS[name].knobs}
 
     def f(a, b, c, d):
         return L.compute_loss(name, a, b, c, d, knobs).loss
@@ -334,6 +436,10 @@ def test_every_loss_finite(name, case):
         h1, h2, z1, z2 = views(n=n, d=d, dh=2 * d, seed=13, dtype=torch.float32)
     knobs = {"eps": 1e-3} if ("eps" in L.METHODS[name].knobs and case == "tiny_eps") else {}
     tensors = [t.clone().requires_grad_(True) for t in (h1, h2, z1, z2)]
+    if name == "gca_rince" and case == "tiny_eps":  # RINCE's unnormalised exp(q cos / eps) would overflow
+        with pytest.raises(ValueError, match=r"rince_q / eps = 500 > 80: RINCE scores exp\(q cos / eps\)"):
+            L.compute_loss(name, *tensors, knobs)
+        return
     out = L.compute_loss(name, *tensors, knobs)
     out.loss.backward()
     assert torch.isfinite(out.loss)

@@ -317,7 +317,7 @@ def test_converged_sns_trials_are_the_reference_band_on_the_plot_over_k(tmp_path
     from search_spaces.presets import get_preset
 
     cases = get_preset("sinsim_iters")["search"]["cases"]
-    assert {"ot_solver": "sns"} in cases and {"sinkhorn_iters": 40} in cases
+    assert {"method": "sinsim", "ot_solver": "sns"} in cases and {"method": "sinsim", "sinkhorn_iters": 40} in cases
     d = tmp_path / "iters"
     d.mkdir()
     rows, hist = [], []

@@ -16,6 +16,7 @@ from search_spaces.presets import PRESETS, get_preset
 from search_spaces.spaces import DefineByRun
 from study.cli import main
 from study.spec import SpecError, load_spec_file, parse_spec
+from trainables.config import TrialConfig
 
 GOOD = {
     "name": "t",
@@ -163,6 +164,11 @@ BAD = [
     (with_(max_concurrent=0), "max_concurrent: must be an integer >= 1"),
     (with_(colour="blue"), "colour: unknown field"),
     (with_(search={"beta": [0.1, 0.2]}), "search.beta: must be {grid: [...]}"),
+    (with_(method="gca_ince", fixed={"sinkhorn_iters": 5}),
+     "fixed.sinkhorn_iters: GCA counts its iterations in gca_iters, full Sinkhorn iterations as the paper does"),
+    (with_(method="sinsim", fixed={"ot_value": "cost", "ot_grad": "implicit"}),
+     "fixed: sinsim: ot_value=cost (<P*, C>) has no implicit gradient"),
+    (with_(fixed={"knn_k": 200}), "fixed: knn_k=200: above the smallest class of the digits kNN bank (118 images)"),
 ]
 
 
@@ -190,6 +196,13 @@ def test_cli_exits_2_and_creates_nothing(tmp_path, capsys, raw, expected):
     assert code == 2
     assert expected in err
     assert not storage.exists()
+
+
+@pytest.mark.parametrize("raw,expected", BAD[-3:], ids=["renamed-gca-iters", "cost-implicit", "knn-k"])
+def test_knobs_that_would_not_mean_what_they_say_exit_2(tmp_path, capsys, raw, expected):
+    # a renamed key, an (ot_value, ot_grad) pair whose gradient is another function's, a kNN k above the bank's
+    # smallest class: one line naming the problem, exit 2, nothing created
+    test_cli_exits_2_and_creates_nothing(tmp_path, capsys, raw, expected)
 
 
 @pytest.mark.parametrize("content,expected", [
@@ -302,6 +315,21 @@ def test_define_by_run_space_is_conditional():
         assert "eps" in params
         study.tell(trial, 0.0)
     assert seen == {"gca_uot", "iot_cl"}
+
+
+def test_a_range_over_gca_iters_samples_half_iterations_a_config_accepts():
+    import optuna
+
+    space = DefineByRun({"gca_iters": {"low": 0.5, "high": 6}}, ["gca_ince"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    values = set()
+    for _ in range(30):
+        trial = study.ask()
+        space(trial)
+        values.add(trial.params["gca_iters"])
+        TrialConfig.from_dict({"method": "gca_ince", "gca_iters": trial.params["gca_iters"]})
+        study.tell(trial, 0.0)
+    assert all(0.5 <= v <= 6 and (2 * v).is_integer() for v in values) and any(not v.is_integer() for v in values)
 
 
 def test_missing_data_root_is_a_spec_error(tmp_path):

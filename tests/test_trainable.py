@@ -8,12 +8,14 @@ import torch
 from trainables import data as D
 from trainables.config import TrialConfig
 from trainables.models import build_model
-from trainables.pretrain_probe import TrialDiverged, run
+from trainables.catalog import BANK_SMALLEST_CLASS, default_knn_k
+from trainables.pretrain_probe import TrialDiverged, probe_k, run
 from trainables.probes import align_uniform, extract_features, knn_accuracy, linear_probe, mlp_probe
 
 EPOCH_KEYS = {"epoch", "train_loss", "epoch_time_s", "step_time_ms", "ot_time_ms", "data_time_ms",
               "images_per_s", "peak_mem_mb", "knn_acc"}
-FINAL_KEYS = {"linear_acc", "test_linear_acc", "test_knn_acc", "test_knn5_acc", "align", "uniform", "final"}
+FINAL_KEYS = {"linear_acc", "knn5_acc", "test_linear_acc", "test_knn_acc", "test_knn5_acc", "knn_k_used", "align",
+              "uniform", "final"}
 
 
 def small(method="sinsim", **kw):
@@ -44,6 +46,24 @@ def test_reports_every_epoch_with_the_contract_keys():
         assert m["hardware"].endswith(f", {torch.get_num_threads()} threads") and len(m["hardware"]) > 12
     assert FINAL_KEYS <= set(rec.metrics[-1]) and not FINAL_KEYS & set(rec.metrics[0])
     assert 0.0 <= last["test_linear_acc"] <= 1.0 and last == rec.metrics[-1]
+    assert last["knn_k_used"] == 20  # digits' bank has 118-123 images per class: not the literature's 200
+
+
+def test_the_knn_k_stays_under_the_smallest_class_of_the_bank():
+    splits = D.load_digits_splits()
+    # the catalogue's count (what the spec checks before a study starts) is the split's
+    assert int(torch.bincount(splits.train_y).min()) == BANK_SMALLEST_CLASS["digits"] == 118
+    assert [default_knn_k(n) for n in (118, 450, 4500, 399, 39, 1)] == [20, 200, 200, 20, 19, 1]
+    assert probe_k(TrialConfig.from_dict({"knn_k": 7}), splits) == 7
+    # a bank the catalogue does not know (an image folder) is checked when the trial loads it
+    tiny = D.Splits("image_folder", splits.train_x[:60], torch.arange(60) % 3, splits.val_x, splits.val_y,
+                    splits.test_x, splits.test_y, 3)
+    cfg = TrialConfig.from_dict({"dataset": "image_folder", "knn_k": 21})
+    with pytest.raises(ValueError, match=r"knn_k=21: above the smallest class of the image_folder kNN bank "
+                                         r"\(20 images\); use at most 20 \(default: 10\)"):
+        probe_k(cfg, tiny)
+    with pytest.raises(ValueError, match=r"knn_k=119: above the smallest class of the digits kNN bank \(118"):
+        TrialConfig.from_dict({"knn_k": 119})
 
 
 class _Preempted(Exception):
@@ -158,7 +178,9 @@ def test_divergence_raises_with_the_reason():
     ({"method": "iot_cl", "relaxation": "U3"}, "relaxation"),
     ({"method": "simclr", "dataset": "imagenet"}, "unknown dataset"),
     ({"method": "simclr", "batch_size": 1}, "batch_size"),
-    ({"method": "sinsim", "ot_solver": "newton"}, "ot_solver='newton': choose sinkhorn .* or sns"),
+    ({"method": "sinsim", "ot_solver": "newton"}, "ot_solver='newton': choose one of sinkhorn, sns"),
+    ({"method": "sinsim", "ot_value": "cost", "ot_solver": "sns"}, "sinsim: ot_value=cost .* has no implicit gradient"),
+    ({"method": "gca_ince", "gca_iters": 0.3}, "gca_iters=0.3: must be a multiple of 0.5"),
     ({"method": "sinsim", "ot_solver": "sns", "ot_grad": "unrolled"},
      "ot_grad='unrolled': ot_solver=sns has the implicit \\(envelope\\) gradient only"),
 ])
@@ -231,3 +253,53 @@ def test_reporter_poll_stops_a_trial_when_tune_sets_the_stop_event():
         reporter.poll()
     reporter.close(check=False)
     assert not reporter._thread.is_alive()
+
+
+def test_a_trial_reports_how_hard_the_ot_term_pulled(monkeypatch):
+    # beta * W next to NT-Xent, and the ratio of their gradients on the encoder features (first batch of each
+    # epoch): with one seed the first batch, its views and the initial weights are the same, so the ratio is
+    # linear in beta, 0 at beta = 0
+    ratios = {}
+    for beta in (0.0, 0.4, 0.8):
+        rec = Recorder()
+        run(small(epochs=1, beta=beta), rec)
+        m = rec.metrics[-1]
+        assert m["reg_loss"] == pytest.approx(beta * m["ot_loss"], rel=1e-6, abs=1e-12)
+        ratios[beta] = m["reg_grad_ratio"]
+    assert ratios[0.0] == 0.0 and ratios[0.4] > 0
+    assert ratios[0.8] == pytest.approx(2 * ratios[0.4], rel=1e-5)
+    rec = Recorder()
+    run(small("simclr", epochs=1), rec)
+    assert "reg_grad_ratio" not in rec.metrics[-1]  # no regulariser, nothing to compare
+
+
+def test_a_seed_fixes_the_initialisation_the_data_order_and_the_augmentations(monkeypatch):
+    # what makes a paired comparison by seed mean something: two methods with one seed start from the same
+    # weights and see the same batches through the same augmentations; another seed changes all three
+    import trainables.pretrain_probe as P
+
+    seen = {}
+    real_augment, real_build = P.augment, P.build_model
+
+    def spy_augment(x, gen, cfg):
+        out = real_augment(x, gen, cfg)
+        seen[key]["views"].append(out.clone())
+        return out
+
+    def spy_build(*args, **kw):
+        model = real_build(*args, **kw)
+        seen[key]["init"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return model
+
+    monkeypatch.setattr(P, "augment", spy_augment)
+    monkeypatch.setattr(P, "build_model", spy_build)
+    for key, cfg in (("simclr", small("simclr", epochs=2, seed=5)), ("sinsim", small("sinsim", epochs=2, seed=5)),
+                     ("other seed", small("simclr", epochs=2, seed=6))):
+        seen[key] = {"views": []}
+        run(cfg, lambda m, c=None: None)
+    a, b, c = seen["simclr"], seen["sinsim"], seen["other seed"]
+    assert len(a["views"]) == len(b["views"]) > 4  # 2 epochs x 9 steps x 2 views, and the probe's
+    assert all(torch.equal(u, v) for u, v in zip(a["views"], b["views"]))
+    assert all(torch.equal(a["init"][k], b["init"][k]) for k in a["init"])
+    assert not torch.equal(a["views"][0], c["views"][0])
+    assert not all(torch.equal(a["init"][k], c["init"][k]) for k in a["init"])

@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, get_type_hints
 
-from .catalog import AUGMENT_NAMES, DATASETS, ENCODERS, METHOD_INFO as METHODS, RELAXATIONS
+from .catalog import (AUGMENT_NAMES, BANK_SMALLEST_CLASS, DATASETS, ENCODERS, METHOD_INFO as METHODS, RELAXATIONS,
+                      OT_GRADS, OT_VALUES, check_ot_choice, check_rince, default_knn_k)
 
 OPTIMIZERS = ("adam", "sgd", "lars")
 
@@ -42,14 +43,16 @@ class TrialConfig:
     compile: bool = False  # torch.compile the model
     # evaluation
     probe_every: int = 1  # epochs between kNN probes (the pruning signal)
-    knn_k: int = 200
+    knn_k: Optional[int] = None  # None: catalog.default_knn_k of the bank (20 on digits, 200 on CIFAR-10); never
+    # above the bank's smallest class
     knn_t: float = 0.1
     mlp_probe: bool = False  # also fit an MLP probe on the frozen features at the end
     # method knobs (None = method default, see METHODS[...].defaults)
     tau: Optional[float] = None
     beta: Optional[float] = None
     eps: Optional[float] = None
-    sinkhorn_iters: Optional[int] = None
+    sinkhorn_iters: Optional[int] = None  # SinSim, IOT-CL U(a,b): full Sinkhorn iterations K
+    gca_iters: Optional[float] = None  # GCA: full Sinkhorn iterations T (0.5 = the row update alone, InfoNCE)
     ot_cost: Optional[str] = None
     ot_value: Optional[str] = None
     ot_grad: Optional[str] = None
@@ -103,9 +106,17 @@ class TrialConfig:
             bad("image_size", "must be >= 8")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "choose auto, cpu or cuda")
-        for key in ("epochs", "batch_size", "probe_every", "knn_k", "proj_hidden", "proj_dim", "checkpoint_every"):
+        for key in ("epochs", "batch_size", "probe_every", "proj_hidden", "proj_dim", "checkpoint_every"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
+        if self.knn_k is not None:
+            if self.knn_k < 1:
+                bad("knn_k", "must be >= 1")
+            smallest = BANK_SMALLEST_CLASS.get(self.dataset)
+            if smallest is not None and self.knn_k > smallest:
+                bad("knn_k", f"above the smallest class of the {self.dataset} kNN bank ({smallest} images): every "
+                             f"query of that class would count other classes' votes; use at most {smallest} "
+                             f"(default for {self.dataset}: {default_knn_k(smallest)})")
         if self.batch_size < 2:
             bad("batch_size", "a contrastive batch needs >= 2 images")
         if self.warmup_epochs < 0:
@@ -125,22 +136,39 @@ class TrialConfig:
                 bad(key, "must be >= 0")
         if self.sinkhorn_iters is not None and self.sinkhorn_iters < 1:
             bad("sinkhorn_iters", "must be >= 1")
+        if self.gca_iters is not None and not (self.gca_iters >= 0.5 and (2 * self.gca_iters).is_integer()):
+            bad("gca_iters", "must be a multiple of 0.5 that is >= 0.5 (full Sinkhorn iterations; 0.5 = the row "
+                             "update alone, InfoNCE)")
         if self.rince_q is not None and not 0 < self.rince_q <= 1:
             bad("rince_q", "must be in (0, 1]")
         if self.relaxation is not None and self.relaxation not in RELAXATIONS:
             bad("relaxation", f"choose one of {list(RELAXATIONS)}")
         if self.ot_cost is not None and self.ot_cost not in ("cosine", "sqeuclidean"):
             bad("ot_cost", "choose cosine or sqeuclidean")
-        if self.ot_value is not None and self.ot_value not in ("cost", "divergence"):
-            bad("ot_value", "choose cost or divergence")
-        if self.ot_grad is not None and self.ot_grad not in ("unrolled", "implicit"):
-            bad("ot_grad", "choose unrolled or implicit")
-        if self.ot_solver is not None and self.ot_solver not in ("sinkhorn", "sns"):
-            bad("ot_solver", "choose sinkhorn (sinkhorn_iters iterations) or sns (Sinkhorn-Newton-Sparse to "
-                             "marginal error 1e-6)")
+        for key, allowed in (("ot_value", OT_VALUES), ("ot_grad", OT_GRADS), ("ot_solver", ("sinkhorn", "sns"))):
+            if getattr(self, key) is not None and getattr(self, key) not in allowed:
+                bad(key, f"choose one of {', '.join(allowed)}")
         if self.ot_solver == "sns" and self.ot_grad == "unrolled":
             bad("ot_grad", "ot_solver=sns has the implicit (envelope) gradient only; set ot_grad: implicit or "
                            "leave it out")
+        knobs = METHODS[self.method].defaults
+        if "ot_value" in knobs:
+            solver = self.ot_solver or knobs["ot_solver"]
+            grad = self.ot_grad or ("implicit" if solver == "sns" else knobs["ot_grad"])
+            try:
+                check_ot_choice(self.ot_value or knobs["ot_value"], grad, solver)
+            except ValueError as exc:
+                raise ValueError(f"{self.method}: {exc}") from None
+        if "rince_q" in knobs:
+            try:
+                check_rince(self.knob("rince_q"), self.knob("rince_lam"), self.knob("eps"))
+            except ValueError as exc:
+                raise ValueError(f"{self.method}: {exc}") from None
+
+    def knob(self, key: str) -> Any:
+        """A knob of the trial's method: the config's value, else the method's default (None if it has none)."""
+        value = getattr(self, key)
+        return value if value is not None else METHODS[self.method].defaults.get(key)
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -23,17 +23,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ot
-from .catalog import METHOD_INFO, RELAXATIONS, MethodInfo  # noqa: F401  (RELAXATIONS re-exported)
+from .catalog import METHOD_INFO, RELAXATIONS, MethodInfo, check_ot_choice, check_rince  # noqa: F401
 
 __all__ = ["LossOutput", "Method", "METHODS", "compute_loss", "nt_xent"]
 
 
 @dataclass
 class LossOutput:
-    """A loss value plus float diagnostics (its parts, OT solver state, timings)."""
+    """A loss value plus float diagnostics (its parts, OT solver state, timings).
+
+    ``reg``: for a method with a weighted regulariser (SinSim's beta * W, IOT-CL's lambda_p * KL), that term as
+    a tensor in the graph, so a trial can compare its gradient with the rest of the loss's (None otherwise, and
+    at weight 0); ``parts["reg_loss"]`` is its value.
+    """
 
     loss: Tensor
     parts: Dict[str, float] = field(default_factory=dict)
+    reg: Optional[Tensor] = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -118,16 +124,18 @@ def _generalised_kl(target: Tensor, log_p: Tensor) -> Tensor:
     return cross - target.sum() + p.sum()
 
 
+def _sync_clock(like: Tensor) -> float:
+    """perf_counter after the device's queued work on ``like`` is done (CUDA), so a difference times a solve."""
+    if like.is_cuda:
+        torch.cuda.synchronize(like.device)
+    return time.perf_counter()
+
+
 def _timed_solve(**kwargs) -> Tuple[ot.OTResult, float]:
-    """Run ot.sinkhorn and return (result, milliseconds); syncs CUDA so the time is the solve's."""
-    cost = kwargs["cost"]
-    if cost.is_cuda:
-        torch.cuda.synchronize(cost.device)
-    t0 = time.perf_counter()
+    """Run ot.sinkhorn and return (result, milliseconds)."""
+    t0 = _sync_clock(kwargs["cost"])
     res = ot.sinkhorn(**kwargs)
-    if cost.is_cuda:
-        torch.cuda.synchronize(cost.device)
-    return res, 1e3 * (time.perf_counter() - t0)
+    return res, 1e3 * (_sync_clock(kwargs["cost"]) - t0)
 
 
 def _ot_parts(res: ot.OTResult, ms: float) -> Dict[str, float]:
@@ -240,44 +248,50 @@ def feature_cost(x: Tensor, y: Tensor, *, ot_cost: str = "cosine", normalise: bo
 
 
 def sinsim(h1, h2, z1, z2, *, tau: float = 0.5, beta: float = 0.8, eps: float = 0.05,
-           sinkhorn_iters: int = 40, ot_cost: str = "cosine", ot_value: str = "cost",
+           sinkhorn_iters: int = 40, ot_cost: str = "cosine", ot_value: str = "entropic",
            ot_grad: str = "unrolled", ot_solver: str = "sinkhorn") -> LossOutput:
-    r"""SinSim: NT-Xent(z) + beta * OT_eps(h1, h2) (Sepanj & Fieguth, arXiv 2502.10478).
+    r"""SinSim: NT-Xent(z) + beta * W_eps(h1, h2) (Sepanj & Fieguth, arXiv 2502.10478, Eq. 3-4).
 
-    :math:`L = \mathrm{NTXent}(z_1, z_2; \tau) + \beta\, \langle P^*, C\rangle`,
-    with C the normalised cost between the two views' encoder features h1, h2
-    (N x N), and P* the entropic plan between uniform weights computed by
-    ``sinkhorn_iters`` Sinkhorn iterations at ``eps``. The plan enters the loss
-    and is differentiated through (unrolled). Options: ``ot_value="divergence"``
-    uses the debiased Sinkhorn divergence ``W(h1,h2) - (W(h1,h1) + W(h2,h2))/2``;
-    ``ot_grad="implicit"`` uses the entropic objective OT_eps with the envelope
-    gradient (cheaper backward; the value then includes the entropy term).
-    ``ot_solver="sns"`` solves each plan to L1 marginal error 1e-6 by
-    Sinkhorn-Newton-Sparse instead of ``sinkhorn_iters`` Sinkhorn iterations (the
-    converged plan, as a reference point for an ablation over iterations); its
-    gradient is the envelope one, so it implies ``ot_grad="implicit"``.
+    :math:`L = \mathrm{NTXent}(z_1, z_2; \tau) + \beta\, W`, with C the normalised cost between the two
+    views' encoder features h1, h2 (N x N), P the entropic plan between uniform weights after
+    ``sinkhorn_iters`` Sinkhorn iterations at ``eps``, and W chosen by ``ot_value``:
 
-    Difference from the public SinSim script: its "Sinkhorn loss" is
-    ``sum(C * exp(-C/eps))``, the Gibbs kernel without the Sinkhorn scaling,
-    so its plan never enters the loss; that variant is ``sinsim_gibbs_kernel``.
+    * ``entropic`` (the paper's Eq. 3, the default): the entropic OT objective
+      :math:`\mathrm{OT}_\varepsilon = \langle P, C\rangle - \varepsilon H(P)`, H(P) = -sum P (log P - 1);
+    * ``cost``: the transport cost :math:`\langle P, C\rangle` alone (a plan's cost, as some OT-regularised
+      losses use it);
+    * ``divergence``: the debiased Sinkhorn divergence
+      :math:`\mathrm{OT}_\varepsilon(h_1,h_2) - (\mathrm{OT}_\varepsilon(h_1,h_1) + \mathrm{OT}_\varepsilon(h_2,h_2))/2`
+      (Feydy et al. 2019), the three costs on one common scale.
+
+    ``ot_grad`` only chooses how the gradient of that W is computed: ``unrolled`` differentiates through every
+    iteration, ``implicit`` uses the envelope theorem (dOT_eps/dC = P*, one n x n matrix kept for backward);
+    at convergence the two agree (tests). ``cost`` has no envelope gradient, so it is unrolled only
+    (:func:`check_ot_choice`). ``ot_solver="sns"`` solves each plan to L1 marginal error 1e-6 by
+    Sinkhorn-Newton-Sparse instead of ``sinkhorn_iters`` iterations (the converged plan, the reference of an
+    ablation over K); its gradient is the envelope one.
+
+    Difference from the public SinSim script: its "Sinkhorn loss" is ``sum(C * exp(-C/eps)) / N`` on a
+    squared-Euclidean cost, the Gibbs kernel without the Sinkhorn scaling, so no plan enters its loss; that
+    variant is ``sinsim_gibbs_kernel``.
 
     Args:
         h1, h2: (N, D_h) encoder features.  z1, z2: (N, D_z) projections.
+    Returns:
+        the loss, its parts (``nt_xent``, ``ot_loss`` = W, ``reg_loss`` = beta W, the solver's diagnostics) and
+        ``reg`` = beta W (None at beta = 0).
     """
     _check_views(h1, h2, "h")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
-    if ot_value not in ("cost", "divergence"):
-        raise ValueError(f"ot_value must be 'cost' or 'divergence', got {ot_value!r}")
-    if ot_solver not in ("sinkhorn", "sns"):
-        raise ValueError(f"ot_solver must be 'sinkhorn' or 'sns', got {ot_solver!r}")
     if ot_solver == "sns":
         ot_grad = "implicit"  # the envelope gradient is the only one SNS gives
+    check_ot_choice(ot_value, ot_grad, ot_solver)
     contrast = nt_xent(z1, z2, tau=tau)
     # beta = 0 is plain SimCLR; the OT value is still measured (without a graph) as a diagnostic.
     ctx = torch.enable_grad() if beta > 0 else torch.no_grad()
     with ctx:
-        if ot_value == "cost":
+        if ot_value != "divergence":
             cost = feature_cost(h1, h2, ot_cost=ot_cost)  # (N, N)
         else:
             # one batched solve of the three problems, on one common scale
@@ -286,8 +300,11 @@ def sinsim(h1, h2, z1, z2, *, tau: float = 0.5, beta: float = 0.8, eps: float = 
                                feature_cost(h2, h2, ot_cost=ot_cost, normalise=False)])  # (3, N, N)
             cost = raw / raw[0].max().clamp_min(1e-12)
         if ot_solver == "sns":  # one (n, n) problem per solve
-            solved = [_timed_solve(cost=c, eps=eps, method="sns", tol=1e-6, warn=False) for c in
-                      (cost if cost.dim() == 3 else cost[None])]
+            solved = []
+            for c in (cost if cost.dim() == 3 else cost[None]):
+                t0 = _sync_clock(c)
+                r = ot.sinkhorn_newton_sparse(c, eps=eps, tol=1e-6, warn=False)
+                solved.append((r, 1e3 * (_sync_clock(c) - t0)))
             w = torch.stack([r.objective() for r, _ in solved]).reshape(cost.shape[:-2])
             # as for the batched Sinkhorn solve: the worst error, the most iterations, the total time; and of
             # those iterations, the most that were Newton steps (OTResult.newton)
@@ -297,58 +314,80 @@ def sinsim(h1, h2, z1, z2, *, tau: float = 0.5, beta: float = 0.8, eps: float = 
                         "ot_time_ms": sum(t for _, t in solved)}
         else:
             res, ms = _timed_solve(cost=cost, eps=eps, n_iters=sinkhorn_iters, grad=ot_grad)
-            w = res.objective() if ot_grad == "implicit" else res.transport_cost()  # () or (3,)
+            w = res.transport_cost() if ot_value == "cost" else res.objective()  # () or (3,)
             ot_parts = _ot_parts(res, ms)
-        ot_term = w if ot_value == "cost" else w[0] - 0.5 * (w[1] + w[2])
-    loss = contrast + beta * ot_term if beta > 0 else contrast
-    parts = {"nt_xent": float(contrast.detach()), "ot_loss": float(ot_term.detach())}
+        ot_term = w if ot_value != "divergence" else w[0] - 0.5 * (w[1] + w[2])
+    reg = beta * ot_term if beta > 0 else None
+    loss = contrast + reg if reg is not None else contrast
+    parts = {"nt_xent": float(contrast.detach()), "ot_loss": float(ot_term.detach()),
+             "reg_loss": beta * float(ot_term.detach())}
     parts.update(ot_parts)
-    return LossOutput(loss, parts)
+    return LossOutput(loss, parts, reg)
 
 
-def sinsim_gibbs_kernel(h1, h2, z1, z2, *, tau: float = 0.5, beta: float = 0.8,
-                        eps: float = 0.05, ot_cost: str = "cosine") -> LossOutput:
-    """The public SinSim script's variant, offered by name for comparison only.
+def sinsim_gibbs_kernel(h1, h2, z1, z2, *, tau: float = 0.5, beta: float = 0.8, eps: float = 0.05) -> LossOutput:
+    r"""The public SinSim script's "Sinkhorn loss", offered by name for comparison only (not the paper's Eq. 3).
 
-    ``L = NTXent + beta * sum_ij C_ij exp(-C_ij / eps)``: the Gibbs kernel of
-    the normalised cost, with no Sinkhorn scaling at all, so no transport plan
-    (its marginals are not 1/N) enters the loss. This is NOT the paper's
-    equation; use ``sinsim`` for that.
+    :math:`L = \mathrm{NTXent} + \beta \frac1N \sum_{ij} \tilde C_{ij} e^{-\tilde C_{ij}/\varepsilon}`,
+    :math:`\tilde C = C / \mathrm{sg}(\max C)`, :math:`C_{ij} = \|h_{1i} - h_{2j}\|^2 + 10^{-6}`: the Gibbs
+    kernel of a squared-Euclidean cost divided by its maximum, which the script detaches from the graph (sg:
+    stop-gradient), summed and divided by the batch size N. No Sinkhorn scaling: no transport plan (nothing
+    with marginals 1/N) enters this loss. Use ``sinsim`` for the paper's equation.
+
+    Args:
+        h1, h2: (N, D_h) encoder features.  z1, z2: (N, D_z) projections.
     """
     _check_views(h1, h2, "h")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
     contrast = nt_xent(z1, z2, tau=tau)
-    cost = feature_cost(h1, h2, ot_cost=ot_cost)  # (N, N)
-    term = (cost * torch.exp(-cost / eps)).sum()
-    return LossOutput(contrast + beta * term, {"nt_xent": float(contrast.detach()),
-                                               "ot_loss": float(term.detach())})
+    cost = feature_cost(h1, h2, ot_cost="sqeuclidean", normalise=False) + 1e-6  # (N, N)
+    cost = cost / cost.detach().max()
+    term = (cost * torch.exp(-cost / eps)).sum() / h1.shape[0]
+    reg = beta * term if beta > 0 else None
+    return LossOutput(contrast + reg if reg is not None else contrast,
+                      {"nt_xent": float(contrast.detach()), "ot_loss": float(term.detach()),
+                       "reg_loss": beta * float(term.detach())}, reg)
 
 
 # --------------------------------------------------------------------------- GCA
 
 
-def _gca_plan(z1, z2, *, eps, sinkhorn_iters, uot_lambda1=None, uot_lambda2=None):
-    cost = contrastive_cost(z1, z2)  # (2N, 2N), +inf on the diagonal
-    res, ms = _timed_solve(cost=cost, eps=eps, n_projections=sinkhorn_iters,
+def _gca_plan(z1, z2, *, eps, gca_iters, uot_lambda1=None, uot_lambda2=None, cost=None):
+    """GCA's plan on the 2N x 2N cost: ``gca_iters`` = T full Sinkhorn iterations (a row then a column update, as
+    the GCA paper and its code count them), T = 0.5 the row update alone (InfoNCE's coupling)."""
+    cost = contrastive_cost(z1, z2) if cost is None else cost  # (2N, 2N), +inf on the diagonal
+    res, ms = _timed_solve(cost=cost, eps=eps, n_projections=_gca_projections(gca_iters),
                            uot_lambda1=uot_lambda1, uot_lambda2=uot_lambda2)
     return res, ms
 
 
-def gca_ince(h1, h2, z1, z2, *, eps: float = 0.5, sinkhorn_iters: int = 5,
+def _gca_projections(gca_iters: float) -> int:
+    """Single (row or column) updates in T = ``gca_iters`` full iterations: 2T, a whole number >= 1."""
+    half = 2 * float(gca_iters)
+    if not (half >= 1 and half == int(half)):
+        raise ValueError(f"gca_iters must be a multiple of 0.5 that is >= 0.5 (full Sinkhorn iterations; 0.5 = "
+                         f"the row update alone), got {gca_iters}")
+    return int(half)
+
+
+def gca_ince(h1, h2, z1, z2, *, eps: float = 0.5, gca_iters: float = 5,
              domain_labels: Optional[Tensor] = None, domain_alpha: float = 0.0,
              domain_cross: float = 0.0) -> LossOutput:
     r"""GCA-INCE (Chen et al., arXiv 2502.20141): KL(P_tgt | P_theta).
 
     ``P_theta`` is obtained from the Gibbs kernel ``exp(-C/eps)`` of the 2N x 2N
-    cosine cost (self-pairs forbidden) by ``sinkhorn_iters`` = T alternating
-    Bregman projections onto the row and column marginals (uniform 1/(2N)),
-    rows first. ``P_tgt`` puts 1/(2N) on each positive pair (or GCA's
-    domain-aware block target when ``domain_labels`` (N,) is given).
+    cosine cost (self-pairs forbidden) by ``gca_iters`` = T full Sinkhorn iterations,
+    each a Bregman projection onto the row marginal then onto the column marginal
+    (uniform 1/(2N)), as the GCA paper and its code count them. ``P_tgt`` puts
+    1/(2N) on each positive pair (or GCA's domain-aware block target when
+    ``domain_labels`` (N,) is given).
 
-    T = 1 (one row projection) is exactly InfoNCE / NT-Xent with tau = eps;
+    T = 0.5 (the row projection alone) is exactly InfoNCE / NT-Xent with tau = eps;
     larger T tightens the plan towards the balanced OT solution.
     """
     _check_views(z1, z2, "z")
-    res, ms = _gca_plan(z1, z2, eps=eps, sinkhorn_iters=sinkhorn_iters)
+    res, ms = _gca_plan(z1, z2, eps=eps, gca_iters=gca_iters)
     loss = _gca_kl(res, z1.shape[0], domain_labels, domain_alpha, domain_cross)
     return LossOutput(loss, {"gca_kl": float(loss.detach()), **_ot_parts(res, ms)})
 
@@ -362,46 +401,88 @@ def _gca_kl(res: ot.OTResult, n: int, domain_labels, domain_alpha, domain_cross)
     return _generalised_kl(tgt, res.log_plan())
 
 
-def gca_rince(h1, h2, z1, z2, *, eps: float = 0.5, sinkhorn_iters: int = 5,
-              rince_q: float = 0.5, rince_lam: float = 0.01) -> LossOutput:
-    r"""GCA-RINCE (arXiv 2502.20141): RINCE (Chuang et al. 2022) on the GCA plan.
+def gca_rince(h1, h2, z1, z2, *, eps: float = 0.5, gca_iters: float = 5, rince_q: float = 0.5,
+              rince_lam: float = 0.01) -> LossOutput:
+    r"""GCA-RINCE (arXiv 2502.20141): RINCE (Chuang et al., CVPR 2022) on the scores of the GCA plan.
 
-    Per row i of the 2N x 2N plan, with the plan rescaled to row mass 1
-    (``s = 2N P``):  :math:`\ell_i = -s_{i+}^q / q + (\lambda (s_{i+} + \sum_{j \ne +} s_{ij}))^q / q`,
-    averaged over rows. With T = 1, ``s`` are the softmax probabilities and
-    this is RINCE itself on cosine/eps logits.
+    RINCE scores each pair by the unnormalised ``exp(s/tau)``, s the cosine similarity, and per anchor i
+    :math:`\ell_i = -e^{q s_{i+}/	au}/q + (\lambda (e^{s_{i+}/	au} + \sum_{j 
+e i,+} e^{s_{ij}/	au}))^q / q`.
+    GCA replaces InfoNCE's one row projection by T full Sinkhorn iterations. The plan after them is
+    :math:`P = \mathrm{diag}(u) K \mathrm{diag}(v)`, ``K = exp(-C/eps)``, C = 1 - cos; its scores are the plan with
+    the row scaling taken out (the GCA authors' ``hs_rince`` divides P by u likewise), in RINCE's units:
+
+    :math:`S_{ij} = e^{1/arepsilon} K_{ij} v_j = \exp((s_{ij} + g_j)/arepsilon)`, g = eps log v the column
+    potential of the solver (started at g = 0, rows first).
+
+    ``gca_iters`` = 0.5 (the row projection alone) leaves g = 0, so S = exp(s/eps) and the loss is RINCE with
+    tau = eps exactly; with more iterations the column scalings reweight every anchor's positive and negatives,
+    and both q and lambda act (the row sums of S are not constant). Mean over the 2N anchors; self-pairs have
+    S = 0. The terms are formed from logs in float64, so a plan entry that underflows keeps a finite gradient.
+    """
+    _check_views(z1, z2, "z")
+    check_rince(rince_q, rince_lam, eps)
+    n = z1.shape[0]
+    res, ms = _gca_plan(z1, z2, eps=eps, gca_iters=gca_iters)
+    rows, pos = _positive_pairs(n, res.cost.device)
+    # log S_i+ = (1 + g_+ - C_i+) / eps  (2N,)
+    log_pos = ((1.0 + res.g[pos] - res.cost[rows, pos]) / eps).double()
+    # log sum_j S_ij = 1/eps + log(P 1)_i - f_i / eps, from the plan's row sums (kept off 0 should a whole row
+    # underflow after a column update)
+    rows_mass = res.plan.sum(1)
+    log_all = (torch.log(rows_mass.clamp_min(torch.finfo(rows_mass.dtype).tiny)) + (1.0 - res.f) / eps).double()
+    per_row = (-torch.exp(rince_q * log_pos) + torch.exp(rince_q * (math.log(rince_lam) + log_all))) / rince_q
+    loss = per_row.mean().to(z1.dtype)
+    return LossOutput(loss, {"rince": float(loss.detach()), **_ot_parts(res, ms)})
+
+
+def gca_rince_code(h1, h2, z1, z2, *, eps: float = 0.5, gca_iters: float = 10, rince_q: float = 0.98) -> LossOutput:
+    r"""The GCA authors' public code's "GCA-RINCE" (nerdslab/gca, ``gca_loss_cifar.py``, class ``gca_rince``),
+    offered by name for comparison; it is not RINCE (see ``gca_rince``).
+
+    The code's cost: cosines clamped below at 1e-7, ``C = 1 - cos``, and every self-pair's cost set to the cost
+    matrix's maximum (a finite cost: self-pairs keep mass). T = ``gca_iters`` full Sinkhorn iterations (the code
+    runs 10), then the cross-entropy of each row of ``log P`` (softmax re-normalising the row) at its positive,
+    averaged over the 2N rows, raised to q and divided by q:
+
+    :math:`L = rac{1}{q}\Big(rac{1}{2N}\sum_i -\log rac{P_{i+}}{\sum_j P_{ij}}\Big)^q`.
+
+    The code passes class weights lambda to the cross-entropy but then sets every column that is some row's
+    positive, i.e. all of them, back to 1, so its lambda has no effect; this variant has no ``rince_lam``.
+    q = 0.98 and eps = 0.5 are its configuration's values.
     """
     _check_views(z1, z2, "z")
     if not 0 < rince_q <= 1:
         raise ValueError(f"rince_q must be in (0, 1], got {rince_q}")
-    if not rince_lam > 0:
-        raise ValueError(f"rince_lam must be > 0, got {rince_lam}")
     n = z1.shape[0]
-    res, ms = _gca_plan(z1, z2, eps=eps, sinkhorn_iters=sinkhorn_iters)
-    # in logs: s^q = exp(q log s) keeps the gradient finite where the plan underflows to 0; s = 2N P
-    log_pos = res.log_plan_at(*_positive_pairs(n, res.cost.device)) + math.log(2 * n)  # (2N,)
-    # (2N,) log(s+ + sum s-), from the plan's row sums (1/(2N) after a row projection; kept off 0 should a
-    # whole row underflow after a column one, where the logsumexp over the 2N x 2N log-plan stayed finite)
-    rows_mass = res.plan.sum(1)
-    log_all = torch.log(rows_mass.clamp_min(torch.finfo(rows_mass.dtype).tiny)) + math.log(2 * n)
-    per_row = (-torch.exp(rince_q * log_pos) + torch.exp(rince_q * (math.log(rince_lam) + log_all))) / rince_q
-    loss = per_row.mean()
+    z = F.normalize(torch.cat([z1, z2], dim=0), dim=1)  # (2N, D)
+    cost = 1.0 - (z @ z.T).clamp_min(1e-7)  # (2N, 2N)
+    eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    cost = torch.where(eye, cost.max(), cost)  # self-pairs at the largest cost, not forbidden
+    res, ms = _gca_plan(z1, z2, eps=eps, gca_iters=gca_iters, cost=cost)
+    log_p = res.log_plan()  # (2N, 2N)
+    rows, pos = _positive_pairs(n, z.device)
+    ce = -(log_p[rows, pos] - torch.logsumexp(log_p, dim=1)).mean()
+    loss = ce.pow(rince_q) / rince_q
     return LossOutput(loss, {"rince": float(loss.detach()), **_ot_parts(res, ms)})
 
 
-def gca_uot(h1, h2, z1, z2, *, eps: float = 0.5, sinkhorn_iters: int = 5,
+def gca_uot(h1, h2, z1, z2, *, eps: float = 0.5, gca_iters: float = 5,
             uot_lambda1: float = 1.0, uot_lambda2: float = 1.0,
             domain_labels: Optional[Tensor] = None, domain_alpha: float = 0.0,
             domain_cross: float = 0.0) -> LossOutput:
     r"""GCA-UOT (arXiv 2502.20141): generalised KL(P_tgt | P) with an unbalanced plan.
 
     P solves :math:`\min_P \langle P,C\rangle - \varepsilon H(P) + \lambda_1 KL(P1|a) + \lambda_2 KL(P^T 1|b)`
-    approximately by T = ``sinkhorn_iters`` unbalanced scaling updates (rows
-    first), so its marginals are only softly tied to 1/(2N); the generalised KL
+    approximately by T = ``gca_iters`` full iterations of unbalanced scaling updates
+    (rows first), so its marginals are only softly tied to 1/(2N); the generalised KL
     also penalises the mass the plan gained or lost.
+
+    The GCA authors' public code differs (docs/methods.md): ``r1`` x the cross-entropy of ``log P`` (a KL
+    without the mass terms) + ``r2`` x a RINCE-like term, marginal penalties 1e-4, 10 iterations.
     """
     _check_views(z1, z2, "z")
-    res, ms = _gca_plan(z1, z2, eps=eps, sinkhorn_iters=sinkhorn_iters,
+    res, ms = _gca_plan(z1, z2, eps=eps, gca_iters=gca_iters,
                         uot_lambda1=uot_lambda1, uot_lambda2=uot_lambda2)
     loss = _gca_kl(res, z1.shape[0], domain_labels, domain_alpha, domain_cross)
     return LossOutput(loss, {"gca_kl": float(loss.detach()), "plan_mass": float(res.plan.sum().detach()),
@@ -460,8 +541,11 @@ def iot_cl(h1, h2, z1, z2, *, eps: float = 0.5, relaxation: str = "Ua", sinkhorn
         mean_neg = p[neg].mean()
         # Q-bar equals P on positives, so only negatives contribute to KL(Q-bar | P)
         uni = (mean_neg * (torch.log(mean_neg) - log_p[neg])).sum()
-        loss = loss + lambda_p * uni
+        reg = lambda_p * uni
+        loss = loss + reg
         parts["iot_uniform"] = float(uni.detach())
+        parts["reg_loss"] = float(reg.detach())
+        return LossOutput(loss, parts, reg)
     return LossOutput(loss, parts)
 
 
@@ -519,14 +603,14 @@ def barlow_twins(h1, h2, z1, z2, *, barlow_lambda: float = 5e-3) -> LossOutput:
 class Method(MethodInfo):
     """A method of the catalogue with its loss function."""
 
-    fn: Callable[..., LossOutput]
+    fn: Callable[..., LossOutput] = field(kw_only=True)
 
 
 _LOSS_FNS = {"simclr": simclr, "sinsim": sinsim, "sinsim_gibbs_kernel": sinsim_gibbs_kernel, "gca_ince": gca_ince,
-             "gca_rince": gca_rince, "gca_uot": gca_uot, "iot_cl": iot_cl, "vicreg": vicreg,
+             "gca_rince": gca_rince, "gca_rince_code": gca_rince_code, "gca_uot": gca_uot, "iot_cl": iot_cl, "vicreg": vicreg,
              "barlow_twins": barlow_twins}
-METHODS: Dict[str, Method] = {name: Method(name, dict(info.defaults), info.paper, info.uses_ot, _LOSS_FNS[name])
-                              for name, info in METHOD_INFO.items()}
+METHODS: Dict[str, Method] = {name: Method(name, dict(info.defaults), info.paper, info.uses_ot, info.note,
+                                     fn=_LOSS_FNS[name]) for name, info in METHOD_INFO.items()}
 
 
 def method_knobs(method: str, config: Dict[str, object]) -> Dict[str, object]:

@@ -12,12 +12,15 @@ loop::
     from trainables.pretrain_probe import run
     run({"method": "sinsim", "epochs": 5}, report=lambda m, ckpt=None: print(m))
 
-Metrics, every epoch: ``epoch``, ``train_loss`` and the loss parts,
+Metrics, every epoch: ``epoch``, ``train_loss`` and the loss parts (for a method with a weighted regulariser,
+``reg_loss``, its value, e.g. SinSim's beta * W, and ``reg_grad_ratio``, its gradient's norm on the encoder
+features over the rest of the loss's, on the epoch's first batch),
 ``epoch_time_s``, median ``step_time_ms`` / ``ot_time_ms`` / ``data_time_ms``,
 ``images_per_s``, ``peak_mem_mb``, ``lr``, and ``hardware`` (a string: the GPU's name, or the CPU's model
 and torch's threads, what the timings were measured on); ``knn_acc`` (validation split)
 every ``probe_every`` epochs and at the last one. The last epoch adds
-``linear_acc`` (val), ``test_linear_acc``, ``test_knn_acc``, ``test_knn5_acc``,
+``linear_acc`` and ``knn5_acc`` (val), ``test_linear_acc``, ``test_knn_acc``, ``test_knn5_acc``, ``knn_k_used``
+(the weighted kNN's k: the config's ``knn_k``, else :func:`catalog.default_knn_k` of the bank),
 ``align``, ``uniform`` and ``final: 1``; its checkpoint also carries
 ``embeddings`` (frozen test features and labels, at most 2,000) for the
 report's embedding picture. Every checkpoint keeps ``metrics`` (its epoch's) and
@@ -34,6 +37,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 
 import torch
 
+from .catalog import default_knn_k
 from .config import TrialConfig
 from .data import augment, augment_config, load_splits
 from .losses import compute_loss
@@ -108,6 +112,7 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
     hardware = hardware_name(device)
     data = load_splits(cfg.dataset, cfg.data_root, download=cfg.download, verify_data=cfg.verify_data,
                        image_size=cfg.image_size)
+    knn_k = probe_k(cfg, data)
     pool = data.pretrain_x  # (N, C, H, W): train (+ unlabeled for STL-10), never val or test
     n_train = len(pool)
     if cfg.batch_size > n_train:
@@ -175,6 +180,12 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
             if not torch.isfinite(out.loss):
                 raise TrialDiverged(f"train_loss became {float(out.loss.detach())} at epoch {epoch + 1}, step {s + 1} "
                                     f"(method={cfg.method}, lr={cfg.lr})")
+            aside = 0.0  # seconds of this step spent on the regulariser's measurement, left out of its time
+            if s == 0 and "reg_loss" in out.parts:
+                t_aside = time.perf_counter()
+                reg_grad_ratio = regulariser_grad_ratio(out, h)
+                _sync(device)
+                aside = time.perf_counter() - t_aside
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
@@ -182,7 +193,7 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
             _sync(device)
             t2 = time.perf_counter()
             data_ms.append(1e3 * (t1 - t0))
-            step_ms.append(1e3 * (t2 - t1))
+            step_ms.append(1e3 * (t2 - t1 - aside))
             losses.append(float(out.loss.detach()))
             if "ot_time_ms" in out.parts:
                 ot_ms.append(out.parts["ot_time_ms"])
@@ -194,6 +205,7 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
             "epoch": epoch + 1,
             "train_loss": sum(losses) / len(losses),
             **{k: v / steps_per_epoch for k, v in part_sums.items()},
+            **({"reg_grad_ratio": reg_grad_ratio} if "reg_loss" in part_sums else {}),
             "epoch_time_s": epoch_time,
             "step_time_ms": statistics.median(step_ms),
             "data_time_ms": statistics.median(data_ms),
@@ -207,7 +219,7 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
         last = epoch + 1 == cfg.epochs
         embeddings = None
         if (epoch + 1) % cfg.probe_every == 0 or last:
-            probe_out = _probe(model, data, cfg, device, final=last, aug_gen=aug_gen, aug_cfg=aug_cfg)
+            probe_out = _probe(model, data, cfg, device, final=last, aug_gen=aug_gen, aug_cfg=aug_cfg, knn_k=knn_k)
             embeddings = probe_out.pop("_embeddings", None)
             metrics.update(probe_out)
         checkpoint = {
@@ -230,8 +242,36 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
     return metrics
 
 
-def _probe(model, data, cfg: TrialConfig, device, *, final: bool, aug_gen, aug_cfg) -> Dict[str, float]:
-    """kNN on the validation split every probe epoch; the full evaluation at the end.
+def probe_k(cfg: TrialConfig, data) -> int:
+    """The kNN probe's k: the config's, or :func:`catalog.default_knn_k` of the bank's smallest class; a k above
+    that class's count is refused (the spec refuses it before a study starts where the catalog knows the
+    bank; here for any dataset, image folders included)."""
+    smallest = int(torch.bincount(data.train_y).min())
+    if cfg.knn_k is None:
+        return default_knn_k(smallest)
+    if cfg.knn_k > smallest:
+        raise ValueError(f"knn_k={cfg.knn_k}: above the smallest class of the {cfg.dataset} kNN bank ({smallest} "
+                         f"images); use at most {smallest} (default: {default_knn_k(smallest)})")
+    return cfg.knn_k
+
+
+def regulariser_grad_ratio(out, h: torch.Tensor) -> float:
+    """How strong a method's regulariser pulls: ``||d reg / d h|| / ||d (loss - reg) / d h||`` on the encoder
+    features h (2N, D_h) of one batch, Frobenius norms; 0 where the regulariser's weight is 0. SinSim's beta
+    multiplies a cost whose size depends on the encoder (on ReLU features the eps = 0.05 plan was near
+    uniform), so beta alone does not say how hard the OT term pulled: this ratio does. The graph is kept for
+    the step's own backward."""
+    if out.reg is None or not out.reg.requires_grad:
+        return 0.0
+    g_reg, = torch.autograd.grad(out.reg, h, retain_graph=True)
+    g_main, = torch.autograd.grad(out.loss - out.reg, h, retain_graph=True, allow_unused=True)
+    main = float(g_main.norm()) if g_main is not None else 0.0
+    return float(g_reg.norm()) / main if main > 0 else float("inf")
+
+
+def _probe(model, data, cfg: TrialConfig, device, *, final: bool, aug_gen, aug_cfg, knn_k: int) -> Dict[str, float]:
+    """kNN on the validation split every probe epoch (the pruning signal); the full evaluation at the end:
+    the weighted kNN (k = ``knn_k``), a plain 5-NN vote and the linear probe, on validation and test.
 
     The probes use their own RNG (none of the training generators), so probing
     does not change the training trajectory and a resumed run matches an
@@ -241,12 +281,15 @@ def _probe(model, data, cfg: TrialConfig, device, *, final: bool, aug_gen, aug_c
     train_f = extract_features(enc, data.train_x, device=device)
     val_f = extract_features(enc, data.val_x, device=device)
     out = {"knn_acc": knn_accuracy(train_f, data.train_y, val_f, data.val_y, n_classes=data.n_classes,
-                                   k=cfg.knn_k, temperature=cfg.knn_t)}
+                                   k=knn_k, temperature=cfg.knn_t)}
     if not final:
         return out
     test_f = extract_features(enc, data.test_x, device=device)
+    out["knn_k_used"] = float(knn_k)
+    out["knn5_acc"] = knn_accuracy(train_f, data.train_y, val_f, data.val_y, n_classes=data.n_classes, k=5,
+                                   weighted=False)
     out["test_knn_acc"] = knn_accuracy(train_f, data.train_y, test_f, data.test_y, n_classes=data.n_classes,
-                                       k=cfg.knn_k, temperature=cfg.knn_t)
+                                       k=knn_k, temperature=cfg.knn_t)
     out["test_knn5_acc"] = knn_accuracy(train_f, data.train_y, test_f, data.test_y, n_classes=data.n_classes,
                                         k=5, weighted=False)
     out.update(linear_probe(train_f, data.train_y, val_f, data.val_y, test_f, data.test_y,
