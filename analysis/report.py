@@ -24,6 +24,8 @@ import seaborn as sns  # noqa: E402
 from .importance import param_importances  # noqa: E402
 from .sources import EmptyStudy, from_mlflow, from_study_dir  # noqa: E402
 from .stats import OVERHEAD_COLS, mean_ci, overhead_table, summarise  # noqa: E402
+from .tables import (PROBES, VERDICT_NOTE, baseline_mask, knn_description, methods_as_run, primary_metric,  # noqa: E402
+                     summary_table, verdict_page_table, verdict_table)
 
 __all__ = ["write_report", "EmptyStudy"]
 
@@ -43,7 +45,8 @@ KNOBS = {
     "lr": ("learning rate", "log"),
 }
 METRICS = {"test_linear_acc": "test linear-probe accuracy (%)", "test_knn_acc": "test kNN accuracy (%)",
-           "linear_acc": "val linear-probe accuracy (%)", "knn_acc": "val kNN accuracy (%)"}
+           "test_knn5_acc": "test 5-NN accuracy (%)", "linear_acc": "val linear-probe accuracy (%)",
+           "knn_acc": "val kNN accuracy (%)"}
 MARGINAL_TOL = 1e-3  # a Sinkhorn plan with a larger L1 marginal error is flagged
 
 
@@ -78,16 +81,6 @@ def _save(fig, out: Path, stem: str) -> str:
     return f"{stem}.png"
 
 
-def _baseline_mask(df: pd.DataFrame) -> pd.Series:
-    """SimCLR trials, or SinSim with beta = 0 (the same loss), are the baseline."""
-    mask = pd.Series(False, index=df.index)
-    if "method" in df.columns:
-        mask |= df["method"] == "simclr"
-        if "beta" in df.columns:
-            mask |= (df["method"] == "sinsim") & (df["beta"] == 0)
-    return mask
-
-
 def split_converged(done: pd.DataFrame, knob: str):
     """(trials to draw against ``knob``, trials whose plan was solved to convergence by SNS): on a plot over
     the Sinkhorn iteration count K, SinSim's ``ot_solver=sns`` trials are the converged-plan reference
@@ -106,7 +99,7 @@ def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str
     scale = KNOBS.get(knob, (knob, "linear"))[1]
     done, converged = split_converged(done, knob)
     methods = sorted(done["method"].dropna().unique()) if "method" in done.columns else [None]
-    base = done[_baseline_mask(done)]
+    base = done[baseline_mask(done)]
     # the baseline is a band where it is one configuration along this knob (SimCLR, or SinSim at beta = 0, on a
     # plot over beta or eps); where it varies along the knob (batch size, method) it is a curve of its own, and
     # a band would pool its points
@@ -259,7 +252,7 @@ def embedding_plot(res: pd.DataFrame, study_dir: Optional[Path], knobs: List[str
     if study_dir is None or "linear_acc" not in res.columns:
         return None
     done = res[res["status"] == "completed"]
-    is_base = _baseline_mask(done)
+    is_base = baseline_mask(done)
     base, rest = done[is_base], done[~is_base]
     if base.empty or rest.empty:
         return None
@@ -344,7 +337,7 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
     knobs = swept_knobs(spec, res)
     done = res[res["status"] == "completed"].copy()
     figures: List[tuple[str, str]] = []
-    metrics = ["test_linear_acc", "test_knn_acc"]
+    metrics = list(PROBES)
 
     numeric_knobs = [k for k in knobs if k in ("uot_lambda1", "uot_lambda2")]
     if len(numeric_knobs) == 2 and len(done):
@@ -377,24 +370,17 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
 
     cfg_cols = [c for c in _config_cols(knobs) if c in res.columns]
     timed = res[res["n_epochs"] > 0]
-    over = overhead_table(timed, cfg_cols, baseline=_baseline_mask(timed)) if len(timed) else pd.DataFrame()
+    over = overhead_table(timed, cfg_cols, baseline=baseline_mask(timed)) if len(timed) else pd.DataFrame()
     if len(over):
         over.to_csv(out / "overhead.csv", index=False)
         (out / "overhead.md").write_text(_fmt_table(over).to_markdown(index=False))
         (out / "overhead.tex").write_text(_fmt_table(over).to_latex(index=False))
 
-    summary_rows = []
-    for keys, g in done.groupby(cfg_cols, dropna=False) if cfg_cols and len(done) else []:
-        keys = keys if isinstance(keys, tuple) else (keys,)
-        row = dict(zip(cfg_cols, keys))
-        for m in metrics + ["knn_acc"]:
-            if m in g.columns:
-                mu, h, n = mean_ci(g[m].tolist())
-                row[m] = f"{100 * mu:.2f} ± {100 * h:.2f}" if n > 1 else f"{100 * mu:.2f}"
-                row["n"] = n
-        summary_rows.append(row)
-    summary = pd.DataFrame(summary_rows)
-    summary.to_csv(out / "summary.csv", index=False)
+    summary = summary_table(done, cfg_cols)
+    verdicts = verdict_table(done, cfg_cols, knobs) if cfg_cols else pd.DataFrame()
+    primary = primary_metric(spec)
+    (summary.merge(verdicts, on=cfg_cols, how="left") if len(verdicts) and len(summary) else summary).to_csv(
+        out / "summary.csv", index=False)
     flagged = flags(res, hist)
     flagged.to_csv(out / "flags.csv", index=False)
 
@@ -407,7 +393,8 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
                  columns=["knob", "importance"]).to_csv(out / "importance.csv", index=False)
     _remove_stale_figures(out, {Path(f).stem for f, _ in figures})
     page = _html(spec, meta, counts, expected, missing, figures, summary, over, flagged, mlflow_errors,
-                 time.perf_counter() - t0)
+                 time.perf_counter() - t0, verdicts=verdict_page_table(verdicts, cfg_cols, primary), primary=primary,
+                 probe=knn_description(res))
     index = out / "index.html"
     index.write_text(page)
     return index
@@ -443,7 +430,8 @@ def _table_html(df: pd.DataFrame) -> str:
     return _fmt_table(_readable(df)).to_html(index=False, border=0, classes="t", escape=True)
 
 
-def _html(spec, meta, counts, expected, missing, figures, summary, over, flagged, mlflow_errors, secs) -> str:
+def _html(spec, meta, counts, expected, missing, figures, summary, over, flagged, mlflow_errors, secs, *,
+          verdicts: pd.DataFrame, primary: str, probe: str) -> str:
     name = html.escape(str(spec.get("name", "study")))
     status = ", ".join(f"{v} {html.escape(str(k))}" for k, v in sorted(counts.items()))
     warn = ""
@@ -454,6 +442,15 @@ def _html(spec, meta, counts, expected, missing, figures, summary, over, flagged
     if mlflow_errors:
         warn += (f"<p class='warn'>MLflow logging failed {mlflow_errors} time(s) (see mlflow_errors.log); "
                  f"these results come from the Parquet export.</p>")
+    methods = spec.get("method") or []
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    for case in (spec.get("search") or {}).get("cases") or []:
+        if case.get("method") and case["method"] not in methods:
+            methods.append(case["method"])
+    as_run = "".join(f"<li>{html.escape(line)}</li>" for line in methods_as_run(methods))
+    verdict_part = (f"<p>{html.escape(VERDICT_NOTE)}</p>\n{_table_html(verdicts)}" if len(verdicts) else
+                    "<p><em>No baseline in this study (SimCLR, or the method with its regulariser off), so no "
+                    "paired verdicts: add SimCLR to the study's methods to get them.</em></p>")
     figs = "\n".join(f"<figure><img src='{html.escape(f)}' alt='{html.escape(f)}'><figcaption>{html.escape(c)}"
                      f"</figcaption></figure>" for f, c in figures)
     return f"""<!doctype html>
@@ -471,17 +468,29 @@ code {{ background: #f4f4f4; padding: 0 3px; }}
 <p>{html.escape(str(spec.get('description', '')))}</p>
 <p><b>Trials:</b> {status} (expected {expected}). Method(s): {html.escape(_listed(spec.get('method')))};
 dataset: {html.escape(str(spec.get('dataset')))}; seeds: {html.escape(_listed(spec.get('seeds')))};
-metric for search/pruning: {html.escape(str(spec.get('metric')))} (validation split). Accuracies below are on the
-held-out test split, which no selection looked at.</p>
+signal for search and pruning: {html.escape(str(spec.get('metric')))} on the validation split ({html.escape(probe)},
+temperature 0.1, on frozen encoder features, every probe epoch). Every trial ends with three probes of its frozen
+features on the held-out test split, which no selection looked at: the {html.escape(probe)} (<code>test_knn_acc</code>),
+a plain 5-NN vote (<code>test_knn5_acc</code>) and a linear probe (logistic regression, weight decay chosen on the
+validation split; <code>test_linear_acc</code>). The primary comparison is <code>{html.escape(primary)}</code>, the
+test counterpart of the search signal.</p>
 {warn}
+<h2>Methods as run</h2>
+<ul>{as_run}</ul>
+<h2>Paired verdicts against the baseline</h2>
+{verdict_part}
 <h2>Results by configuration</h2>
-<p>Mean ± 95% CI half-width (Student t) over seeds, in %.</p>
+<p>Test accuracies (and the validation kNN) as mean ± 95% CI half-width (Student t) over seeds, in %. For a method
+with a weighted regulariser (SinSim's β·W, IOT-CL's λp·KL), at the last epoch and averaged over seeds:
+<code>reg_loss</code>, its value; <code>reg_share</code>, that over the rest of the loss; and
+<code>reg_grad_ratio</code>, the norm of its gradient on the encoder features over the norm of the rest's (first
+batch of the epoch): how hard β really pulled, which β alone does not say (W's size depends on the encoder).</p>
 {_table_html(summary)}
 <h2>Figures</h2>
 {figs}
 <h2>Overhead</h2>
 <p>Medians over trials of the per-trial median step time (first epoch excluded), OT share = OT solve / step;
-ratios against the baseline (SimCLR, or SinSim with β = 0) at the same batch size, on the same hardware (the GPU,
+ratios against the baseline (SimCLR, else SinSim at β = 0 or IOT-CL U(a) at λp = 0) at the same batch size, on the same hardware (the GPU,
 or the CPU's model and torch's threads, as each trial recorded it). Also in
 <a href="overhead.csv">overhead.csv</a>, <a href="overhead.md">overhead.md</a>, <a href="overhead.tex">overhead.tex</a>.</p>
 {_table_html(over)}

@@ -76,3 +76,119 @@ def overhead_table(df: pd.DataFrame, config_cols: List[str], baseline: Optional[
                 table[f"{c}_ratio"] = table[c] / table[f"{c}_base"]
         table = table.drop(columns=[f"{c}_base" for c in cols])
     return table
+
+
+# --------------------------------------------------------------------------- paired verdicts
+
+ALPHA = 0.05  # the study's family-wise error rate: Holm over its configurations
+POWER = 0.80  # the power at which the smallest detectable difference is stated
+VERDICTS = ("better", "worse", "no detectable difference")
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1); NaN stays NaN and is not counted."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    m = len(ok)
+    running = 0.0
+    for rank, i in enumerate(ok[np.argsort(p[ok], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def paired_t(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float, float, int]:
+    """(mean, CI lower, CI upper, two-sided p, n) of the one-sample t-test of paired differences against 0;
+    NaN interval and p for n < 2. A zero spread gives p = 0 (or 1 for a zero mean)."""
+    d = np.asarray([v for v in diffs if v is not None and np.isfinite(v)], dtype=float)
+    n = len(d)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan"), float("nan"), 0
+    mean = float(d.mean())
+    if n < 2:
+        return mean, float("nan"), float("nan"), float("nan"), n
+    se = float(d.std(ddof=1)) / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
+    if se == 0:
+        return mean, mean, mean, (1.0 if mean == 0 else 0.0), n
+    p = float(2 * stats.t.sf(abs(mean) / se, n - 1))
+    return mean, mean - half, mean + half, p, n
+
+
+def detectable_difference(sd: float, n: int, alpha: float, power: float = POWER) -> float:
+    """The smallest true mean difference a two-sided paired t-test of n pairs at level ``alpha`` detects with
+    probability ``power``, for differences of standard deviation ``sd``: the delta with
+    P(|T| > t_{1-alpha/2, n-1}) = power, T noncentral t with n - 1 degrees of freedom and noncentrality
+    delta sqrt(n) / sd (exact, not the normal approximation). NaN for n < 2; 0 for sd = 0."""
+    if n < 2 or not np.isfinite(sd):
+        return float("nan")
+    if sd == 0:
+        return 0.0
+    df = n - 1
+    crit = stats.t.ppf(1 - alpha / 2, df)
+
+    def shortfall(nc: float) -> float:
+        lower = stats.nct.cdf(-crit, df, nc)  # the wrong-sign tail: ~0 here, NaN in scipy far out in nc
+        return stats.nct.sf(crit, df, nc) + (lower if np.isfinite(lower) else 0.0) - power
+
+    hi = crit + 5.0
+    while shortfall(hi) < 0:
+        hi *= 2
+    from scipy.optimize import brentq
+
+    nc = brentq(shortfall, 0.0, hi, xtol=1e-10)
+    return float(nc * sd / math.sqrt(n))
+
+
+def paired_verdicts(df: pd.DataFrame, config_cols: List[str], metric: str, baseline: pd.Series,
+                    match_cols: Sequence[str] = (), *, alpha: float = ALPHA, power: float = POWER,
+                    higher_is_better: bool = True) -> pd.DataFrame:
+    """Every configuration against the baseline, paired by seed.
+
+    For each configuration (``config_cols``) that is not the baseline, the baseline's trial with the same seed
+    (and the same ``match_cols``, e.g. the batch size: SimCLR at the same shared knobs) is its pair; the
+    differences ``metric(config) - metric(baseline)`` give the mean difference, its 95% Student-t interval and
+    the two-sided p-value of the paired t-test. The p-values are Holm-corrected over the study's
+    configurations (family-wise error ``alpha``), and the verdict is ``better`` / ``worse`` where the corrected
+    p is below ``alpha``, else ``no detectable difference``. ``mde``: the smallest difference this design
+    could detect with probability ``power`` at the Bonferroni level alpha / m (Holm's first step), from the
+    observed spread of the differences.
+
+    Args:
+        df: one row per completed trial with ``seed``, the config columns, match columns and ``metric``.
+        baseline: boolean mask of the baseline's rows (SimCLR, or the method at weight 0).
+    Returns:
+        one row per configuration: the config columns, ``pairs``, ``diff``, ``diff_lo``, ``diff_hi``, ``p``,
+        ``p_holm``, ``verdict``, ``mde``.
+    """
+    cols = ["pairs", "diff", "diff_lo", "diff_hi", "p", "p_holm", "verdict", "mde"]
+    if metric not in df.columns or not baseline.any():
+        return pd.DataFrame(columns=list(config_cols) + cols)
+    match = [c for c in match_cols if c in df.columns]
+    base = df[baseline].groupby(match + ["seed"], dropna=False)[metric].mean()
+    rows = []
+    for key, g in df[~baseline].groupby(config_cols, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        diffs = []
+        for _, r in g.iterrows():
+            k = tuple(r[c] for c in match + ["seed"])
+            k = k if len(k) > 1 else k[0]
+            if k in base.index and np.isfinite(r[metric]):
+                diffs.append(float(r[metric]) - float(base.loc[k]))
+        mean, lo, hi, p, n = paired_t(diffs)
+        sd = float(np.std(diffs, ddof=1)) if n > 1 else float("nan")
+        rows.append({**dict(zip(config_cols, key)), "pairs": n, "diff": mean, "diff_lo": lo, "diff_hi": hi, "p": p,
+                     "_sd": sd})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return pd.DataFrame(columns=list(config_cols) + cols)
+    out["p_holm"] = holm(out["p"].tolist())
+    m = int(np.isfinite(out["p"]).sum()) or 1
+    out["mde"] = [detectable_difference(sd, n, alpha / m, power) for sd, n in zip(out["_sd"], out["pairs"])]
+    sign = 1.0 if higher_is_better else -1.0
+    out["verdict"] = [
+        ("better" if sign * d > 0 else "worse") if np.isfinite(ph) and ph < alpha else
+        ("no detectable difference" if np.isfinite(ph) else "too few pairs")
+        for d, ph in zip(out["diff"], out["p_holm"])]
+    return out.drop(columns="_sd")[list(config_cols) + cols]

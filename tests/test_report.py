@@ -150,12 +150,13 @@ def test_no_plot_over_a_knob_that_no_method_varies(monkeypatch):
         assert sensitivity_plot(done, "beta", Path("."), ["test_linear_acc"]) is None
     series, _, _ = _plotted(monkeypatch, done, "uot_lambda1")
     assert list(series) == ["gca_uot"]  # SinSim reads no lambda1: no points at an unset value
-    # SimCLR next to SinSim over beta: SimCLR has no beta, so it is the band (with SinSim at beta = 0), no curve
+    # SimCLR next to SinSim over beta: SimCLR has no beta, so it is the band, no curve; where the study runs
+    # SimCLR, SimCLR alone is the baseline (SinSim at beta = 0, another configuration, is a point of its curve)
     done = pd.DataFrame([{"method": "simclr", "seed": s, "test_linear_acc": 0.9} for s in (0, 1)]
                         + [{"method": "sinsim", "beta": b, "seed": s, "test_linear_acc": 0.8}
                            for b in (0.0, 0.8) for s in (0, 1)])
     series, _, bands = _plotted(monkeypatch, done, "beta")
-    assert list(series) == ["sinsim"] and bands == ["SimCLR baseline (n=4)"]
+    assert list(series) == ["sinsim"] and bands == ["SimCLR baseline (n=2)"]
 
 
 def test_the_embedding_picture_finds_a_best_configuration_with_unset_knobs(tmp_path):
@@ -407,3 +408,40 @@ document.getElementById('f').onload = () => {
             httpd.shutdown()
     n_images = len(list(rep.glob("*.png")))
     assert f"IMAGES {n_images} LOADED {n_images}" in out, out[-2000:]
+
+
+def test_the_report_gives_paired_verdicts_the_probes_and_the_ot_terms_strength(tmp_path):
+    # beta = 0.4 costs 5 points at every seed (give or take 0.2), beta = 0.8 costs nothing (give or take 0.2):
+    # "worse" and "no detectable difference", paired by seed although the seeds themselves spread by 3 points
+    d = tmp_path / "v"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    seed_shift = [0.0, 0.03, -0.02, 0.01, -0.03]
+    rows = []
+    for i, (beta, seed) in enumerate((b, s) for b in (0.0, 0.4, 0.8) for s in range(5)):
+        acc = 0.9 + seed_shift[seed] - (0.05 if beta == 0.4 else 0.0) + rng.normal(0, 0.002)
+        rows.append({"trial_id": f"t{i}", "status": "completed", "method": "sinsim", "beta": beta, "seed": seed,
+                     "batch_size": 256, "n_epochs": 3, "linear_acc": acc, "test_linear_acc": acc, "knn_acc": acc,
+                     "test_knn_acc": acc, "test_knn5_acc": acc, "knn_k_used": 20.0, "train_loss": 5.0,
+                     "reg_loss": 0.5 * beta, "reg_grad_ratio": 0.25 * beta, "med_step_time_ms": 10.0,
+                     "med_ot_time_ms": 1.0, "error": ""})
+    pd.DataFrame(rows).to_parquet(d / "results.parquet")
+    pd.DataFrame([{"trial_id": r["trial_id"], "epoch": 3, "knn_acc": r["knn_acc"]} for r in rows]).to_parquet(
+        d / "history.parquet")
+    (d / "spec.yaml").write_text(yaml.safe_dump({"name": "v", "method": "sinsim", "dataset": "digits",
+                                                 "search": {"beta": {"grid": [0.0, 0.4, 0.8]}},
+                                                 "seeds": list(range(5)), "metric": "knn_acc"}))
+    index = write_report(d)
+    summary = pd.read_csv(index.parent / "summary.csv").set_index("beta")
+    assert summary.loc[0.4, "test_knn_acc_verdict"] == "worse"
+    assert summary.loc[0.8, "test_knn_acc_verdict"] == "no detectable difference"
+    assert summary.loc[0.4, "test_knn_acc_diff"] == pytest.approx(-5.0, abs=0.3)
+    assert summary.loc[0.4, "test_knn_acc_diff_lo"] < -5.0 + 0.05 < summary.loc[0.4, "test_knn_acc_diff_hi"] + 0.1
+    assert 0 < summary.loc[0.8, "test_knn_acc_mde"] < 1.5 and summary.loc[0.4, "pairs"] == 5
+    assert pd.isna(summary.loc[0.0, "test_knn_acc_verdict"])  # the baseline is not compared with itself
+    assert summary.loc[0.8, "reg_grad_ratio"] == pytest.approx(0.2) and summary.loc[0.8, "reg_share"] == \
+        pytest.approx(0.4 / 4.6)
+    page = index.read_text()
+    assert "Paired verdicts against the baseline" in page and "kNN (primary) verdict" in page
+    assert "weighted kNN, k = 20" in page and "5-NN" in page
+    assert "sinsim: arXiv 2502.10478. W = the entropic objective OT_eps of Eq. 3" in page
