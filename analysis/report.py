@@ -414,14 +414,19 @@ def _remove_stale_figures(out: Path, written: set) -> None:
                     f.unlink()
 
 
+# the regulariser's columns of the summary table, as the page names them
+REG_COLS = {"reg_loss": "regulariser (β·W)", "reg_share": "regulariser / rest of loss",
+            "reg_grad_ratio": "‖∇ regulariser‖ / ‖∇ rest‖"}
+
+
 def _readable(df: pd.DataFrame) -> pd.DataFrame:
     """Column names with units for the page (the CSV/Markdown/LaTeX files keep the data names)."""
-    names = {}
+    names = dict(REG_COLS)
     for c in df.columns:
         base = c[:-len("_ratio")] if c.endswith("_ratio") else c
         if base in OVERHEAD_COLS:
             names[c] = OVERHEAD_COLS[base] + (" × baseline" if c.endswith("_ratio") else "")
-    return df.rename(columns=names)
+    return df.rename(columns={c: n for c, n in names.items() if c in df.columns})
 
 
 def _table_html(df: pd.DataFrame) -> str:
@@ -481,10 +486,11 @@ test counterpart of the search signal.</p>
 {verdict_part}
 <h2>Results by configuration</h2>
 <p>Test accuracies (and the validation kNN) as mean ± 95% CI half-width (Student t) over seeds, in %. For a method
-with a weighted regulariser (SinSim's β·W, IOT-CL's λp·KL), at the last epoch and averaged over seeds:
-<code>reg_loss</code>, its value; <code>reg_share</code>, that over the rest of the loss; and
-<code>reg_grad_ratio</code>, the norm of its gradient on the encoder features over the norm of the rest's (first
-batch of the epoch): how hard β really pulled, which β alone does not say (W's size depends on the encoder).</p>
+with a weighted regulariser (SinSim's β·W, IOT-CL's λp·KL), at the last epoch and averaged over seeds: its value
+(<code>reg_loss</code>; SinSim's entropic W = &lt;P, C&gt; − ε H(P) is negative where the entropy term outweighs the
+cost), that over the rest of the loss (<code>reg_share</code>), and the norm of its gradient on the encoder features
+over the norm of the rest's (<code>reg_grad_ratio</code>, first batch of the epoch): how hard β really pulled, which
+β alone does not say, since W's size depends on the encoder.</p>
 {_table_html(summary)}
 <h2>Figures</h2>
 {figs}

@@ -108,23 +108,24 @@ def verdict_table(done: pd.DataFrame, cfg_cols: List[str], knobs: List[str]) -> 
 
 
 def verdict_page_table(verdicts: pd.DataFrame, cfg_cols: List[str], primary: str) -> pd.DataFrame:
-    """The verdicts as the page shows them: per probe "Δ [95% CI]" in points, Holm's p, the verdict and the
-    smallest detectable difference; the primary probe first."""
+    """The verdicts as the page shows them, one row per configuration and probe (the primary probe first):
+    the seed pairs, "Δ [95% CI]" in points, Holm's p, the verdict and the smallest detectable difference."""
     if verdicts.empty:
         return verdicts
-    page = verdicts[cfg_cols + ["pairs"]].copy()
-    for metric in sorted(PROBES, key=lambda m: m != primary):
-        if f"{metric}_diff" not in verdicts.columns:
-            continue
-        name = PROBES[metric] + (" (primary)" if metric == primary else "")
-        v = verdicts
-        page[f"{name} Δ [95% CI]"] = [
-            "" if not np.isfinite(d) else (f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" if np.isfinite(lo) else f"{d:+.2f}")
-            for d, lo, hi in zip(v[f"{metric}_diff"], v[f"{metric}_diff_lo"], v[f"{metric}_diff_hi"])]
-        page[f"{name} p (Holm)"] = [f"{p:.3g}" if np.isfinite(p) else "" for p in v[f"{metric}_p_holm"]]
-        page[f"{name} verdict"] = v[f"{metric}_verdict"]
-        page[f"{name} detectable"] = [f"±{m:.2f}" if np.isfinite(m) else "" for m in v[f"{metric}_mde"]]
-    return page
+    rows = []
+    probes = [m for m in sorted(PROBES, key=lambda m: m != primary) if f"{m}_diff" in verdicts.columns]
+    for _, v in verdicts.iterrows():
+        for metric in probes:
+            d, lo, hi, ph, mde = (v[f"{metric}_{c}"] for c in ("diff", "diff_lo", "diff_hi", "p_holm", "mde"))
+            rows.append({**{c: v[c] for c in cfg_cols},
+                         "probe (test)": PROBES[metric] + (" (primary)" if metric == primary else ""),
+                         "pairs": v["pairs"],
+                         "Δ points [95% CI]": "" if not np.isfinite(d) else
+                         (f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" if np.isfinite(lo) else f"{d:+.2f}"),
+                         "p (Holm)": f"{ph:.3g}" if np.isfinite(ph) else "",
+                         "verdict": v[f"{metric}_verdict"],
+                         "detectable (80%)": f"±{mde:.2f}" if np.isfinite(mde) else ""})
+    return pd.DataFrame(rows)
 
 
 def methods_as_run(methods: List[str]) -> List[str]:

@@ -45,8 +45,10 @@ def _preset(description: str, method, search: Dict[str, Any], *, fixed=None, see
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "sinsim_beta": _preset(
-        "SinSim: OT weight beta in {0, 0.4, 0.8, 1.2} (beta=0 is SimCLR, the baseline), eps=0.05, 40 iterations",
-        "sinsim", {"beta": {"grid": [0.0, 0.4, 0.8, 1.2]}}, fixed={"eps": 0.05, "sinkhorn_iters": 40}),
+        "SinSim: OT weight beta in {0, 0.4, 0.8, 1.2} (beta=0 is SimCLR, the baseline), eps=0.05, 40 iterations, "
+        "5 seeds (paired verdicts need them: 3 pairs detect only differences of several points)",
+        "sinsim", {"beta": {"grid": [0.0, 0.4, 0.8, 1.2]}}, fixed={"eps": 0.05, "sinkhorn_iters": 40},
+        seeds=(0, 1, 2, 3, 4)),
     "sinsim_eps": _preset(
         "SinSim: entropy eps in {0.01, 0.05, 0.1, 0.5} at beta=0.8, against SimCLR", ["simclr", "sinsim"],
         {"eps": {"grid": [0.01, 0.05, 0.1, 0.5]}}, fixed={"beta": 0.8, "sinkhorn_iters": 40}),

@@ -102,7 +102,7 @@ def test_ctrl_c_stops_the_study_and_says_how_to_continue(tmp_path):
     text = log.read_text()
     assert "Tuner.restore" not in text, text[-2000:]
     study = tmp_path / "sinsim_beta"
-    assert f"of 12 trials finished; continue with `otstudy resume {study}`" in text, text[-2000:]
+    assert f"of 20 trials finished; continue with `otstudy resume {study}`" in text, text[-2000:]  # 4 betas x 5 seeds
 
 
 def test_tpe_study_repeats_each_configuration_per_seed(tmp_path):

@@ -442,6 +442,6 @@ def test_the_report_gives_paired_verdicts_the_probes_and_the_ot_terms_strength(t
     assert summary.loc[0.8, "reg_grad_ratio"] == pytest.approx(0.2) and summary.loc[0.8, "reg_share"] == \
         pytest.approx(0.4 / 4.6)
     page = index.read_text()
-    assert "Paired verdicts against the baseline" in page and "kNN (primary) verdict" in page
+    assert "Paired verdicts against the baseline" in page and "kNN (primary)" in page and "detectable (80%)" in page
     assert "weighted kNN, k = 20" in page and "5-NN" in page
     assert "sinsim: arXiv 2502.10478. W = the entropic objective OT_eps of Eq. 3" in page
