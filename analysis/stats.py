@@ -1,6 +1,7 @@
 """Summary statistics over seeds, and overhead ratios. Pure pandas/scipy."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Sequence
 
@@ -123,8 +124,14 @@ def detectable_difference(sd: float, n: int, alpha: float, power: float = POWER)
     delta sqrt(n) / sd (exact, not the normal approximation). NaN for n < 2; 0 for sd = 0."""
     if n < 2 or not np.isfinite(sd):
         return float("nan")
-    if sd == 0:
-        return 0.0
+    return float(sd * _unit_detectable(int(n), float(alpha), float(power)))
+
+
+@functools.lru_cache(maxsize=256)
+def _unit_detectable(n: int, alpha: float, power: float) -> float:
+    """:func:`detectable_difference` for sd = 1 (it scales with sd), solved once per design."""
+    from scipy.optimize import brentq
+
     df = n - 1
     crit = stats.t.ppf(1 - alpha / 2, df)
 
@@ -135,10 +142,7 @@ def detectable_difference(sd: float, n: int, alpha: float, power: float = POWER)
     hi = crit + 5.0
     while shortfall(hi) < 0:
         hi *= 2
-    from scipy.optimize import brentq
-
-    nc = brentq(shortfall, 0.0, hi, xtol=1e-10)
-    return float(nc * sd / math.sqrt(n))
+    return brentq(shortfall, 0.0, hi, xtol=1e-10) / math.sqrt(n)
 
 
 def paired_verdicts(df: pd.DataFrame, config_cols: List[str], metric: str, baseline: pd.Series,
@@ -166,18 +170,16 @@ def paired_verdicts(df: pd.DataFrame, config_cols: List[str], metric: str, basel
     if metric not in df.columns or not baseline.any():
         return pd.DataFrame(columns=list(config_cols) + cols)
     match = [c for c in match_cols if c in df.columns]
-    base = df[baseline].groupby(match + ["seed"], dropna=False)[metric].mean()
+    keys = match + ["seed"]
+    base = df[baseline].groupby(keys, dropna=False, as_index=False)[metric].mean().rename(columns={metric: "_base"})
+    pairs = df[~baseline][list(dict.fromkeys(config_cols + keys)) + [metric]].merge(base, on=keys, how="left")
+    pairs["_d"] = pairs[metric] - pairs["_base"]
     rows = []
-    for key, g in df[~baseline].groupby(config_cols, dropna=False, sort=True):
+    for key, g in pairs.groupby(config_cols, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
-        diffs = []
-        for _, r in g.iterrows():
-            k = tuple(r[c] for c in match + ["seed"])
-            k = k if len(k) > 1 else k[0]
-            if k in base.index and np.isfinite(r[metric]):
-                diffs.append(float(r[metric]) - float(base.loc[k]))
+        diffs = g["_d"].to_numpy()
         mean, lo, hi, p, n = paired_t(diffs)
-        sd = float(np.std(diffs, ddof=1)) if n > 1 else float("nan")
+        sd = float(np.std(diffs[np.isfinite(diffs)], ddof=1)) if n > 1 else float("nan")
         rows.append({**dict(zip(config_cols, key)), "pairs": n, "diff": mean, "diff_lo": lo, "diff_hi": hi, "p": p,
                      "_sd": sd})
     out = pd.DataFrame(rows)
