@@ -3,11 +3,13 @@ appending a table to BENCHMARKS.md."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -68,11 +70,11 @@ def median_call(fn: Callable[[], object], repeats: int = 3, slow_s: float = 2.0)
 def machine() -> str:
     import torch
 
-    from trainables.ot import _products_route
+    from trainables.ot.backend import products_route
     from trainables.pretrain_probe import cpu_model
 
     return (f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), large CPU products through {_products_route()}, "
+            f"({torch.get_num_threads()} threads), large CPU products through {products_route()}, "
             f"Python {platform.python_version()}")
 
 
@@ -97,16 +99,21 @@ def short_revision(rev: str, prog: str) -> str:
 
 
 def module_at(rev: str, prog: str):
-    """``trainables/ot.py`` as it is in git revision ``rev``, loaded as a module of its own (for ``--against``);
-    one line and exit if there is no such file at ``rev``."""
-    try:
-        source = subprocess.run(["git", "show", f"{rev}:trainables/ot.py"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout
-    except subprocess.CalledProcessError as exc:
-        sys.exit(f"{prog}: error: --against {rev}: {exc.stderr.strip()}")
-    path = Path(tempfile.mkdtemp()) / "ot_at_rev.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("ot_at_rev", path)
+    """``trainables.ot`` as it is in git revision ``rev`` (a module ``trainables/ot.py`` before the package
+    ``trainables/ot/``), loaded as a module of its own (for ``--against``); one line and exit if there is
+    neither at ``rev``."""
+    tmp = Path(tempfile.mkdtemp())
+    show = subprocess.run(["git", "show", f"{rev}:trainables/ot.py"], cwd=ROOT, capture_output=True, text=True)
+    if show.returncode == 0:
+        path, search = tmp / "ot_at_rev.py", None
+        path.write_text(show.stdout)
+    else:
+        archive = subprocess.run(["git", "archive", rev, "trainables/ot"], cwd=ROOT, capture_output=True)
+        if archive.returncode != 0:
+            sys.exit(f"{prog}: error: --against {rev}: {archive.stderr.decode().strip()}")
+        tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(tmp, filter="data")
+        path, search = tmp / "trainables" / "ot" / "__init__.py", [str(tmp / "trainables" / "ot")]
+    spec = importlib.util.spec_from_file_location("ot_at_rev", path, submodule_search_locations=search)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)

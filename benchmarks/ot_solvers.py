@@ -16,7 +16,10 @@ C = 1 - cos (for GeomLoss the points are L2-normalised, so its p=2 cost
 against git revision REV's, in alternating pairs at n = 128..2048 (eps = 0.05) and n = 256, 1024 (eps = 2e-3,
 more spread costs).
 
-    .venv/bin/python -m benchmarks.ot_solvers [--quick] [--part all|fixed|tolerance|backward [--against REV]]
+``--part mirrors`` times the numpy mirrors of small CPU solves (iterations, reverse pass) against the torch loops
+they mirror.
+
+    .venv/bin/python -m benchmarks.ot_solvers [--quick] [--part all|fixed|tolerance|backward [--against REV]|mirrors]
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import ensure_malloc_env, markdown_table, median_call, module_at, record, short_revision, timeit
-from trainables.ot import sinkhorn
+from trainables.ot import sinkhorn, sinkhorn_newton_sparse
 
 warnings.filterwarnings("ignore")
 
@@ -149,7 +152,7 @@ def to_tolerance(sizes, epss, tol=1e-6, cap=5000, pairs=9, log_up_to=1024):
         a = np.full(n, 1.0 / n)
         for eps in epss:
             fns = {"ours": lambda: sinkhorn(c, eps=eps, n_iters=cap, tol=tol, warn=False),
-                   "sns": lambda: sinkhorn(c, eps=eps, method="sns", tol=tol, warn=False),
+                   "sns": lambda: sinkhorn_newton_sparse(c, eps=eps, tol=tol, warn=False),
                    "pot": lambda: ot.sinkhorn(a, a, c64, eps, numItermax=cap, stopThr=tol / 10, log=True)}
             res, times = paired_times(fns, pairs)
             ours, sns, (p_pot, log) = res["ours"], res["sns"], res["pot"]
@@ -180,7 +183,7 @@ def backward(n=2048, d=512, eps=0.05, iters=40):
     def run(mode):
         xr = x.clone().requires_grad_(True)
         cost = 1.0 - F.normalize(xr, dim=1) @ F.normalize(y, dim=1).T
-        res = sinkhorn(cost, eps=eps, n_iters=iters, grad=mode)
+        res = sinkhorn(cost, eps=eps, n_iters=iters, ot_grad=mode)
         return xr, (res.objective() if mode == "implicit" else res.transport_cost())
 
     for mode in ("unrolled", "implicit"):
@@ -258,14 +261,59 @@ def unrolled_against(rev: str, iters=40, pairs=7):
            f"between n random points in d dimensions: forward = the cost and the solve, backward = <P, C> and its "
            f"backward to the points; {pairs} "
            f"alternating pairs after one warm-up pair (2 where a run took over 2 s), medians. {rev_id}'s solver "
-           "is its `trainables/ot.py`, loaded as a module of its own.\n\n" + markdown_table(header, rows))
+           "is its `trainables.ot`, loaded as a module of its own.\n\n" + markdown_table(header, rows))
+
+
+def mirrors(sizes=(64, 128, 256), eps=0.05, iters=40, pairs=15):
+    """The numpy mirrors of small CPU problems (``trainables.ot.backend.numpy_mode`` "all"): the scaling
+    iterations without a graph (``scaling._scaling_iterations_numpy``) and the unrolled gradient's reverse pass
+    (``unrolled._unrolled_backward_numpy``), each against the torch loop it mirrors, forced by setting
+    ``backend.NUMPY_MATVEC_MIN = 0`` with torch's products. Alternating rounds after a warm-up, medians of the
+    per-round ratios."""
+    from trainables.ot import backend
+
+    rows = []
+    for n in sizes:
+        _, _, cost = problem(n, 128)
+        x, y, _ = problem(n, 128, seed=1)
+
+        def forward():
+            return sinkhorn(cost, eps=eps, n_iters=iters)
+
+        def backward():
+            xr = x.clone().requires_grad_(True)
+            c = 1.0 - F.normalize(xr, dim=1) @ F.normalize(y, dim=1).T
+            res = sinkhorn(c / c.max(), eps=eps, n_iters=iters)
+            t0 = time.perf_counter()
+            res.transport_cost().backward()
+            return time.perf_counter() - t0
+
+        saved = backend.NUMPY_MATVEC_MIN, backend.PRODUCTS
+        times = {(kind, route): [] for kind in ("forward", "backward") for route in ("numpy", "torch")}
+        for k in range(pairs + 1):  # the first round warms up
+            for route in (("numpy", "torch") if k % 2 == 0 else ("torch", "numpy")):
+                backend.NUMPY_MATVEC_MIN, backend.PRODUCTS = saved if route == "numpy" else (0, "torch")
+                t0 = time.perf_counter()
+                forward()
+                t_fwd = time.perf_counter() - t0
+                t_bwd = backward()
+                if k:
+                    times[("forward", route)].append(t_fwd)
+                    times[("backward", route)].append(t_bwd)
+        backend.NUMPY_MATVEC_MIN, backend.PRODUCTS = saved
+        for kind in ("forward", "backward"):
+            ratio = statistics.median(a / b for a, b in zip(times[(kind, "numpy")], times[(kind, "torch")]))
+            rows.append([n, kind, 1e3 * statistics.median(times[(kind, "numpy")]),
+                         1e3 * statistics.median(times[(kind, "torch")]), ratio])
+            print(rows[-1], flush=True)
+    return markdown_table(["n", "what", "numpy mirror ms", "torch loop ms", "mirror / torch"], rows)
 
 
 def main():
     ensure_malloc_env()
     p = argparse.ArgumentParser(prog="python -m benchmarks.ot_solvers")
     p.add_argument("--quick", action="store_true", help="n in {128, 512}, d = 128 only")
-    p.add_argument("--part", choices=["all", "fixed", "tolerance", "backward"], default="all")
+    p.add_argument("--part", choices=["all", "fixed", "tolerance", "backward", "mirrors"], default="all")
     p.add_argument("--against", metavar="REV", help="with --part backward: time this checkout's unrolled "
                    "gradient against git revision REV's (n = 128..2048 at eps 0.05; n = 256, 1024 at eps 2e-3)")
     args = p.parse_args()
@@ -274,6 +322,11 @@ def main():
             p.error("--against goes with --part backward")
         return unrolled_against(args.against)
     torch.manual_seed(0)
+    if args.part == "mirrors":
+        return record("ot_solvers --part mirrors: the numpy mirrors of small CPU solves vs the torch loops",
+                      "40 Sinkhorn iterations (float32) on the cosine cost of n random points (d = 128), eps 0.05: "
+                      "forward = a solve without a graph; backward = <P, C>'s backward through the unrolled "
+                      "iterations; 15 alternating rounds after a warm-up, medians.\n\n" + mirrors())
     try:
         import geomloss  # noqa: F401
         body = ""

@@ -12,7 +12,7 @@ time ratio is against otstudy's fastest Sinkhorn. The solvers run in alternating
 a round (medians).
 
 ``--against REV`` instead times this checkout's SNS against the one in git revision REV (its
-``trainables/ot.py`` loaded as a module of its own), in alternating pairs on the same problems: how a change
+``trainables.ot`` loaded as a module of its own), in alternating pairs on the same problems: how a change
 to the solver moved its iterations and its time.
 
     .venv/bin/python -m benchmarks.sns [--against REV]
@@ -101,7 +101,7 @@ def solve(cost, a, b, eps, rounds: int = ROUNDS, slow_s: float = 2.0):
     once a round takes over ``slow_s``."""
     solvers = {
         "plain": lambda: sinkhorn(cost, eps=eps, n_iters=CAP, tol=1e-6, a=a, b=b, warn=False),
-        "sns": lambda: sinkhorn(cost, eps=eps, method="sns", tol=1e-6, a=a, b=b, warn=False),
+        "sns": lambda: sinkhorn_newton_sparse(cost, eps=eps, tol=1e-6, a=a, b=b, warn=False),
         "fixed": lambda: sinkhorn_newton_sparse(cost, eps=eps, tol=1e-6, a=a, b=b, warn=False, sinkhorn_budget=0),
     }
     out, times = rotating_rounds(solvers, rounds, slow_s)
@@ -155,7 +155,7 @@ def against(rev: str, pairs: int = 5):
               "this: err", "this: ms", f"time, this / {rev_id}"]
     record(f"sns --against {rev}: this checkout's SNS vs {rev_id}'s",
            f"Both to L1 marginal error 1e-6 in float64, {pairs} alternating pairs per problem, median times. "
-           f"{rev_id}'s solver is its `trainables/ot.py`, loaded as a module of its own.\n\n"
+           f"{rev_id}'s solver is its `trainables.ot`, loaded as a module of its own.\n\n"
            + markdown_table(header, rows))
 
 

@@ -112,7 +112,7 @@ def memory(n, d=512, eps=0.05, iters=40):
     for mode in ("unrolled", "implicit"):
         def build():
             x = h1.clone().requires_grad_(True)
-            res = sinkhorn(feature_cost(x, h2), eps=eps, n_iters=iters, grad=mode)
+            res = sinkhorn(feature_cost(x, h2), eps=eps, n_iters=iters, ot_grad=mode)
             return res.objective() if mode == "implicit" else res.transport_cost()
 
         _, mem = saved_bytes(build)
@@ -140,7 +140,7 @@ def cost_backward(pairs: int = 15, d: int = 512, eps: float = 0.05, iters: int =
             def build(fn):
                 x, y = h1.clone().requires_grad_(True), h2.clone().requires_grad_(True)
                 cost = fn(x, y)
-                return sinkhorn(cost, eps=eps, n_iters=iters, grad="implicit").objective() if term else cost.sum()
+                return sinkhorn(cost, eps=eps, n_iters=iters, ot_grad="implicit").objective() if term else cost.sum()
 
             kept = {name: saved_bytes(lambda: build(fn))[1] / (n * n * 4)
                     for name, fn in (("this", feature_cost), ("ops", autograd_ops))}

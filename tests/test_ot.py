@@ -143,7 +143,7 @@ def test_implicit_gradient_matches_unrolled_at_convergence(lams):
     grads = {}
     for mode in ("unrolled", "implicit"):
         c = cost.clone().requires_grad_(True)
-        res = sinkhorn(c, eps=0.1, n_iters=3000, tol=1e-13, grad=mode, uot_lambda1=lams[0],
+        res = sinkhorn(c, eps=0.1, n_iters=3000, tol=1e-13, ot_grad=mode, uot_lambda1=lams[0],
                        uot_lambda2=lams[1], warn=False)
         res.objective().backward()
         grads[mode] = c.grad
@@ -156,7 +156,7 @@ def test_implicit_gradient_matches_unrolled_at_convergence(lams):
 
 def test_implicit_keeps_no_graph_through_iterations():
     c = random_cost(20, 20, seed=4).requires_grad_(True)
-    res = sinkhorn(c, eps=0.1, n_iters=100, grad="implicit")
+    res = sinkhorn(c, eps=0.1, n_iters=100, ot_grad="implicit")
     assert not res.f.requires_grad and not res.g.requires_grad
     assert res.plan.requires_grad  # one exp((f + g - C)/eps) carries the gradient
 
@@ -240,15 +240,15 @@ def test_log_plan_at_pairs_equals_the_full_log_plan_there():
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("grad", ["unrolled", "implicit"])
-def test_values_without_forbidden_pairs_skip_the_masking_and_agree_with_it(masked, grad):
+@pytest.mark.parametrize("ot_grad", ["unrolled", "implicit"])
+def test_values_without_forbidden_pairs_skip_the_masking_and_agree_with_it(masked, ot_grad):
     import dataclasses
 
     cost = random_cost(9, 7, seed=13)
     if masked:
         cost[2, 3] = cost[5, 0] = math.inf
     c = cost.clone().requires_grad_(True)
-    res = sinkhorn(c, eps=0.1, n_iters=20, grad=grad, uot_lambda1=None if masked else 2.0)
+    res = sinkhorn(c, eps=0.1, n_iters=20, ot_grad=ot_grad, uot_lambda1=None if masked else 2.0)
     assert res.forbidden is masked
     unknown = dataclasses.replace(res, forbidden=None)  # the masked formulas
     for value in ("transport_cost", "objective"):
@@ -295,7 +295,7 @@ def test_closed_form_couplings():
     ({"eps": 0.1, "n_iters": 0}, "n_iters must be"),
     ({"eps": 0.1, "n_iters": 5, "uot_lambda1": -1.0}, "uot_lambda1 must be > 0"),
     ({"eps": 0.1, "n_iters": 5, "domain": "fast"}, "domain must be"),
-    ({"eps": 0.1, "n_iters": 5, "grad": "magic"}, "grad must be"),
+    ({"eps": 0.1, "n_iters": 5, "ot_grad": "magic"}, "ot_grad must be"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -322,7 +322,7 @@ def test_sns_plan_equals_pot(eps):
     cost = random_cost(64, 64, seed=11)
     a = np.full(64, 1 / 64)
     ref = pot.sinkhorn(a, a, cost.numpy(), eps, numItermax=500000, stopThr=1e-12)
-    res = sinkhorn(cost, eps=eps, method="sns", tol=1e-10)
+    res = sinkhorn_newton_sparse(cost, eps=eps, tol=1e-10)
     assert res.marginal_error < 1e-10
     assert rel_err(res.plan.numpy(), ref) < 1e-5
 
@@ -338,7 +338,7 @@ def test_sns_rectangular_weighted_plan_equals_pot_and_its_gradient_is_the_plan()
     ref = pot.sinkhorn(a.numpy(), b.numpy(), cost.numpy(), 0.005, method="sinkhorn_log", numItermax=500000,
                        stopThr=1e-12)
     c = cost.clone().requires_grad_(True)
-    res = sinkhorn(c, eps=0.005, method="sns", a=a, b=b, tol=1e-10)
+    res = sinkhorn_newton_sparse(c, eps=0.005, a=a, b=b, tol=1e-10)
     assert res.marginal_error < 1e-10
     assert rel_err(res.plan.detach().numpy(), ref) < 1e-5
     res.objective().backward()  # envelope theorem: d OT_eps / dC = P*
@@ -385,8 +385,8 @@ def test_sns_warm_start_at_a_larger_eps_takes_fewer_iterations_on_2d_clouds():
 def test_sns_falls_back_to_sinkhorn_iterations_when_a_newton_step_gives_no_ascent(monkeypatch):
     # every CG solve broken (a NaN direction): each Newton attempt is replaced by a Sinkhorn iteration, so
     # SNS becomes Sinkhorn: the same iterations to the same tolerance, the same plan, no warning
-    import trainables.ot as ot_module
-    monkeypatch.setattr(ot_module, "_pcg", lambda matvec, b, d, **kw: b * float("nan"))  # a tensor or an array
+    from trainables.ot import sns as ot_sns
+    monkeypatch.setattr(ot_sns, "_pcg", lambda matvec, b, d, **kw: b * float("nan"))  # a tensor or an array
     cost = random_cost(32, 32, seed=2)
     plain = sinkhorn(cost, eps=0.05, n_iters=1000, tol=1e-9)
     with warnings.catch_warnings():
@@ -402,10 +402,10 @@ def test_sns_falls_back_to_sinkhorn_iterations_when_a_newton_step_gives_no_ascen
 def test_sns_reports_where_its_iterations_and_time_went(monkeypatch):
     # OTResult.newton: the Sinkhorn iterations before Newton plus the Newton steps make n_iters; CG's products
     # are counted (checked against the products _pcg is handed); the Newton phase's time is part of the solve's
-    import trainables.ot as ot_module
+    from trainables.ot import sns as ot_sns
 
     calls = []
-    pcg = ot_module._pcg
+    pcg = ot_sns._pcg
 
     def counting_pcg(matvec, *args, **kwargs):
         def product(y):
@@ -413,7 +413,7 @@ def test_sns_reports_where_its_iterations_and_time_went(monkeypatch):
             return matvec(y)
         return pcg(product, *args, **kwargs)
 
-    monkeypatch.setattr(ot_module, "_pcg", counting_pcg)
+    monkeypatch.setattr(ot_sns, "_pcg", counting_pcg)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(200, 2, generator=g, dtype=torch.float64)
     cost = torch.cdist(x, x + 1.0 + 0.3 * torch.randn(200, 2, generator=g, dtype=torch.float64)) ** 2
@@ -428,7 +428,7 @@ def test_sns_reports_where_its_iterations_and_time_went(monkeypatch):
     assert stats["cg_products"] == len(calls) and stats["cg_products"] >= stats["newton_steps"]
     assert 0 < stats["newton_s"] < wall
     # the default hands over later: more Sinkhorn iterations, fewer Newton steps, the same accounting
-    later = sinkhorn(cost, eps=0.003, method="sns", tol=1e-8)
+    later = sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8)
     assert later.newton["sinkhorn_iters"] > 5 and later.newton["newton_steps"] < stats["newton_steps"]
     assert later.newton["sinkhorn_iters"] + later.newton["newton_steps"] == later.n_iters
     # Sinkhorn alone within tol in the warm-up: no Newton phase; plain Sinkhorn reports none
@@ -441,7 +441,8 @@ def test_sns_reports_where_its_iterations_and_time_went(monkeypatch):
 def test_sns_scaled_plan_products_schur_diagonal_and_float32_schur_match_the_explicit_plan():
     # SNS keeps its dense plan as diag(u) P0 diag(v) between Newton steps: every quantity read through it
     # must be the one of the explicit plan, before and after P0 absorbs the scalings past exp(30)
-    from trainables.ot import _matvec, _ScaledPlan
+    from trainables.ot.backend import matvec as _matvec
+    from trainables.ot.sns_linalg import _ScaledPlan
 
     g = torch.Generator().manual_seed(5)
     p0 = torch.rand(50, 40, generator=g, dtype=torch.float64) / 2000
@@ -482,7 +483,7 @@ def test_sns_scaled_plan_products_schur_diagonal_and_float32_schur_match_the_exp
 
 def test_sns_with_float32_cg_products_matches_float64_cg(monkeypatch):
     # CG's products by a float32 copy of the plan (CPU) give the plan and the iterations of float64 products
-    import trainables.ot as ot_module
+    from trainables.ot import sns_linalg as ot_sns_linalg
 
     g = torch.Generator().manual_seed(4)
     x = torch.randn(200, 2, generator=g, dtype=torch.float64)
@@ -490,7 +491,7 @@ def test_sns_with_float32_cg_products_matches_float64_cg(monkeypatch):
     cost = cost / cost.max()
     # Newton from the paper's early handover: most of the iterations are Newton steps, whose CG is compared
     fast = sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8, handover_error=None)
-    monkeypatch.setattr(ot_module._ScaledPlan, "float32_schur", lambda self, col, r, eps: None)
+    monkeypatch.setattr(ot_sns_linalg._ScaledPlan, "float32_schur", lambda self, col, r, eps: None)
     exact = sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8, handover_error=None)
     assert fast.marginal_error < 1e-8 and exact.marginal_error < 1e-8
     assert abs(fast.n_iters - exact.n_iters) <= 1 and fast.n_iters < 40
@@ -503,7 +504,7 @@ def test_sns_flushes_subnormals_while_it_solves_and_restores_the_threads_setting
     # of a solve without, and leaves the thread's setting as it found it, off or on
     import contextlib
 
-    import trainables.ot as ot_module
+    from trainables.ot import backend as ot_backend, sns as ot_sns
 
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush subnormals (torch.set_flush_denormal)")
@@ -512,18 +513,18 @@ def test_sns_flushes_subnormals_while_it_solves_and_restores_the_threads_setting
     cost = torch.cdist(x, x + 1.0 + 0.3 * torch.randn(200, 2, generator=g, dtype=torch.float64)) ** 2
     cost = cost / cost.max()
     seen = []
-    pcg = ot_module._pcg
+    pcg = ot_sns._pcg
 
     def recording_pcg(*args, **kwargs):
-        seen.append(ot_module._flushing())
+        seen.append(ot_backend.flushing())
         return pcg(*args, **kwargs)
 
-    monkeypatch.setattr(ot_module, "_pcg", recording_pcg)
-    assert not ot_module._flushing()
+    monkeypatch.setattr(ot_sns, "_pcg", recording_pcg)
+    assert not ot_backend.flushing()
     flushed = sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8)
-    assert seen and all(seen) and not ot_module._flushing()
+    assert seen and all(seen) and not ot_backend.flushing()
     seen.clear()
-    monkeypatch.setattr(ot_module, "_flush_subnormals", lambda on: contextlib.nullcontext())
+    monkeypatch.setattr(ot_backend, "flush_subnormals", lambda on: contextlib.nullcontext())
     kept = sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8)
     assert seen and not any(seen)
     assert float((kept.plan < 1e-38).double().mean()) > 0.02  # ~1,700 entries below float32's normal range
@@ -533,7 +534,7 @@ def test_sns_flushes_subnormals_while_it_solves_and_restores_the_threads_setting
     torch.set_flush_denormal(True)
     try:
         sinkhorn_newton_sparse(cost, eps=0.003, tol=1e-8)
-        assert ot_module._flushing()  # a thread that flushed before still does
+        assert ot_backend.flushing()  # a thread that flushed before still does
     finally:
         torch.set_flush_denormal(False)
 
@@ -561,23 +562,23 @@ def test_sns_sparsified_hessian_in_scipy_gives_the_steps_of_torchs_csr(monkeypat
     # a near-permutation plan keeps ~1-2 entries a row: SNS's Newton steps run on the sparsified Hessian,
     # on a CPU as scipy CSR matrices with CG and the step's vectors in numpy; torch's CSR tensors and vectors
     # (the path on a GPU) give the same steps and plan
-    import trainables.ot as ot_module
+    from trainables.ot import backend as ot_backend, sns_linalg as ot_sns_linalg
 
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(128, 32, generator=g, dtype=torch.float64), dim=1)
     y = torch.nn.functional.normalize(x + 0.3 * torch.randn(128, 32, generator=g, dtype=torch.float64), dim=1)
     cost = 1 - x @ y.T
     paths = []
-    hessian = ot_module._KeptEntries.hessian
+    hessian = ot_sns_linalg._KeptEntries.hessian
 
     def spy(self, *args):
         paths.append((self.scipy_csr, self.count))
         return hessian(self, *args)
 
-    monkeypatch.setattr(ot_module._KeptEntries, "hessian", spy)
+    monkeypatch.setattr(ot_sns_linalg._KeptEntries, "hessian", spy)
     scipy_res = sinkhorn_newton_sparse(cost, eps=0.002, tol=1e-8, handover_error=None)
     scipy_paths, paths[:] = list(paths), []
-    monkeypatch.setattr(ot_module, "_NEWTON_NUMPY", False)
+    monkeypatch.setattr(ot_backend, "NEWTON_NUMPY", False)
     torch_res = sinkhorn_newton_sparse(cost, eps=0.002, tol=1e-8, handover_error=None)
     assert len(scipy_paths) >= 5 and all(on and count < 0.05 * 128 * 128 for on, count in scipy_paths)
     assert [count for _, count in paths] == [count for _, count in scipy_paths] and not any(on for on, _ in paths)
@@ -593,22 +594,22 @@ def test_sns_newton_phase_in_numpy_takes_the_steps_of_torchs_on_a_dense_plan(mon
     # 2-D clouds at eps 0.005 give a diffuse plan: the exact (dense) Hessian, CG by its float32 copy. On a CPU
     # the step's vectors are numpy arrays and the next rows come from the line search's product; torch's
     # vectors (the path on a GPU, forced here) take the same steps to the same plan
-    import trainables.ot as ot_module
+    from trainables.ot import backend as ot_backend, sns_linalg as ot_sns_linalg
 
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(160, 2, generator=g, dtype=torch.float64), torch.randn(160, 2, generator=g, dtype=torch.float64)
     cost = torch.cdist(x, y + 1.0) ** 2
     cost = cost / cost.max()
     dense = []
-    kept = ot_module._KeptEntries.__init__
+    kept = ot_sns_linalg._KeptEntries.__init__
 
     def spy(self, keep, scipy_csr):
         kept(self, keep, scipy_csr)
         dense.append((scipy_csr, self.count > 0.05 * 160 * 160))
 
-    monkeypatch.setattr(ot_module._KeptEntries, "__init__", spy)
+    monkeypatch.setattr(ot_sns_linalg._KeptEntries, "__init__", spy)
     np_res = sinkhorn_newton_sparse(cost, eps=0.005, tol=1e-9, sinkhorn_budget=0)
-    monkeypatch.setattr(ot_module, "_NEWTON_NUMPY", False)
+    monkeypatch.setattr(ot_backend, "NEWTON_NUMPY", False)
     torch_res = sinkhorn_newton_sparse(cost, eps=0.005, tol=1e-9, sinkhorn_budget=0)
     assert dense == [(True, True), (False, True)]  # dense from the first step, each path once
     assert np_res.marginal_error < 1e-9 and torch_res.marginal_error < 1e-9
@@ -650,7 +651,7 @@ def test_sns_stays_with_sinkhorn_while_its_rate_predicts_convergence_within_the_
 
 
 def test_sns_default_budget_falls_with_the_problem_size_and_sends_large_problems_to_newton_sooner():
-    from trainables.ot import _default_sinkhorn_budget
+    from trainables.ot.sns import _default_sinkhorn_budget
 
     assert [_default_sinkhorn_budget(n, n, True) for n in (64, 512, 768, 1024, 2048, 8192)] == [60, 60, 40, 30, 30, 30]
     assert _default_sinkhorn_budget(512, 2048, True) == 30 and _default_sinkhorn_budget(4096, 4096, False) == 60
@@ -675,7 +676,7 @@ def test_sns_default_budget_falls_with_the_problem_size_and_sends_large_problems
 
 def test_sns_hands_over_to_newton_once_sinkhorn_has_brought_the_error_down_to_handover_error():
     # the rule, read with the error after every Sinkhorn iteration (True: hand over to Newton), on errors 0.9 r^k
-    from trainables.ot import _sinkhorn_while_fast
+    from trainables.ot.sns import _sinkhorn_while_fast
 
     def handover_at(rate, **kw):
         stop = _sinkhorn_while_fast(1e-6, 5, 60, **kw)
@@ -711,9 +712,9 @@ def test_sns_hands_over_to_newton_once_sinkhorn_has_brought_the_error_down_to_ha
 def test_sns_default_handover_reaches_the_same_plan_with_more_sinkhorn_and_fewer_newton_steps(monkeypatch):
     # 2-D clouds (n = 256, eps = 0.005): the default runs Sinkhorn until its error is at most 0.05, then Newton;
     # the paper's handover starts Newton after the 5 warm-up iterations. The same plan to the tolerance
-    import trainables.ot as ot_module
+    from trainables.ot import sns as ot_sns
 
-    rule, seen = ot_module._sinkhorn_while_fast, []
+    rule, seen = ot_sns._sinkhorn_while_fast, []
 
     def spy(*args, **kw):
         stop = rule(*args, **kw)
@@ -724,7 +725,7 @@ def test_sns_default_handover_reaches_the_same_plan_with_more_sinkhorn_and_fewer
             return stop(err)
         return recorded
 
-    monkeypatch.setattr(ot_module, "_sinkhorn_while_fast", spy)
+    monkeypatch.setattr(ot_sns, "_sinkhorn_while_fast", spy)
     cost = two_d_clouds(256, seed=3)
     default = sinkhorn_newton_sparse(cost, eps=0.005, tol=1e-8)
     handed_at = list(seen)
@@ -744,10 +745,10 @@ def test_sns_default_handover_reaches_the_same_plan_with_more_sinkhorn_and_fewer
 def test_sns_respects_masks_and_rejects_unbalanced():
     cost = random_cost(12, 12, seed=1)
     mask = ~torch.eye(12, dtype=torch.bool)
-    res = sinkhorn(cost, eps=0.05, method="sns", mask=mask, tol=1e-9)
+    res = sinkhorn_newton_sparse(cost, eps=0.05, mask=mask, tol=1e-9)
     assert torch.all(res.plan.diagonal() == 0) and res.marginal_error < 1e-9
-    with pytest.raises(ValueError, match="balanced problem only"):
-        sinkhorn(cost, eps=0.05, method="sns", uot_lambda1=1.0)
+    with pytest.raises(TypeError, match="uot_lambda1"):  # the balanced problem only: no marginal penalties
+        sinkhorn_newton_sparse(cost, eps=0.05, uot_lambda1=1.0)
 
 
 def test_sns_converges_on_a_near_permutation_plan_at_eps_1e_3():
@@ -757,7 +758,7 @@ def test_sns_converges_on_a_near_permutation_plan_at_eps_1e_3():
     x, y = torch.randn(96, 2, generator=g, dtype=torch.float64), torch.randn(96, 2, generator=g, dtype=torch.float64)
     cost = torch.cdist(x, y) ** 2
     cost = cost / cost.max()
-    res = sinkhorn(cost, eps=1e-3, method="sns", tol=1e-8)
+    res = sinkhorn_newton_sparse(cost, eps=1e-3, tol=1e-8)
     assert res.domain == "stabilized" and res.marginal_error < 1e-8 and res.n_iters < 100
     a = np.full(96, 1 / 96)
     with warnings.catch_warnings():  # POT stops at its iteration cap with marginal error ~5e-8
@@ -769,7 +770,7 @@ def test_sns_converges_on_a_near_permutation_plan_at_eps_1e_3():
 
 def test_sns_float32_cost_gives_a_float32_plan_solved_in_float64():
     cost = random_cost(40, 50, seed=3, dtype=torch.float32)
-    res = sinkhorn(cost, eps=0.01, method="sns", tol=1e-6)
+    res = sinkhorn_newton_sparse(cost, eps=0.01, tol=1e-6)
     assert res.plan.dtype == torch.float32 and res.f.dtype == torch.float32
     assert (res.plan.sum(1) - 1 / 40).abs().sum() < 1e-5
     with pytest.raises(ValueError, match="warmup_iters"):
@@ -801,9 +802,9 @@ def test_stabilized_float32_matches_pot_iterate_for_iterate_where_the_kernel_und
 
 
 def test_stabilized_absorptions_keep_plan_and_gradient(monkeypatch):
-    import trainables.ot as ot_mod
+    from trainables.ot import scaling as ot_scaling
 
-    monkeypatch.setattr(ot_mod, "_kernel_limit", lambda dtype: 1.0)  # absorb whenever u, v leave exp(+-0.5)
+    monkeypatch.setattr(ot_scaling, "_kernel_limit", lambda dtype: 1.0)  # absorb whenever u, v leave exp(+-0.5)
     cost = random_cost(6, 7, seed=2)
     ref = sinkhorn(cost, eps=0.02, n_iters=60, domain="log")
     res = sinkhorn(cost, eps=0.02, n_iters=60, domain="stabilized")
@@ -841,7 +842,7 @@ def test_unrolled_gradient_never_uses_the_stabilized_kernel():
     assert res.domain == "kernel64" and torch.isfinite(x.grad).all()
     with torch.no_grad():
         assert sinkhorn(cost, eps=1e-3, n_iters=40).domain == "stabilized"
-    assert sinkhorn(cost, eps=1e-3, n_iters=40, grad="implicit").domain == "stabilized"
+    assert sinkhorn(cost, eps=1e-3, n_iters=40, ot_grad="implicit").domain == "stabilized"
 
 
 @pytest.mark.parametrize("lams", [(None, None), (0.5, 2.0)])
@@ -889,34 +890,34 @@ def test_gradient_through_the_marginals_passes_gradcheck():
 
 def test_products_route_is_measured_once_per_process_or_named_by_the_environment(monkeypatch):
     # large CPU solves take their products through numpy only where numpy's are faster on this machine
-    import trainables.ot as ot_mod
+    from trainables.ot import backend as ot_backend
 
     big = torch.zeros(1024, 1024, dtype=torch.float64)  # >= 2^18 entries
     measured = []
-    monkeypatch.setattr(ot_mod, "_measure_products", lambda: measured.append(1) or "numpy")
+    monkeypatch.setattr(ot_backend, "measure_products", lambda: measured.append(1) or "numpy")
     for env, route, mode in (("torch", "torch", None), (" NumPy ", "numpy", "products"), (None, "numpy", "products")):
-        monkeypatch.setattr(ot_mod, "_PRODUCTS", None)
+        monkeypatch.setattr(ot_backend, "PRODUCTS", None)
         if env is None:
             monkeypatch.delenv("OTSTUDY_OT_PRODUCTS", raising=False)
         else:
             monkeypatch.setenv("OTSTUDY_OT_PRODUCTS", env)
-        assert ot_mod._products_route() == route and ot_mod._numpy_mode(big) == mode
-        assert ot_mod._numpy_mode(big[:256, :256]) == "all"  # small problems: numpy either way
-    ot_mod._products_route()
+        assert ot_backend.products_route() == route and ot_backend.numpy_mode(big) == mode
+        assert ot_backend.numpy_mode(big[:256, :256]) == "all"  # small problems: numpy either way
+    ot_backend.products_route()
     assert measured == [1]  # measured once, when no route was named
-    monkeypatch.setattr(ot_mod, "_PRODUCTS", None)
+    monkeypatch.setattr(ot_backend, "PRODUCTS", None)
     monkeypatch.setenv("OTSTUDY_OT_PRODUCTS", "blas")
     with pytest.raises(ValueError, match="OTSTUDY_OT_PRODUCTS must be 'numpy' or 'torch' .* got 'blas'"):
-        ot_mod._numpy_mode(big)
+        ot_backend.numpy_mode(big)
     monkeypatch.undo()
-    assert ot_mod._measure_products(n=128, rounds=3) in ("numpy", "torch")
+    assert ot_backend.measure_products(n=128, rounds=3) in ("numpy", "torch")
 
 
 def test_products_through_numpy_give_the_same_plans_gradients_and_leave_blas_threads_alone(monkeypatch):
     # large CPU solves take their matrix-vector products through numpy with BLAS on one thread (torch's
     # elementwise ops), small ones run their iterations and reverse pass in numpy altogether; force the first
     # route on small problems (threshold 0) and compare it with the second (threshold 2^60), value and gradient
-    import trainables.ot as ot_mod
+    from trainables.ot import backend as ot_backend
     from threadpoolctl import threadpool_info
 
     def blas_threads():
@@ -931,7 +932,7 @@ def test_products_through_numpy_give_the_same_plans_gradients_and_leave_blas_thr
         c = cost.clone().requires_grad_(True)
         aa = a.clone().requires_grad_(True)  # a graph through the marginal: torch's products there
         unrolled = sinkhorn(c, eps=0.05, n_iters=30, warn=False)
-        implicit = sinkhorn(c, eps=0.05, n_iters=300, tol=1e-9, grad="implicit", warn=False)
+        implicit = sinkhorn(c, eps=0.05, n_iters=300, tol=1e-9, ot_grad="implicit", warn=False)
         marginal = sinkhorn(cost, eps=0.05, n_iters=30, a=aa, warn=False)
         stabilized = sinkhorn(cost, eps=2e-3, n_iters=50, warn=False)
         values = [unrolled.transport_cost(), implicit.transport_cost(), marginal.transport_cost()]
@@ -940,19 +941,19 @@ def test_products_through_numpy_give_the_same_plans_gradients_and_leave_blas_thr
         return [unrolled.plan, implicit.plan, marginal.plan, stabilized.plan, *grads, *(s.plan for s in sns)]
 
     before = blas_threads()
-    monkeypatch.setattr(ot_mod, "_NUMPY_MATVEC_MIN", 1 << 60)
+    monkeypatch.setattr(ot_backend, "NUMPY_MATVEC_MIN", 1 << 60)
     with_torch = solve_all()
     calls, during = [], []
 
-    def counted(m, v, f=ot_mod._np_mv):
+    def counted(m, v, f=ot_backend.np_mv):
         if not calls:
             during.extend(blas_threads())
         calls.append(1)
         return f(m, v)
 
-    monkeypatch.setattr(ot_mod, "_NUMPY_MATVEC_MIN", 0)
-    monkeypatch.setattr(ot_mod, "_PRODUCTS", "numpy")  # as measured on a machine where numpy's are faster
-    monkeypatch.setattr(ot_mod, "_np_mv", counted)
+    monkeypatch.setattr(ot_backend, "NUMPY_MATVEC_MIN", 0)
+    monkeypatch.setattr(ot_backend, "PRODUCTS", "numpy")  # as measured on a machine where numpy's are faster
+    monkeypatch.setattr(ot_backend, "np_mv", counted)
     with_numpy = solve_all()
     assert len(calls) > 100  # the route was taken
     assert during and set(during) == {1}  # BLAS held to one thread during a solve

@@ -313,7 +313,7 @@ def sinsim(h1, h2, z1, z2, *, tau: float = 0.5, beta: float = 0.8, eps: float = 
                         "ot_newton_steps": float(max(r.newton["newton_steps"] for r, _ in solved)),
                         "ot_time_ms": sum(t for _, t in solved)}
         else:
-            res, ms = _timed_solve(cost=cost, eps=eps, n_iters=sinkhorn_iters, grad=ot_grad)
+            res, ms = _timed_solve(cost=cost, eps=eps, n_iters=sinkhorn_iters, ot_grad=ot_grad)
             w = res.transport_cost() if ot_value == "cost" else res.objective()  # () or (3,)
             ot_parts = _ot_parts(res, ms)
         ot_term = w if ot_value != "divergence" else w[0] - 0.5 * (w[1] + w[2])
