@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ot
+from .costs import contrastive_cost, feature_cost  # noqa: F401  (re-exported: the losses' cost matrices)
 from .catalog import METHOD_INFO, RELAXATIONS, MethodInfo, check_ot_choice, check_rince  # noqa: F401
 
 __all__ = ["LossOutput", "Method", "METHODS", "compute_loss", "nt_xent"]
@@ -59,69 +60,18 @@ def _positive_index(n: int, device) -> Tensor:
     return (idx + n) % (2 * n)
 
 
-def contrastive_cost(z1: Tensor, z2: Tensor) -> Tensor:
-    """Cosine cost of the stacked views with self-pairs forbidden.
-
-    Args:
-        z1, z2: (N, D).
-    Returns:
-        C of shape (2N, 2N): ``C_ij = 1 - cos(z_i, z_j)``, ``C_ii = +inf``.
-    """
-    z = F.normalize(torch.cat([z1, z2], dim=0), dim=1)  # (2N, D)
-    cost = 1.0 - z @ z.T  # (2N, 2N)
-    eye = torch.eye(cost.shape[0], dtype=torch.bool, device=cost.device)
-    return cost.masked_fill(eye, math.inf)
-
-
-def _positive_target(n: int, like: Tensor, domain_labels: Optional[Tensor] = None,
-                     domain_alpha: float = 0.0, domain_cross: float = 0.0) -> Tensor:
-    """Target plan P_tgt (2N, 2N), total mass 1.
-
-    Positives only by default (mass 1/(2N) each). With ``domain_labels`` (N,)
-    GCA's domain-aware block target (arXiv 2502.20141, Sec. 3.4):
-    ``P_tgt = I_pos + alpha [same domain, i != j] + cross [different domain]``,
-    renormalised to mass 1.
-    """
-    two_n = 2 * n
-    pos = _positive_index(n, like.device)
-    tgt = torch.zeros(two_n, two_n, dtype=like.dtype, device=like.device)
-    tgt[torch.arange(two_n, device=like.device), pos] = 1.0
-    if domain_labels is not None:
-        if domain_labels.shape != (n,):
-            raise ValueError(f"domain_labels must have shape (N,)=({n},), got {tuple(domain_labels.shape)}")
-        d = torch.cat([domain_labels, domain_labels])  # (2N,)
-        same = (d[:, None] == d[None, :])  # (2N, 2N)
-        off = ~torch.eye(two_n, dtype=torch.bool, device=like.device) & (tgt == 0)
-        tgt = tgt + domain_alpha * (same & off) + domain_cross * (~same & off)
-    return tgt / tgt.sum()
-
-
 def _positive_pairs(n: int, device) -> Tuple[Tensor, Tensor]:
     """(rows, cols) of the 2N positive pairs of the 2N x 2N contrastive matrix."""
     return torch.arange(2 * n, device=device), _positive_index(n, device)
 
 
 def _positive_kl(log_pos: Tensor, mass: Tensor) -> Tensor:
-    """KL(T | P) of :func:`_generalised_kl` for T = 1/(2N) on the 2N positive pairs (GCA's target without
-    domain labels), from what it depends on: log P at the positives (2N,) and the plan's mass. The same value
-    as the dense formula, without its ~10 passes over the 2N x 2N matrices and their backward (GCA-INCE's
-    loss at batch 512: 0.6x the time)."""
+    """The generalised KL(T | P) = sum T log(T/P) - sum T + sum P for GCA's target T = 1/(2N) on the 2N positive
+    pairs, from what it depends on: log P at the positives (2N,) and the plan's mass. The same value as the
+    dense formula over the 2N x 2N matrices, without its ~10 passes over them and their backward (GCA-INCE's
+    loss at batch 512: 0.6x the time). It equals the ordinary KL when the plan has mass 1."""
     t = 1.0 / log_pos.shape[0]
     return (t * (math.log(t) - log_pos)).sum() - 1.0 + mass
-
-
-def _generalised_kl(target: Tensor, log_p: Tensor) -> Tensor:
-    """KL(T | P) = sum T log(T/P) - sum T + sum P over entries, 0 log 0 = 0.
-
-    Equals the ordinary KL when both have the same mass. ``log_p`` may be
-    -inf where the target is 0 (masked pairs).
-    """
-    p = torch.exp(log_p)
-    pos = target > 0
-    t_safe = torch.where(pos, target, torch.ones_like(target))
-    lp_safe = torch.where(pos, log_p, torch.zeros_like(log_p))
-    cross = torch.where(pos, target * (torch.log(t_safe) - lp_safe), torch.zeros_like(target)).sum()
-    return cross - target.sum() + p.sum()
 
 
 def _sync_clock(like: Tensor) -> float:
@@ -176,75 +126,6 @@ def simclr(h1, h2, z1, z2, *, tau: float = 0.5) -> LossOutput:
 
 
 # --------------------------------------------------------------------------- SinSim
-
-
-class _NormalisedCosineCost(torch.autograd.Function):
-    """``(1 - cos(x_i, y_j)) / max_ij (1 - cos(x_i, y_j))`` with its exact gradient, keeping only x, y and their
-    norms for backward (N x D each) where autograd's ops kept the N x M cost (the division and the maximum need
-    it): SinSim's OT term with the implicit gradient kept 2 N x N matrices, now 1 (the solver's plan).
-
-    Backward, with G the gradient of the output and m the maximum (C = 1 - S, S = x_hat y_hat^T):
-    dC = G / m at every entry, plus ``-<G, C> / m^2`` shared evenly by the entries equal to the maximum (as
-    autograd's ``max`` shares it), where ``<G, C> = sum G - <x_hat, G y_hat>`` comes from the product
-    ``G y_hat`` the gradient of x needs anyway; a maximum below 1e-12 is clamped and gets no gradient (as
-    ``clamp_min``); x_hat = x / max(|x|, 1e-12) as ``F.normalize``. On CUDA under autocast the cost is built in
-    float32 (``custom_fwd``), as the OT solve wants it."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, x: Tensor, y: Tensor) -> Tensor:
-        nx, ny = x.norm(dim=1, keepdim=True).clamp_min(1e-12), y.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        cost = (x / nx) @ (y / ny).T
-        cost.neg_().add_(1.0)  # 1 - S in place: one N x M buffer
-        top = cost.max()
-        scale = top.clamp_min(1e-12)
-        ties = (cost == top).nonzero() if float(top) >= 1e-12 else cost.new_zeros((0, 2), dtype=torch.long)
-        cost.div_(scale)
-        ctx.save_for_backward(x, y, nx, ny, scale, ties)
-        return cost
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        x, y, nx, ny, scale, ties = ctx.saved_tensors
-        xh, yh = x / nx, y / ny
-        g_yh = grad @ yh  # (N, D); with dS = -dC, d x_hat = dS y_hat and d y_hat = dS^T x_hat
-        gxh = g_yh / -scale
-        gyh = (grad.T @ xh) / -scale if ctx.needs_input_grad[1] else None
-        if len(ties):  # d/dm of <G, C / m> = -<G, C> / m^2, shared by the maxima (dC there), <G, C> from G y_hat
-            share = -(grad.sum() - (xh * g_yh).sum()) / (scale * scale) / len(ties)
-            gxh.index_add_(0, ties[:, 0], yh[ties[:, 1]] * -share)
-            if gyh is not None:
-                gyh.index_add_(0, ties[:, 1], xh[ties[:, 0]] * -share)
-        # through x_hat = x / max(|x|, 1e-12): (g - x_hat (x_hat . g)) / |x| where |x| > 1e-12, else g / 1e-12
-        gx = (gxh - xh * (xh * gxh).sum(1, keepdim=True) * (nx > 1e-12)) / nx if ctx.needs_input_grad[0] else None
-        gy = (gyh - yh * (yh * gyh).sum(1, keepdim=True) * (ny > 1e-12)) / ny if gyh is not None else None
-        return gx, gy
-
-
-def feature_cost(x: Tensor, y: Tensor, *, ot_cost: str = "cosine", normalise: bool = True) -> Tensor:
-    """Cost between two feature clouds, shape (N, M).
-
-    ``cosine``: 1 - cos(x_i, y_j) in [0, 2]; ``sqeuclidean``: ||x_i - y_j||^2.
-    ``normalise`` divides by the maximum entry so the cost lies in [0, 1]
-    whatever the feature scale, which keeps ``eps`` meaningful across encoders
-    (SinSim's "cost normalised"). The maximum is part of the function and is
-    differentiated (a.e.), so the gradient is the true gradient of the loss.
-    The normalised cosine cost is :class:`_NormalisedCosineCost` (the same values
-    and gradient, without an N x M matrix kept for backward).
-    """
-    if ot_cost == "cosine":
-        if normalise and torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
-            return _NormalisedCosineCost.apply(x, y)
-        cost = 1.0 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).T  # (N, M)
-    elif ot_cost == "sqeuclidean":
-        cost = (x.pow(2).sum(1)[:, None] + y.pow(2).sum(1)[None, :] - 2.0 * x @ y.T).clamp_min(0.0)
-    else:
-        raise ValueError(f"ot_cost must be 'cosine' or 'sqeuclidean', got {ot_cost!r}")
-    if normalise:
-        cost = cost / cost.max().clamp_min(1e-12)
-    return cost
 
 
 def sinsim(h1, h2, z1, z2, *, tau: float = 0.5, beta: float = 0.8, eps: float = 0.05,
@@ -371,34 +252,28 @@ def _gca_projections(gca_iters: float) -> int:
     return int(half)
 
 
-def gca_ince(h1, h2, z1, z2, *, eps: float = 0.5, gca_iters: float = 5,
-             domain_labels: Optional[Tensor] = None, domain_alpha: float = 0.0,
-             domain_cross: float = 0.0) -> LossOutput:
+def gca_ince(h1, h2, z1, z2, *, eps: float = 0.5, gca_iters: float = 5) -> LossOutput:
     r"""GCA-INCE (Chen et al., arXiv 2502.20141): KL(P_tgt | P_theta).
 
     ``P_theta`` is obtained from the Gibbs kernel ``exp(-C/eps)`` of the 2N x 2N
     cosine cost (self-pairs forbidden) by ``gca_iters`` = T full Sinkhorn iterations,
     each a Bregman projection onto the row marginal then onto the column marginal
     (uniform 1/(2N)), as the GCA paper and its code count them. ``P_tgt`` puts
-    1/(2N) on each positive pair (or GCA's domain-aware block target when
-    ``domain_labels`` (N,) is given).
+    1/(2N) on each positive pair. (GCA's domain-aware block target, Sec. 3.4, needs domain labels, which no
+    dataset here has.)
 
     T = 0.5 (the row projection alone) is exactly InfoNCE / NT-Xent with tau = eps;
     larger T tightens the plan towards the balanced OT solution.
     """
     _check_views(z1, z2, "z")
     res, ms = _gca_plan(z1, z2, eps=eps, gca_iters=gca_iters)
-    loss = _gca_kl(res, z1.shape[0], domain_labels, domain_alpha, domain_cross)
+    loss = _gca_kl(res, z1.shape[0])
     return LossOutput(loss, {"gca_kl": float(loss.detach()), **_ot_parts(res, ms)})
 
 
-def _gca_kl(res: ot.OTResult, n: int, domain_labels, domain_alpha, domain_cross) -> Tensor:
-    """KL(P_tgt | P) of GCA's plan: from the positive pairs alone for the default target, densely for the
-    domain-aware one."""
-    if domain_labels is None:
-        return _positive_kl(res.log_plan_at(*_positive_pairs(n, res.cost.device)), res.plan.sum())
-    tgt = _positive_target(n, res.plan, domain_labels, domain_alpha, domain_cross)
-    return _generalised_kl(tgt, res.log_plan())
+def _gca_kl(res: ot.OTResult, n: int) -> Tensor:
+    """KL(P_tgt | P) of GCA's plan for the target 1/(2N) on the positive pairs."""
+    return _positive_kl(res.log_plan_at(*_positive_pairs(n, res.cost.device)), res.plan.sum())
 
 
 def gca_rince(h1, h2, z1, z2, *, eps: float = 0.5, gca_iters: float = 5, rince_q: float = 0.5,
@@ -468,9 +343,7 @@ def gca_rince_code(h1, h2, z1, z2, *, eps: float = 0.5, gca_iters: float = 10, r
 
 
 def gca_uot(h1, h2, z1, z2, *, eps: float = 0.5, gca_iters: float = 5,
-            uot_lambda1: float = 1.0, uot_lambda2: float = 1.0,
-            domain_labels: Optional[Tensor] = None, domain_alpha: float = 0.0,
-            domain_cross: float = 0.0) -> LossOutput:
+            uot_lambda1: float = 1.0, uot_lambda2: float = 1.0) -> LossOutput:
     r"""GCA-UOT (arXiv 2502.20141): generalised KL(P_tgt | P) with an unbalanced plan.
 
     P solves :math:`\min_P \langle P,C\rangle - \varepsilon H(P) + \lambda_1 KL(P1|a) + \lambda_2 KL(P^T 1|b)`
@@ -484,7 +357,7 @@ def gca_uot(h1, h2, z1, z2, *, eps: float = 0.5, gca_iters: float = 5,
     _check_views(z1, z2, "z")
     res, ms = _gca_plan(z1, z2, eps=eps, gca_iters=gca_iters,
                         uot_lambda1=uot_lambda1, uot_lambda2=uot_lambda2)
-    loss = _gca_kl(res, z1.shape[0], domain_labels, domain_alpha, domain_cross)
+    loss = _gca_kl(res, z1.shape[0])
     return LossOutput(loss, {"gca_kl": float(loss.detach()), "plan_mass": float(res.plan.sum().detach()),
                              **_ot_parts(res, ms)})
 
