@@ -12,8 +12,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import pandas as pd
 
-from search_spaces.spaces import knob_owners
-from trainables.catalog import METHOD_INFO
+from trainables.catalog import METHOD_INFO, knob_owners
 
 from .stats import ALPHA, POWER, mean_ci, paired_verdicts
 

@@ -14,22 +14,21 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional
 
-from trainables.catalog import METHOD_INFO as METHODS
-
-# integer config keys: ranges over these are sampled as integers
-INT_KNOBS = ("sinkhorn_iters", "batch_size", "epochs", "warmup_epochs", "proj_hidden", "proj_dim",
-             "knn_k", "probe_every")
-# knobs in steps of one half: GCA's iterations (0.5 = the row update alone); a log range takes whole iterations
-HALF_KNOBS = ("gca_iters",)
+from trainables.catalog import KNOBS, knob_owners  # noqa: F401  (knob_owners re-exported)
 
 
-def knob_owners() -> Dict[str, List[str]]:
-    """Config key -> the methods that read it."""
-    owners: Dict[str, List[str]] = {}
-    for m in METHODS.values():
-        for k in m.knobs:
-            owners.setdefault(k, []).append(m.name)
-    return owners
+def suggest_range(trial, knob: str, dom: Dict[str, Any]) -> None:
+    """Sample a range as the knob's table entry says: integers for an int knob, multiples of its ``step`` (GCA's
+    half iterations; a log range of such a knob takes whole ones), floats otherwise."""
+    k = KNOBS[knob]
+    log = bool(dom.get("log", False))
+    if k.type is int or (k.step is not None and log):
+        trial.suggest_int(knob, math.ceil(dom["low"]), int(dom["high"]), log=log)
+    elif k.step is not None:
+        trial.suggest_float(knob, math.ceil(dom["low"] / k.step) * k.step, math.floor(dom["high"] / k.step) * k.step,
+                            step=k.step)
+    else:
+        trial.suggest_float(knob, float(dom["low"]), float(dom["high"]), log=log)
 
 
 class DefineByRun:
@@ -64,10 +63,6 @@ class DefineByRun:
                 continue  # conditional: this method has no such knob
             if "grid" in dom or "choices" in dom:
                 trial.suggest_categorical(knob, list(dom.get("grid", dom.get("choices"))))
-            elif knob in INT_KNOBS or (knob in HALF_KNOBS and dom.get("log")):
-                trial.suggest_int(knob, math.ceil(dom["low"]), int(dom["high"]), log=bool(dom.get("log", False)))
-            elif knob in HALF_KNOBS:
-                trial.suggest_float(knob, math.ceil(2 * dom["low"]) / 2, math.floor(2 * dom["high"]) / 2, step=0.5)
             else:
-                trial.suggest_float(knob, float(dom["low"]), float(dom["high"]), log=bool(dom.get("log", False)))
+                suggest_range(trial, knob, dom)
         return constants

@@ -1,6 +1,7 @@
 """The ``otstudy`` command line.
 
     otstudy presets                       list the named studies
+    otstudy knobs [METHOD]                the config keys: type, allowed values, defaults, who reads them
     otstudy run SPEC.yaml | --preset NAME [--storage DIR|URI] [--name NAME] [--address ADDR] [--smoke-test]
     otstudy resume DIR|URI [--address ADDR] [--restart-errored]
     otstudy status DIR                    trial states, best so far, time used and left
@@ -68,6 +69,26 @@ def cmd_presets(args) -> int:
     for name in PRESETS:
         spec = parse_spec(get_preset(name))
         print(f"{name:<{width}}  {spec.n_trials():>3} trials  {PRESETS[name]['description']}")
+    return 0
+
+
+def cmd_knobs(args) -> int:
+    from trainables.catalog import KNOBS, METHOD_INFO
+
+    if args.method and args.method not in METHOD_INFO:
+        raise CliError(f"unknown method {args.method!r} (allowed: {', '.join(sorted(METHOD_INFO))})")
+    for k in KNOBS.values():
+        if args.method and args.method not in k.methods:
+            continue
+        allowed = k.allowed()
+        what = ("one of " + ", ".join(map(str, allowed))) if allowed else (
+            k.type.__name__ if k.type not in (int, float) else f"{k.type.__name__} {k.range_text()}"
+            + (f", in steps of {k.step:g}" if k.step else ""))
+        if k.methods:
+            defaults = "; ".join(f"{m}: {v}" for m, v in k.methods.items() if not args.method or m == args.method)
+        else:
+            defaults = f"default {k.default}" + (" (unset: decided by the trial)" if k.nullable else "")
+        print(f"{k.name:<16} {what:<40} {defaults}\n{'':<17}{k.doc}")
     return 0
 
 
@@ -267,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("presets", help="list the named studies (the papers' ablations)")
     s.set_defaults(fn=cmd_presets)
+
+    s = sub.add_parser("knobs", help="the config keys a spec may set: type, allowed values, defaults, the methods "
+                       "that read them (trainables.catalog.KNOBS)")
+    s.add_argument("method", nargs="?", help="only the knobs this method reads")
+    s.set_defaults(fn=cmd_knobs)
 
     s = sub.add_parser("run", help="validate a spec and run the study")
     s.add_argument("spec", nargs="?", help="study spec (YAML)")

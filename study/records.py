@@ -40,9 +40,9 @@ def epochs_to_run(trials: Sequence[Tuple[Optional[float], float, bool]], expecte
     where epochs are searched the known trials' mean plan. A plan that is None is ``fixed_epochs``, or
     TrialConfig's default. For the time-left estimates of the heartbeat and of ``otstudy status``.
     """
-    from trainables.config import TrialConfig
+    from trainables.catalog import default as knob_default
 
-    default = fixed_epochs if fixed_epochs is not None else TrialConfig.epochs
+    default = fixed_epochs if fixed_epochs is not None else knob_default("epochs")
     plans = [default if plan is None else float(plan) for plan, _, _ in trials]
     left = [0.0 if finished else max(plan - float(ran), 0.0) for plan, (_, ran, finished) in zip(plans, trials)]
     per = default if fixed_epochs is not None or not plans else sum(plans) / len(plans)

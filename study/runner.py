@@ -17,6 +17,8 @@ from typing import Any, Dict, List, NamedTuple, Optional
 
 import yaml
 
+from search_spaces import grid
+
 from .spec import Spec, parse_spec
 from .storage import Remote, StorageError, display, is_remote, join, one_line, remote_of
 from .records import default_tracking_uri, flat_config, git_revision, mlflow_fail_fast
@@ -399,26 +401,6 @@ def check_resources(spec: Spec, *, joined: bool) -> None:
                         f"resources in the spec, or run on a cluster that has them (--address)")
 
 
-def grid_points(spec: Spec) -> List[Dict[str, Any]]:
-    """A grid study's trials, in the order they start: the methods, then each knob's values, then the
-    cases, in the spec's order with the first slowest, and the seeds innermost.
-
-    Tune's own order for several ``grid_search`` keys runs the keys in alphabetical order of their
-    names, the first fastest, so ``seed`` came last: a configuration's seeds were far apart. Seeds
-    innermost instead means that (1) a study stopped or crashed part-way has whole seed groups for the
-    configurations it reached, each with its error bar, rather than one seed of every configuration;
-    and (2) concurrent trials are mostly seeds of one configuration, which take the same time, so
-    they finish together and the next ones start side by side. In Tune's order, beta in {0, 0.8} x 2
-    seeds, 2 at a time, put both beta = 0 trials on one worker and both beta = 0.8 trials (10% slower
-    steps with SinSim's OT term on digits) on the other, which then ran alone at the end (see
-    BENCHMARKS.md, platform_overhead). The points are one ``grid_search`` over dicts (key
-    ``__case__``, merged into the trial's config by :func:`study.records.flat_config`); a case's keys
-    override a knob's, and a knob is left out of the methods that do not read it
-    (:meth:`study.spec.Spec.grid_configs`).
-    """
-    return [{**config, "seed": seed} for config in spec.grid_configs() for seed in spec.seeds]
-
-
 def _search(spec: Spec):
     """(param_space, search_alg, num_samples) for the spec's sampler."""
     from ray import tune
@@ -427,7 +409,7 @@ def _search(spec: Spec):
     if spec.sampler == "grid":
         if len(spec.methods) == 1 or spec.cases_set_method:
             space["method"] = spec.methods[0]
-        space["__case__"] = tune.grid_search(grid_points(spec))
+        space["__case__"] = tune.grid_search(grid.points(spec.grid_configs(), spec.seeds))
         return space, None, spec.num_samples
 
     import optuna
@@ -446,13 +428,13 @@ def _search(spec: Spec):
 def _scheduler(spec: Spec, study_dir: Path):
     from ray.tune.schedulers import FIFOScheduler
 
-    from trainables.config import TrialConfig
+    from trainables.catalog import default
 
     from .scheduler import ReplayASHA
 
     if spec.scheduler.get("type") != "asha":
         return FIFOScheduler()
-    epochs = int(spec.fixed.get("epochs", TrialConfig.epochs))
+    epochs = int(spec.fixed.get("epochs", default("epochs")))
     return ReplayASHA(experiment_dir=str((study_dir / EXPERIMENT_DIR).resolve()), time_attr="epoch",
                       max_t=int(spec.scheduler.get("max_epochs", epochs)),
                       grace_period=int(spec.scheduler.get("grace_period", 1)),

@@ -7,7 +7,6 @@ YAML is read with ``yaml.safe_load``; nothing in a spec is evaluated as code.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,9 +16,10 @@ from urllib.parse import urlparse
 
 import yaml
 
+from search_spaces import grid
+
 from .storage import REMOTE_SCHEMES
-from search_spaces.spaces import knob_owners
-from trainables.catalog import DATASET_TRAIN_SIZES, DATASETS, METHOD_INFO as METHODS
+from trainables.catalog import DATASET_TRAIN_SIZES, DATASETS, KNOBS, METHOD_INFO, default, knob_owners
 from trainables.config import TrialConfig
 from trainables.datasets import DatasetMissing, check_available
 
@@ -81,33 +81,8 @@ class Spec:
         return list(self.search.get("cases", []))
 
     def grid_configs(self) -> List[Dict[str, Any]]:
-        """A grid study's configurations (no seed), in the order they start: the methods, then each knob's
-        values, then the cases, in the spec's order with the first slowest; a case's keys override a knob's.
-
-        A knob only some of the study's methods read is left out of the other methods' configurations,
-        as the Optuna samplers' define-by-run space leaves it out: crossed with them it ran the same
-        trial again under another name (SinSim once per GCA-UOT lambda1, with the same seed: the same
-        result twice, counted as two configurations by the summary and its error bars)."""
-        owners = knob_owners()
-        axes: List[List[Dict[str, Any]]] = []
-        if len(self.methods) > 1 and not self.cases_set_method:
-            axes.append([{"method": m} for m in self.methods])
-        axes += [[{k: v} for v in vals] for k, vals in self.grid_knobs.items()]
-        if self.cases:
-            axes.append([dict(c) for c in self.cases])
-        configs: List[Dict[str, Any]] = []
-        seen = set()
-        for combo in itertools.product(*axes):
-            point: Dict[str, Any] = {}
-            for part in combo:
-                point.update(part)
-            method = point.get("method", self.methods[0])
-            point = {k: v for k, v in point.items() if k not in owners or method in owners[k]}
-            key = tuple(sorted((k, repr(v)) for k, v in point.items()))
-            if key not in seen:
-                seen.add(key)
-                configs.append(point)
-        return configs
+        """A grid study's configurations (no seed), in the order they start (:func:`search_spaces.grid.configs`)."""
+        return grid.configs(self.methods, self.grid_knobs, self.cases, self.cases_set_method)
 
     def n_configs(self) -> int:
         return len(self.grid_configs()) if self.sampler == "grid" else self.num_samples
@@ -185,7 +160,7 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
         p(f"search: must be a mapping of config keys to domains (got {type(search).__name__})")
         search = {}
 
-    known = {f.name for f in dataclasses.fields(TrialConfig)}
+    known = set(KNOBS)
     for k in fixed:
         if k in RESERVED:
             p(f"fixed.{k}: set '{k}' at the top level of the spec" if k != "seed"
@@ -311,15 +286,15 @@ def _methods(raw, p) -> List[str]:
                     out.append(cm)
             m = out
         else:
-            p(f"method: required (one of {', '.join(sorted(METHODS))}, or a list of them)")
+            p(f"method: required (one of {', '.join(sorted(METHOD_INFO))}, or a list of them)")
             return []
     methods = [m] if isinstance(m, str) else m
     if not isinstance(methods, list) or not methods or not all(isinstance(x, str) for x in methods):
         p(f"method: must be a method name or a list of names (got {m!r})")
         return []
-    bad = [x for x in methods if x not in METHODS]
+    bad = [x for x in methods if x not in METHOD_INFO]
     for x in bad:
-        p(f"method: unknown method {x!r} (allowed: {', '.join(sorted(METHODS))})")
+        p(f"method: unknown method {x!r} (allowed: {', '.join(sorted(METHOD_INFO))})")
     if len(set(methods)) != len(methods):
         p(f"method: contains duplicates ({methods})")
     return [] if bad else methods
@@ -426,8 +401,8 @@ def _check_values(methods, base, search, p) -> None:
                 if isinstance(case, dict):
                     c = dict(case)
                     m = c.pop("method", None)
-                    if m is not None and m not in METHODS:
-                        p(f"search.cases[{i}].method: unknown method {m!r} (allowed: {', '.join(sorted(METHODS))})")
+                    if m is not None and m not in METHOD_INFO:
+                        p(f"search.cases[{i}].method: unknown method {m!r} (allowed: {', '.join(sorted(METHOD_INFO))})")
                         continue
                     try:
                         TrialConfig.from_dict({**base, "method": m or methods[0], **c})
@@ -471,7 +446,7 @@ def _check_batch_size(spec: Spec) -> None:
     size = DATASET_TRAIN_SIZES.get(spec.dataset)
     if size is None:
         return
-    values = [spec.fixed.get("batch_size", TrialConfig.batch_size)]
+    values = [spec.fixed.get("batch_size", default("batch_size"))]
     values += spec.grid_knobs.get("batch_size", [])
     values += [c["batch_size"] for c in spec.cases if "batch_size" in c]
     for v in values:

@@ -92,14 +92,14 @@ def test_a_grid_runs_every_configuration_with_its_seeds_side_by_side():
 def test_a_grid_leaves_a_knob_out_of_the_methods_that_do_not_read_it():
     # SinSim x GCA-UOT over beta x lambda1 ran 16 trials: SinSim once per lambda1 (which it does not read),
     # GCA-UOT once per beta; the same trial twice, with the same seed and the same result
-    from study.runner import grid_points
+    from search_spaces.grid import points
 
     spec = parse_spec(with_(method=["sinsim", "gca_uot"], seeds=[0, 1],
                             search={"beta": {"grid": [0.4, 0.8]}, "uot_lambda1": {"grid": [0.1, 1.0]}}))
     assert spec.grid_configs() == [{"method": "sinsim", "beta": 0.4}, {"method": "sinsim", "beta": 0.8},
                                    {"method": "gca_uot", "uot_lambda1": 0.1}, {"method": "gca_uot", "uot_lambda1": 1.0}]
-    assert spec.n_configs() == 4 and spec.n_trials() == 8 and len(grid_points(spec)) == 8
-    assert grid_points(spec)[:2] == [{"method": "sinsim", "beta": 0.4, "seed": 0},
+    assert spec.n_configs() == 4 and spec.n_trials() == 8 and len(points(spec.grid_configs(), spec.seeds)) == 8
+    assert points(spec.grid_configs(), spec.seeds)[:2] == [{"method": "sinsim", "beta": 0.4, "seed": 0},
                                      {"method": "sinsim", "beta": 0.4, "seed": 1}]
     # a knob every method reads stays crossed with each; one method alone keeps its whole grid
     spec = parse_spec(with_(method=["simclr", "sinsim"], search={"batch_size": {"grid": [64, 128]},
@@ -265,6 +265,19 @@ def test_presets_command_lists_each(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in PRESETS)
+
+
+def test_knobs_command_lists_the_table(capsys):
+    from trainables.catalog import KNOBS
+
+    assert main(["knobs"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{name} " in "\n" + out for name in KNOBS)
+    assert main(["knobs", "gca_rince"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines[::2]] == ["eps", "gca_iters", "rince_q", "rince_lam"]
+    assert "float >= 0.5, in steps of 0.5" in lines[2] and "gca_rince: 5" in lines[2]
+    assert main(["knobs", "simclr2"]) == 2
 
 
 def test_a_trial_label_names_a_sampled_value_to_4_significant_digits():
@@ -517,3 +530,38 @@ def test_status_tells_the_training_time_left_from_the_epoch_times_so_far():
     # epochs searched (not fixed): the unproposed trial plans the proposed ones' mean
     searched = res.assign(epochs=[10, 10, 10, 6])
     assert training_left(searched, hist, {"fixed": {}, "max_concurrent": 2}, expected=5) == (56.0, 28.0)
+
+
+def test_a_knob_added_to_the_table_is_validated_everywhere_without_other_edits(monkeypatch):
+    # one entry in trainables.catalog.KNOBS: a float in (0, 1] that only SimCLR reads, default 0.5
+    from trainables import catalog
+    import optuna
+
+    monkeypatch.setitem(catalog.KNOBS, "temp_knob", catalog.Knob(
+        "temp_knob", float, "a knob for this test", methods={"simclr": 0.5}, low=0, low_open=True, high=1))
+    # TrialConfig: type, range, the method's default and its resolved keyword arguments
+    cfg = TrialConfig.from_dict({"method": "simclr", "temp_knob": 1})
+    assert cfg.temp_knob == 1.0 and cfg.method_knobs() == {"tau": 0.5, "temp_knob": 1.0}
+    assert TrialConfig.from_dict({"method": "simclr"}).knob("temp_knob") == 0.5
+    with pytest.raises(ValueError, match=r"temp_knob=2.0: must be in \(0, 1\]"):
+        TrialConfig.from_dict({"method": "simclr", "temp_knob": 2.0})
+    # a spec: the range, and who reads it
+    with pytest.raises(SpecError) as info:
+        parse_spec(with_(method="simclr", fixed={"temp_knob": 2.0}, search={"tau": {"grid": [0.5]}}))
+    assert info.value.problems == ["fixed: temp_knob=2.0: must be in (0, 1]"]
+    with pytest.raises(SpecError) as info:
+        parse_spec(with_(search={"temp_knob": {"grid": [0.1]}}))  # GOOD runs SinSim
+    assert info.value.problems == ["search.temp_knob: only used by simclr; this study runs sinsim"]
+    spec = parse_spec(with_(method=["simclr", "sinsim"], search={"temp_knob": {"grid": [0.1, 0.2]}}))
+    assert [c for c in spec.grid_configs() if c["method"] == "sinsim"] == [{"method": "sinsim"}]
+    # the conditional space: suggested in SimCLR's trials only
+    space = DefineByRun({"temp_knob": {"low": 0.1, "high": 0.9}}, ["simclr", "sinsim"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        space(trial)
+        seen.add(trial.params["method"])
+        assert ("temp_knob" in trial.params) == (trial.params["method"] == "simclr")
+        study.tell(trial, 0.0)
+    assert seen == {"simclr", "sinsim"}

@@ -482,8 +482,8 @@ class Method(MethodInfo):
 _LOSS_FNS = {"simclr": simclr, "sinsim": sinsim, "sinsim_gibbs_kernel": sinsim_gibbs_kernel, "gca_ince": gca_ince,
              "gca_rince": gca_rince, "gca_rince_code": gca_rince_code, "gca_uot": gca_uot, "iot_cl": iot_cl, "vicreg": vicreg,
              "barlow_twins": barlow_twins}
-METHODS: Dict[str, Method] = {name: Method(name, dict(info.defaults), info.paper, info.uses_ot, info.note,
-                                     fn=_LOSS_FNS[name]) for name, info in METHOD_INFO.items()}
+METHODS: Dict[str, Method] = {name: Method(name, info.paper, info.uses_ot, info.note, fn=_LOSS_FNS[name])
+                              for name, info in METHOD_INFO.items()}
 
 
 def method_knobs(method: str, config: Dict[str, object]) -> Dict[str, object]:

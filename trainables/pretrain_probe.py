@@ -40,7 +40,7 @@ import torch
 from .catalog import default_knn_k
 from .config import TrialConfig
 from .data import augment, augment_config, load_splits
-from .losses import compute_loss
+from .losses import METHODS
 from .models import build_model
 from .optim import build_optimizer, lr_lambda
 from .probes import align_uniform, extract_features, knn_accuracy, linear_probe, mlp_probe
@@ -107,91 +107,102 @@ def _sync(device: torch.device) -> None:
 def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]] = None,
         poll: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
     """Pretrain and probe; returns the last epoch's metrics. ``poll`` (if given) runs before every step."""
-    cfg = TrialConfig.from_dict(config)
-    device = pick_device(cfg.device)
-    hardware = hardware_name(device)
-    data = load_splits(cfg.dataset, cfg.data_root, download=cfg.download, verify_data=cfg.verify_data,
-                       image_size=cfg.image_size)
-    knn_k = probe_k(cfg, data)
-    pool = data.pretrain_x  # (N, C, H, W): train (+ unlabeled for STL-10), never val or test
-    n_train = len(pool)
-    if cfg.batch_size > n_train:
-        raise ValueError(f"batch_size={cfg.batch_size} is larger than the {cfg.dataset} training split "
-                         f"({n_train} images)")
-    print(f"[otstudy trial] {cfg.method} on {cfg.dataset} ({n_train} images), device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.encoder, data.channels, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
-                        cifar_stem=cfg.cifar_stem).to(device)
-    opt = build_optimizer(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    forward = torch.compile(model) if cfg.compile else model
-    # bf16 autocast on CUDA only; the loss (and every OT solve) runs on float32 features
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cfg.amp and device.type == "cuda") \
-        else contextlib.nullcontext
-    steps_per_epoch = n_train // cfg.batch_size  # drop the last partial batch: 2N is fixed
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_lambda(cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch))
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    aug_cfg = augment_config(cfg.augment, cfg.dataset, cfg.crop_min_scale)
-    train_x = pool.to(device)  # uint8 stays uint8 on the device; views are made float per batch
-
+    trial = _Trial(TrialConfig.from_dict(config))
     start_epoch = 0
-    # the metrics of the last epochs, kept in each checkpoint: a runner whose record of them was lost
-    # with its driver gets them back from the checkpoint it continues from (see study.export)
-    recent: Deque[Dict[str, float]] = collections.deque(maxlen=RECENT_EPOCHS)
     if restore is not None:
-        model.load_state_dict(restore["model"])
-        opt.load_state_dict(restore["optimizer"])
-        sched.load_state_dict(restore["scheduler"])
-        shuffle_gen.set_state(restore["shuffle_rng"])
-        aug_gen.set_state(restore["aug_rng"])
-        torch.set_rng_state(restore["torch_rng"])
-        start_epoch = int(restore["epoch"])
-        recent.extend(recent_metrics(restore))
-        if start_epoch >= cfg.epochs and restore.get("metrics"):
+        start_epoch = trial.restore(restore)
+        if start_epoch >= trial.cfg.epochs and restore.get("metrics"):
             # finished before the runner recorded it (e.g. the driver died): report, do not retrain
-            metrics = {**restore["metrics"], "hardware": hardware}
+            metrics = {**restore["metrics"], "hardware": trial.hardware}
             report(metrics, restore)
             return metrics
+    metrics: Dict[str, Any] = {}
+    for epoch in range(start_epoch, trial.cfg.epochs):
+        metrics = trial.train_epoch(epoch, poll)
+        last = epoch + 1 == trial.cfg.epochs
+        embeddings = None
+        if (epoch + 1) % trial.cfg.probe_every == 0 or last:
+            probe_out = _probe(trial.model, trial.data, trial.cfg, trial.device, final=last, aug_cfg=trial.aug_cfg,
+                               knn_k=trial.knn_k)
+            embeddings = probe_out.pop("_embeddings", None)
+            metrics.update(probe_out)
+        checkpoint = trial.checkpoint(epoch, metrics, embeddings)
+        save = (epoch + 1) % trial.cfg.checkpoint_every == 0 or last
+        report(metrics, checkpoint if save else None)
+    return metrics
 
-    metrics: Dict[str, float] = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+
+class _Trial:
+    """One trial's state: the data, the model and its optimiser and schedule, the generators of the data order
+    and the augmentations (seeded by the trial's seed, so a seed fixes the initialisation, the data order and the
+    augmentations whatever the method), and the method's loss with its knobs resolved once."""
+
+    def __init__(self, cfg: TrialConfig):
+        self.cfg = cfg
+        self.device = device = pick_device(cfg.device)
+        self.hardware = hardware_name(device)
+        self.data = data = load_splits(cfg.dataset, cfg.data_root, download=cfg.download,
+                                       verify_data=cfg.verify_data, image_size=cfg.image_size)
+        self.knn_k = probe_k(cfg, data)
+        pool = data.pretrain_x  # (N, C, H, W): train (+ unlabeled for STL-10), never val or test
+        self.n_train = len(pool)
+        if cfg.batch_size > self.n_train:
+            raise ValueError(f"batch_size={cfg.batch_size} is larger than the {cfg.dataset} training split "
+                             f"({self.n_train} images)")
+        print(f"[otstudy trial] {cfg.method} on {cfg.dataset} ({self.n_train} images), device {device}"
+              + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.encoder, data.channels, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
+                                 cifar_stem=cfg.cifar_stem).to(device)
+        self.opt = build_optimizer(cfg.optimizer, self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        # bf16 autocast on CUDA only; the loss (and every OT solve) runs on float32 features
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
+            if (cfg.amp and device.type == "cuda") else contextlib.nullcontext
+        self.steps_per_epoch = self.n_train // cfg.batch_size  # drop the last partial batch: 2N is fixed
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(cfg.epochs * self.steps_per_epoch, cfg.warmup_epochs * self.steps_per_epoch))
+        self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+        self.aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.aug_cfg = augment_config(cfg.augment, cfg.dataset, cfg.crop_min_scale)
+        self.train_x = pool.to(device)  # uint8 stays uint8 on the device; views are made float per batch
+        self.loss_fn, self.knobs = METHODS[cfg.method].fn, cfg.method_knobs()
+        # the metrics of the last epochs, kept in each checkpoint: a runner whose record of them was lost
+        # with its driver gets them back from the checkpoint it continues from (see study.export)
+        self.recent: Deque[Dict[str, float]] = collections.deque(maxlen=RECENT_EPOCHS)
+
+    def restore(self, ckpt: Dict[str, Any]) -> int:
+        """Continue from a checkpoint of :meth:`checkpoint`; returns the epochs it had run."""
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.shuffle_gen.set_state(ckpt["shuffle_rng"])
+        self.aug_gen.set_state(ckpt["aug_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        self.recent.extend(recent_metrics(ckpt))
+        return int(ckpt["epoch"])
+
+    def train_epoch(self, epoch: int, poll: Optional[Callable[[], None]]) -> Dict[str, Any]:
+        """One epoch of pretraining; its metrics (the loss and its parts, timings, memory)."""
+        cfg, device = self.cfg, self.device
+        self.model.train()
         t_epoch = time.perf_counter()
-        perm = torch.randperm(n_train, generator=shuffle_gen)
+        perm = torch.randperm(self.n_train, generator=self.shuffle_gen)
         step_ms, data_ms, ot_ms, losses = [], [], [], []
         part_sums: Dict[str, float] = {}
-        for s in range(steps_per_epoch):
+        reg_grad_ratio = None
+        for s in range(self.steps_per_epoch):
             if poll is not None:
                 poll()
             t0 = time.perf_counter()
-            x = train_x[perm[s * cfg.batch_size:(s + 1) * cfg.batch_size].to(device)]  # (N, C, H, W)
-            views = torch.cat([augment(x, aug_gen, aug_cfg), augment(x, aug_gen, aug_cfg)])  # (2N, C, H, W)
+            x = self.train_x[perm[s * cfg.batch_size:(s + 1) * cfg.batch_size].to(device)]  # (N, C, H, W)
+            views = torch.cat([augment(x, self.aug_gen, self.aug_cfg),
+                               augment(x, self.aug_gen, self.aug_cfg)])  # (2N, C, H, W)
             _sync(device)
             t1 = time.perf_counter()
-            with autocast():
-                h, z = forward(views)  # (2N, D_h), (2N, D_z)
-            h, z = h.float(), z.float()
-            h1, h2 = h.chunk(2)
-            z1, z2 = z.chunk(2)
-            out = compute_loss(cfg.method, h1, h2, z1, z2, cfg.to_dict())
-            if not torch.isfinite(out.loss):
-                raise TrialDiverged(f"train_loss became {float(out.loss.detach())} at epoch {epoch + 1}, step {s + 1} "
-                                    f"(method={cfg.method}, lr={cfg.lr})")
-            aside = 0.0  # seconds of this step spent on the regulariser's measurement, left out of its time
-            if s == 0 and "reg_loss" in out.parts:
-                t_aside = time.perf_counter()
-                reg_grad_ratio = regulariser_grad_ratio(out, h)
-                _sync(device)
-                aside = time.perf_counter() - t_aside
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-            sched.step()
-            _sync(device)
+            out, aside, ratio = self._step(views, epoch, s)
             t2 = time.perf_counter()
+            reg_grad_ratio = ratio if s == 0 else reg_grad_ratio
             data_ms.append(1e3 * (t1 - t0))
             step_ms.append(1e3 * (t2 - t1 - aside))
             losses.append(float(out.loss.detach()))
@@ -201,45 +212,65 @@ def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]
                 if k != "ot_time_ms":
                     part_sums[k] = part_sums.get(k, 0.0) + v
         epoch_time = time.perf_counter() - t_epoch
-        metrics = {
+        return {
             "epoch": epoch + 1,
             "train_loss": sum(losses) / len(losses),
-            **{k: v / steps_per_epoch for k, v in part_sums.items()},
-            **({"reg_grad_ratio": reg_grad_ratio} if "reg_loss" in part_sums else {}),
+            **{k: v / self.steps_per_epoch for k, v in part_sums.items()},
+            **({"reg_grad_ratio": reg_grad_ratio} if reg_grad_ratio is not None else {}),
             "epoch_time_s": epoch_time,
             "step_time_ms": statistics.median(step_ms),
             "data_time_ms": statistics.median(data_ms),
             "ot_time_ms": statistics.median(ot_ms) if ot_ms else 0.0,
-            "images_per_s": steps_per_epoch * cfg.batch_size / epoch_time,
+            "images_per_s": self.steps_per_epoch * cfg.batch_size / epoch_time,
             "peak_mem_mb": _peak_mem_mb(device),
-            "lr": sched.get_last_lr()[0],
+            "lr": self.sched.get_last_lr()[0],
             "on_gpu": 1.0 if device.type == "cuda" else 0.0,
-            "hardware": hardware,  # a string: not a metric (MLflow gets it as a tag), kept out of checkpoints
+            "hardware": self.hardware,  # a string: not a metric (MLflow gets it as a tag), kept out of checkpoints
         }
-        last = epoch + 1 == cfg.epochs
-        embeddings = None
-        if (epoch + 1) % cfg.probe_every == 0 or last:
-            probe_out = _probe(model, data, cfg, device, final=last, aug_gen=aug_gen, aug_cfg=aug_cfg, knn_k=knn_k)
-            embeddings = probe_out.pop("_embeddings", None)
-            metrics.update(probe_out)
-        checkpoint = {
+
+    def _step(self, views: torch.Tensor, epoch: int, s: int):
+        """One optimiser step on a batch's two views: (the loss's output, the seconds spent measuring the
+        regulariser's pull (left out of the step's time), that pull on the epoch's first batch or None)."""
+        with self.autocast():
+            h, z = self.forward(views)  # (2N, D_h), (2N, D_z)
+        h, z = h.float(), z.float()
+        h1, h2 = h.chunk(2)
+        z1, z2 = z.chunk(2)
+        out = self.loss_fn(h1, h2, z1, z2, **self.knobs)
+        if not torch.isfinite(out.loss):
+            raise TrialDiverged(f"train_loss became {float(out.loss.detach())} at epoch {epoch + 1}, step {s + 1} "
+                                f"(method={self.cfg.method}, lr={self.cfg.lr})")
+        aside, ratio = 0.0, None
+        if s == 0 and "reg_loss" in out.parts:
+            t_aside = time.perf_counter()
+            ratio = regulariser_grad_ratio(out, h)
+            _sync(self.device)
+            aside = time.perf_counter() - t_aside
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.opt.step()
+        self.sched.step()
+        _sync(self.device)
+        return out, aside, ratio
+
+    def checkpoint(self, epoch: int, metrics: Dict[str, Any], embeddings) -> Dict[str, Any]:
+        """Everything a resume needs to continue as if uninterrupted, and the recent epochs' metrics."""
+        ckpt = {
             "epoch": epoch + 1,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "shuffle_rng": shuffle_gen.get_state(),
-            "aug_rng": aug_gen.get_state(),
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "shuffle_rng": self.shuffle_gen.get_state(),
+            "aug_rng": self.aug_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
             "metrics": {k: float(v) for k, v in metrics.items() if k != "hardware"},
         }
-        recent.append(checkpoint["metrics"])
-        checkpoint["recent_metrics"] = list(recent)
+        self.recent.append(ckpt["metrics"])
+        ckpt["recent_metrics"] = list(self.recent)
         if embeddings is not None:
             # frozen test features for the report's embedding picture; a runner may store them apart
-            checkpoint["embeddings"] = embeddings
-        save = (epoch + 1) % cfg.checkpoint_every == 0 or last
-        report(metrics, checkpoint if save else None)
-    return metrics
+            ckpt["embeddings"] = embeddings
+        return ckpt
 
 
 def probe_k(cfg: TrialConfig, data) -> int:
@@ -269,7 +300,7 @@ def regulariser_grad_ratio(out, h: torch.Tensor) -> float:
     return float(g_reg.norm()) / main if main > 0 else float("inf")
 
 
-def _probe(model, data, cfg: TrialConfig, device, *, final: bool, aug_gen, aug_cfg, knn_k: int) -> Dict[str, float]:
+def _probe(model, data, cfg: TrialConfig, device, *, final: bool, aug_cfg, knn_k: int) -> Dict[str, float]:
     """kNN on the validation split every probe epoch (the pruning signal); the full evaluation at the end:
     the weighted kNN (k = ``knn_k``), a plain 5-NN vote and the linear probe, on validation and test.
 
