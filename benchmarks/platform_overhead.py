@@ -52,7 +52,7 @@ import torch
 import yaml
 
 from benchmarks.common import ROOT, ensure_malloc_env, markdown_table, record, short_revision
-from study.runner import FULL_HEAD_ENV
+from study.session import FULL_HEAD_ENV
 
 TRIALS = [(beta, seed) for beta in (0.0, 0.8) for seed in (0, 1)]
 
@@ -196,7 +196,7 @@ RAY_START = """
 import json, time
 t0 = time.perf_counter()
 import ray
-from study.runner import init_ray, shutdown_ray
+from study.session import init_ray, shutdown_ray
 t1 = time.perf_counter()
 init_ray()
 t2 = time.perf_counter()
@@ -237,8 +237,8 @@ def head_pairs(pairs: int) -> None:
     """Ray's full head (API server and autoscaler monitor, ``OTSTUDY_RAY_FULL_HEAD=1``) vs otstudy's lean
     one, ``pairs`` times each, alternately (the order flips every pair), compared pair by pair:
 
-    * Ray alone, in a fresh process: ``runner.init_ray()``, one task started as Tune starts a trial
-      (in a worker with a runtime env), ``runner.shutdown_ray()``;
+    * Ray alone, in a fresh process: ``session.init_ray()``, one task started as Tune starts a trial
+      (in a worker with a runtime env), ``session.shutdown_ray()``;
     * a 1-trial, 1-epoch `otstudy run`: to the trial's first line, and the command's wall time.
     """
 
@@ -267,7 +267,7 @@ def head_pairs(pairs: int) -> None:
 
 ACTOR_START = """
 import json, os, sys, time, ray
-from study.runner import init_ray, shutdown_ray
+from study.session import init_ray, shutdown_ray
 init_ray()
 class Trial:
     def ready(self):
@@ -302,7 +302,7 @@ def actor_pairs(pairs: int) -> None:
     diff = [a - b for a, b in zip(times["tune"], times["inherited"])]
     rows = [[i, f"{a:.3f}", f"{b:.3f}"] for i, (a, b) in enumerate(zip(times["tune"], times["inherited"]), 1)]
     record("platform_overhead --part actor: a trial's actor with Tune's runtime env vs without",
-           f"{pairs} pairs in one local cluster (`runner.init_ray()`), alternately; seconds from the actor's "
+           f"{pairs} pairs in one local cluster (`session.init_ray()`), alternately; seconds from the actor's "
            f"creation to its first answer. Medians: with Tune's runtime env {med(times['tune']):.3f} s, "
            f"without {med(times['inherited']):.3f} s; difference {med(diff):+.3f} s ({min(diff):+.3f} to "
            f"{max(diff):+.3f}), without sooner in {sum(d > 0 for d in diff)} of {pairs}.\n\n"

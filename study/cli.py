@@ -118,7 +118,8 @@ def _load_run_spec(args):
 
 
 def cmd_run(args) -> int:
-    from study.runner import ResourceError, StudyExists, run_study, study_dir_for
+    from study.session import ResourceError
+    from study.runner import StudyExists, run_study, study_dir_for
     from study.spec import SpecError
 
     try:
@@ -153,7 +154,8 @@ def _exit_code(end) -> int:
 
 
 def cmd_resume(args) -> int:
-    from study.runner import ResourceError, resume_study
+    from study.session import ResourceError
+    from study.runner import resume_study
 
     d = _study_dir(args.dir, args.workdir, refresh=False)  # resume_study refreshes the mirror itself
     try:
@@ -371,7 +373,7 @@ def _quick_exit(code: int) -> None:
     After a study the results are written and printed, yet the interpreter's teardown
     (the finalisers of grpc, pyarrow, SQLAlchemy, ... in the modules a study imports) took another
     1.4 s on this machine, after ``ray.shutdown()`` (which stays: it stops the local Ray processes
-    cleanly, or disconnects from a cluster; 0.35 s instead of 1.4 s, see ``runner.shutdown_ray``).
+    cleanly, or disconnects from a cluster; 0.35 s instead of 1.4 s, see ``session.shutdown_ray``).
     Only non-daemon work could be lost by skipping it, and none is left by then: every file is
     closed, MLflow writes synchronously.
     """
@@ -380,7 +382,7 @@ def _quick_exit(code: int) -> None:
 
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
-        from .runner import shutdown_ray
+        from .session import shutdown_ray
 
         shutdown_ray()
     sys.stdout.flush()

@@ -25,11 +25,12 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
 
-from .records import ABANDONED_FILE, RAY_KEYS, RECOVERED_FILE, flat_config, restored_rows, result_epoch
+from .history import newest_state_file, outcome, read_results, result_epoch
+from .records import ABANDONED_FILE, RAY_KEYS, flat_config
 
 TIMINGS = ("step_time_ms", "ot_time_ms", "epoch_time_s", "images_per_s", "data_time_ms")
 
@@ -37,11 +38,11 @@ TIMINGS = ("step_time_ms", "ot_time_ms", "epoch_time_s", "images_per_s", "data_t
 def latest_state(exp_dir: Path) -> Dict[str, Dict[str, Any]]:
     """trial_id -> {status, num_failures, error_file, logdir, config} from Tune's newest state file
     (the one Tune restores: the greatest name, a session time stamp)."""
-    files = sorted(exp_dir.glob("experiment_state-*.json"))
-    if not files:
+    newest = newest_state_file(exp_dir, "experiment_state-*.json")
+    if newest is None:
         return {}
     try:
-        data = json.loads(files[-1].read_text())
+        data = json.loads(newest.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
     out = {}
@@ -59,52 +60,6 @@ def latest_state(exp_dir: Path) -> Dict[str, Dict[str, Any]]:
     return out
 
 
-def read_results(path: Path) -> List[Dict[str, Any]]:
-    """The results in a trial's ``result.json``, up to a line cut by a crash.
-
-    A trial continued from a checkpoint sends the metrics of that checkpoint's last epochs with its
-    first result (``restored_metrics``; the checkpoint keeps the last ``RECENT_EPOCHS`` = 16). Where
-    ``result.json`` lacks one of them (the driver was killed after Tune persisted the checkpoint but
-    before those epochs' results reached storage: Tune syncs ``result.json`` at least every second
-    checkpoint, so the gap is a few epochs), its row is put back here, before the result that
-    carried it, marked ``restored: 1``. A trial that had finished when the driver died is not run
-    again; the epochs its ``result.json`` lacks are recovered from its last checkpoint at the resume
-    (``recovered_results.json`` beside it, rows also marked ``restored: 1``) and added here.
-    """
-    rows: List[Dict[str, Any]] = []
-    seen = set()
-    for r in _json_lines(path):
-        epoch = result_epoch(r)
-        for back in restored_rows(r):
-            if back["epoch"] not in seen and back["epoch"] != epoch:
-                rows.append(back)
-                seen.add(back["epoch"])
-        rows.append(r)
-        seen.add(epoch)
-    for r in _json_lines(path.parent / RECOVERED_FILE):
-        if result_epoch(r) not in seen:
-            rows.append(r)
-            seen.add(result_epoch(r))
-    return rows
-
-
-def _json_lines(path: Path) -> Iterator[Dict[str, Any]]:
-    """The JSON objects of a file written one per line, up to a line cut by a crash."""
-    if not path.exists():
-        return
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            return  # a line cut by a crash: everything before it is intact
-        if not isinstance(r, dict):
-            return
-        yield r
-
-
 def _error_line(trial_dir: Path, error_file) -> str:
     for cand in ([trial_dir / error_file] if error_file else []) + [trial_dir / "error.txt"]:
         try:
@@ -120,13 +75,14 @@ def _error_line(trial_dir: Path, error_file) -> str:
     return ""
 
 
-def _newest(exp_dir: Path, pattern: str):
-    files = sorted(exp_dir.glob(pattern), key=lambda p: p.stat().st_mtime)
-    if not files:
+def _load_newest(exp_dir: Path, pattern: str):
+    """The unpickled contents of Tune's newest state file matching ``pattern``, or None."""
+    f = newest_state_file(exp_dir, pattern)
+    if f is None:
         return None
     try:
-        with open(files[-1], "rb") as f:
-            return pickle.load(f)  # written by this study's own driver (Ray's searcher checkpoints)
+        with open(f, "rb") as fh:
+            return pickle.load(fh)  # written by this study's own driver (Ray's searcher checkpoints)
     except Exception:  # a half-written or foreign file: the column is just left empty
         return None
 
@@ -138,7 +94,7 @@ def searcher_states(exp_dir: Path) -> Dict[str, str]:
     and the SeedRepeater's groups (every seed of a configuration maps to the
     one Optuna trial of that configuration). Empty for grid studies.
     """
-    inner = _newest(exp_dir, "searcher-state-*.pkl")
+    inner = _load_newest(exp_dir, "searcher-state-*.pkl")
     if not isinstance(inner, dict) or "_ot_trials" not in inner:
         return {}
     study = inner.get("_ot_study")
@@ -148,7 +104,7 @@ def searcher_states(exp_dir: Path) -> Dict[str, str]:
             by_group[gid] = study._storage.get_trial(trial._trial_id).state.name
         except Exception:
             continue
-    gen = _newest(exp_dir, "search_gen_state-*.json") or {}
+    gen = _load_newest(exp_dir, "search_gen_state-*.json") or {}
     repeater = gen.get("name:SeedRepeater", {}) if isinstance(gen, dict) else {}
     groups = repeater.get("_trial_group", {})
     out = {tid: by_group[g] for tid, g in groups.items() if g in by_group}
@@ -188,7 +144,7 @@ def recorded_id(tid: str, state: Dict[str, Dict[str, Any]]) -> Optional[str]:
 
 
 def abandoned_trials(exp_dir: Path) -> Dict[str, str]:
-    """Trial id -> directory of the trials a resume set aside (``runner.set_aside_abandoned_trials``)."""
+    """Trial id -> directory of the trials a resume set aside (``repairs.set_aside_abandoned_trials``)."""
     try:
         data = json.loads((exp_dir / ABANDONED_FILE).read_text())
     except (OSError, json.JSONDecodeError):
@@ -225,16 +181,7 @@ def collect(study_dir: Path) -> Tuple[pd.DataFrame, pd.DataFrame]:
                                                  if k not in RAY_KEYS and _scalar(v)}})
         last = epochs[-1] if epochs else {}
         tune_status = st.get("status") or ("TERMINATED" if last.get("done") else "PENDING")
-        if tune_status == "ERROR":
-            status = "failed"
-        elif last.get("final"):
-            status = "completed"
-        elif tune_status == "TERMINATED":
-            status = "pruned"
-        elif tune_status == "PENDING" and not epochs:
-            status = "pending"
-        else:
-            status = "running"  # RUNNING / PAUSED, or a driver that died mid-trial
+        status = outcome(tune_status, last, ran=bool(epochs))
         row: Dict[str, Any] = {"trial_id": tid, "trial_dir": tdir.name, "status": status, "tune_status": tune_status,
                                "error": _error_line(tdir, st.get("error_file")) if status == "failed" else "",
                                "num_failures": int(st.get("num_failures", 0) or 0), "n_epochs": len(epochs),

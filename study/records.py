@@ -8,22 +8,27 @@ can import Tune while Ray starts.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-# keys Ray adds to every result, and otstudy's restored_metrics (see export.read_results); they are
+# keys Ray adds to every result, and otstudy's restored_metrics (see history.read_results); they are
 # bookkeeping, not metrics
 RAY_KEYS = {"timestamp", "done", "training_iteration", "trial_id", "date", "time_this_iter_s", "time_total_s",
             "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
             "checkpoint_dir_name", "config", "should_checkpoint", "experiment_tag", "restored_metrics"}
 
 
+# where a study keeps Tune's experiment state, and the files otstudy writes in a trial's directories
+EXPERIMENT_DIR = "ray"  # <study>/ray holds Tune's experiment state
+CHECKPOINT_FILE = "state.pt"  # in a checkpoint directory: the trial's state
+EMBEDDINGS_FILE = "embeddings.npz"  # in the final checkpoint directory: the frozen test features
+DIVERGED_FILE = "diverged.txt"  # in the trial directory: why the loss diverged (retries fail at once)
+
 # in a trial directory: the epochs a resume recovered from the trial's last checkpoint (see
-# study.runner.recover_finished_trials); read_results adds them to result.json's
+# study.repairs.recover_finished_trials); read_results adds them to result.json's
 RECOVERED_FILE = "recovered_results.json"
 # trial id -> its directory, for trials a killed driver had started after its last snapshot: Tune's
 # restored state does not know them, so they never run again (their seeds run under new ids)
@@ -65,36 +70,13 @@ def mlflow_fail_fast() -> None:
 
 
 # the driver's thread preparing the MLflow store (importing mlflow, creating or checking a sqlite
-# store: seconds), started with Ray by runner.start_ray_and_store; the tracker holds its MLflow calls
+# store: seconds), started with Ray by session.start_ray_and_store; the tracker holds its MLflow calls
 # until it has finished, so the first trial need not wait for it
 STORE_PREP: Optional[threading.Thread] = None
 
 
 def default_tracking_uri(study_dir: Path) -> str:
     return f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
-
-
-def result_epoch(result: Dict[str, Any]) -> int:
-    """The epoch a Tune result belongs to (Tune's iteration count for results without one)."""
-    return int(result.get("epoch", result.get("training_iteration", 0)))
-
-
-def trial_result_file(trial, experiment_dir: Optional[str]) -> Optional[Path]:
-    """A Tune trial's ``result.json``: in its storage directory, else in the study's local copy of the
-    experiment (an object store's mirror), under the directory Tune gave it (``trial_<id>``, or
-    ``trial_<id>_<4 hex>`` when that existed at a resume; see :func:`study.export.trial_dirs`)."""
-    candidates = []
-    try:  # a new trial has no directory yet: Ray raises instead of returning None
-        candidates.append(Path(trial.storage.trial_fs_path) / "result.json")
-    except (AttributeError, RuntimeError):
-        pass
-    if experiment_dir:
-        name = getattr(trial, "relative_logdir", None) or f"trial_{trial.trial_id}"
-        candidates.append(Path(experiment_dir) / name / "result.json")
-    for c in candidates:
-        if c.exists():
-            return c
-    return None
 
 
 def flat_config(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -104,28 +86,3 @@ def flat_config(config: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def restored_rows(result: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The epoch rows a continued trial restored, oldest first (see :func:`study.export.read_results`).
-
-    ``restored_metrics`` is a JSON list of the metrics of the checkpoint's last epochs (a JSON object,
-    the checkpoint's epoch alone, from studies before that); every row is marked ``restored: 1``.
-    """
-    raw = result.get("restored_metrics")
-    if not raw or not isinstance(raw, str):
-        return []
-    try:
-        got = json.loads(raw)
-    except json.JSONDecodeError:
-        return []
-    rows = []
-    for m in got if isinstance(got, list) else [got]:
-        if not isinstance(m, dict) or not isinstance(m.get("epoch"), (int, float)):
-            continue
-        row = {k: v for k, v in m.items() if isinstance(v, (int, float))}
-        row["epoch"] = int(row["epoch"])
-        for k in ("trial_id", "node_id"):
-            if k in result:
-                row[k] = result[k]
-        row["restored"] = 1
-        rows.append(row)
-    return sorted(rows, key=lambda r: r["epoch"])

@@ -15,8 +15,7 @@ from typing import Optional
 
 from ray.tune.schedulers import ASHAScheduler
 
-from .export import read_results
-from .records import trial_result_file
+from .history import read_results, trial_result_file
 
 
 class ReplayASHA(ASHAScheduler):

@@ -118,6 +118,14 @@ class Spec:
         return s
 
 
+def read_study(study_dir: Path) -> Spec:
+    """The spec a study ran with; a clear error if ``study_dir`` is not a study."""
+    f = Path(study_dir) / "spec.yaml"
+    if not f.is_file():
+        raise ValueError(f"{study_dir} is not an otstudy study directory (no spec.yaml)")
+    return parse_spec(yaml.safe_load(f.read_text()))
+
+
 def load_spec_file(path: str | Path) -> Spec:
     p = Path(path)
     if not p.is_file():
@@ -141,16 +149,31 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
     for k in raw:
         if k not in TOP_KEYS:
             p(f"{k}: unknown field (allowed: {', '.join(TOP_KEYS)})")
-
     name = raw.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
         p(f"name: must be a non-empty string of letters, digits, '_', '.', '-' (got {name!r})")
-
     methods = _methods(raw, p)
+    dataset, fixed, search, sampler = _check_trials(raw, methods, p)
+    num_samples, seeds, scheduler, metric, mode = _check_runs(raw, fixed, p)
+    resources, max_concurrent, max_failures, sampler_seed = _check_resources(raw, p)
+    storage, mlflow_uri = _check_places(raw, p)
+    if problems:
+        raise SpecError(problems)
+    spec = Spec(name=name, methods=methods, dataset=dataset, fixed=dict(fixed), search=dict(search),
+                sampler=sampler, sampler_seed=sampler_seed, num_samples=num_samples, seeds=list(seeds),
+                scheduler=dict(scheduler), metric=metric, mode=mode, resources=resources,
+                max_concurrent=max_concurrent, storage=storage, mlflow_uri=mlflow_uri, max_failures=max_failures,
+                description=str(raw.get("description", "")))
+    _check_batch_size(spec)
+    return spec
+
+
+def _check_trials(raw, methods, p):
+    """What the trials run: (dataset, fixed, search, sampler); every knob, value and range end checked against
+    the knob table, and who reads each knob."""
     dataset = raw.get("dataset", "digits")
     if dataset not in DATASETS:
         p(f"dataset: unknown dataset {dataset!r} (allowed: {', '.join(DATASETS)})")
-
     fixed = raw.get("fixed", {}) or {}
     if not isinstance(fixed, dict):
         p(f"fixed: must be a mapping of config keys to values (got {type(fixed).__name__})")
@@ -159,7 +182,6 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
     if not isinstance(search, dict):
         p(f"search: must be a mapping of config keys to domains (got {type(search).__name__})")
         search = {}
-
     known = set(KNOBS)
     for k in fixed:
         if k in RESERVED:
@@ -167,13 +189,10 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
               else "fixed.seed: use the top-level 'seeds' list")
         elif k not in known:
             p(f"fixed.{k}: unknown config key (allowed: {', '.join(sorted(known - set(RESERVED)))})")
-
     sampler = raw.get("sampler", "grid")
     if sampler not in SAMPLERS:
         p(f"sampler: {sampler!r} is not a sampler (allowed: {', '.join(SAMPLERS)})")
-
     _check_search(search, known, sampler, p)
-
     base = {k: v for k, v in fixed.items() if k in known and k not in RESERVED}
     base["dataset"] = dataset if dataset in DATASETS else "digits"
     # conditional knobs: a method knob must be used by at least one of the study's methods
@@ -181,13 +200,16 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
     # every grid value and range end must make a valid trial config
     if methods:
         _check_values(methods, base, search, p)
-
     if dataset in DATASETS and dataset != "digits" and isinstance(fixed.get("data_root", ""), (str, type(None))):
         try:
             check_available(dataset, fixed.get("data_root"), bool(fixed.get("download", False)))
         except (DatasetMissing, ValueError) as exc:
             p(f"fixed.data_root: {exc}")
+    return dataset, fixed, search, sampler
 
+
+def _check_runs(raw, fixed, p):
+    """How many trials and how they are judged: (num_samples, seeds, scheduler, metric, mode)."""
     num_samples = raw.get("num_samples", 1)
     if not _is_int(num_samples) or num_samples < 1:
         p(f"num_samples: must be an integer >= 1 (got {num_samples!r})")
@@ -199,7 +221,6 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
         seeds = [0]
     elif len(set(seeds)) != len(seeds):
         p(f"seeds: contains duplicates ({seeds})")
-
     scheduler = raw.get("scheduler", {"type": "none"}) or {"type": "none"}
     if isinstance(scheduler, str):
         scheduler = {"type": scheduler}
@@ -210,7 +231,11 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
         p(f"metric: {metric!r} is not reported by the trainable (allowed: {', '.join(EPOCH_METRICS + FINAL_METRICS)})")
     if mode not in ("max", "min"):
         p(f"mode: must be 'max' or 'min' (got {mode!r})")
+    return num_samples, seeds, scheduler, metric, mode
 
+
+def _check_resources(raw, p):
+    """What each trial books and how many run: ({cpu, gpu}, max_concurrent, max_failures, sampler_seed)."""
     resources = raw.get("resources", {"cpu": 1, "gpu": 0}) or {}
     if not isinstance(resources, dict):
         p("resources: must be a mapping like {cpu: 1, gpu: 0.5}")
@@ -226,7 +251,6 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
         p(f"resources.gpu: must be a number >= 0, fractions allowed (got {gpu!r})")
     elif gpu > 1 and not float(gpu).is_integer():
         p(f"resources.gpu: fractions above 1 are not schedulable; use an integer (got {gpu})")
-
     max_concurrent = raw.get("max_concurrent", 2)
     if not _is_int(max_concurrent) or max_concurrent < 1:
         p(f"max_concurrent: must be an integer >= 1 (got {max_concurrent!r})")
@@ -236,7 +260,11 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
     sampler_seed = raw.get("sampler_seed", 0)
     if not _is_int(sampler_seed):
         p(f"sampler_seed: must be an integer (got {sampler_seed!r})")
+    return {"cpu": cpu, "gpu": gpu}, max_concurrent, max_failures, sampler_seed
 
+
+def _check_places(raw, p):
+    """Where the study lives and is tracked: (storage, mlflow_uri)."""
     storage = raw.get("storage")
     if storage is not None:
         if not isinstance(storage, str) or not storage:
@@ -250,17 +278,7 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
     if mlflow_uri is not None:
         if not isinstance(mlflow_uri, str) or urlparse(mlflow_uri).scheme not in TRACKING_SCHEMES:
             p(f"mlflow_uri: {mlflow_uri!r} is not a tracking URI (allowed schemes: {', '.join(TRACKING_SCHEMES)})")
-
-    desc = raw.get("description", "")
-    if problems:
-        raise SpecError(problems)
-    spec = Spec(name=name, methods=methods, dataset=dataset, fixed=dict(fixed), search=dict(search),
-                sampler=sampler, sampler_seed=sampler_seed, num_samples=num_samples, seeds=list(seeds),
-                scheduler=dict(scheduler), metric=metric, mode=mode,
-                resources={"cpu": cpu, "gpu": gpu}, max_concurrent=max_concurrent, storage=storage,
-                mlflow_uri=mlflow_uri, max_failures=max_failures, description=str(desc))
-    _check_batch_size(spec)
-    return spec
+    return storage, mlflow_uri
 
 
 # --------------------------------------------------------------------------- helpers

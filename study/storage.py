@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 from urllib.parse import urlparse, urlunparse
 
+from .records import EMBEDDINGS_FILE
+
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 HOME_FILES = ("spec.yaml", "study.json", "mlflow.db", "results.parquet", "history.parquet")
 HOME_DIRS = ("mlartifacts",)
-EMBEDDINGS_FILE = "embeddings.npz"
 
 
 class StorageError(ValueError):

@@ -28,8 +28,8 @@ from ray.tune import Callback
 from trainables.cache import cache_dir, write_atomically
 
 from . import records
-from .records import (RAY_KEYS, epochs_to_run, flat_config, git_revision, mlflow_fail_fast, restored_rows,
-                      result_epoch, trial_result_file)
+from .history import outcome, read_results, restored_rows, result_epoch, trial_result_file
+from .records import RAY_KEYS, epochs_to_run, flat_config, git_revision, mlflow_fail_fast
 
 TRIAL_TAG = "otstudy.trial_id"
 ROLE_TAG = "otstudy.role"
@@ -203,8 +203,6 @@ class MLflowTracker(Callback):
     def _backfill(self, run_id: str, trial) -> None:
         """Log the epochs Tune recorded but this store has not seen (a driver killed between the two,
         or an MLflow store restored from an older copy), from the trial's ``result.json``."""
-        from .export import read_results
-
         tid = trial.trial_id
         metrics, last = [], self._last_step.get(tid, -1)
         f = trial_result_file(trial, str(Path(self.study_dir) / "ray"))
@@ -286,9 +284,8 @@ class MLflowTracker(Callback):
         self._guard(f"finish trial {trial.trial_id}", do)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        last = trial.last_result or {}
-        outcome = "completed" if last.get("final") else "pruned"
-        self._call(self._finish, trial, "FINISHED" if outcome == "completed" else "KILLED", outcome)
+        ended = outcome("TERMINATED", trial.last_result or {})
+        self._call(self._finish, trial, "FINISHED" if ended == "completed" else "KILLED", ended)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._call(self._finish, trial, "FAILED", "failed", error_summary(trial))
@@ -300,11 +297,11 @@ class MLflowTracker(Callback):
         for t in trials:
             if t.trial_id in self._runs or t.status not in ("TERMINATED", "ERROR"):
                 continue
-            if t.status == "ERROR":
+            ended = outcome(t.status, t.last_result or {})
+            if ended == "failed":
                 self._finish(t, "FAILED", "failed", error=error_summary(t))
             else:
-                outcome = "completed" if (t.last_result or {}).get("final") else "pruned"
-                self._finish(t, "FINISHED" if outcome == "completed" else "KILLED", outcome)
+                self._finish(t, "FINISHED" if ended == "completed" else "KILLED", ended)
         if self._ensure():
             done = all(t.status in ("TERMINATED", "ERROR") for t in trials)
             self._guard("finish study run", self._client.set_terminated, self._parent_id,
@@ -313,7 +310,7 @@ class MLflowTracker(Callback):
 
 def end_abandoned_runs(tracking_uri: str, experiment: str, trial_ids) -> int:
     """End the MLflow runs of trials a killed driver had started after its last snapshot (see
-    ``runner.set_aside_abandoned_trials``): KILLED, tagged ``otstudy.abandoned``. Returns how many."""
+    ``repairs.set_aside_abandoned_trials``): KILLED, tagged ``otstudy.abandoned``. Returns how many."""
     mlflow_fail_fast()
     from mlflow.tracking import MlflowClient
 
@@ -431,9 +428,10 @@ class Progress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
-        outcome = "completed" if r.get("final") else f"pruned at epoch {r.get('epoch')}"
+        ended = outcome("TERMINATED", r)
+        ended = ended if ended == "completed" else f"{ended} at epoch {r.get('epoch')}"
         extra = f", test_linear_acc={r['test_linear_acc']:.4f}" if "test_linear_acc" in r else ""
-        self._line(f"{trial_label(flat_config(trial.config), self.spec)}: {outcome}, "
+        self._line(f"{trial_label(flat_config(trial.config), self.spec)}: {ended}, "
                    f"{self.metric}={r.get(self.metric, float('nan')):.4f}{extra} "
                    f"({self._finished(trials, trial)}/{self.n_trials} finished)")
 

@@ -318,7 +318,7 @@ def test_a_checkpoint_deleted_before_the_snapshot_is_recreated_from_the_next_one
     from ray.tune import Checkpoint, CheckpointConfig
     from ray.tune.utils.serialization import TuneFunctionEncoder
 
-    from study.runner import repair_recorded_checkpoints
+    from study.repairs import repair_recorded_checkpoints
 
     trial = tmp_path / "ray" / "trial_x"
     for i, text in ((4, "epoch 4"), (5, "epoch 5")):
@@ -373,7 +373,7 @@ def test_shutdown_ray_stops_every_process_ray_init_started(tmp_path):
     # wait), then ray.shutdown() stops the rest: nothing ray.init started may survive
     code = """
 import json, os, time, ray
-from study.runner import shutdown_ray
+from study.session import shutdown_ray
 ray.init(include_dashboard=False, logging_level="ERROR")
 node = ray._private.worker._global_node
 procs = {t: [i.process.pid for i in infos] for t, infos in node.all_processes.items()}
@@ -408,7 +408,7 @@ def test_a_local_cluster_starts_without_api_server_and_monitor_and_trials_withou
     code = """
 import json, os, ray
 from ray._private.node import Node
-from study.runner import init_ray, shutdown_ray
+from study.session import init_ray, shutdown_ray
 init_ray()
 types = sorted(ray._private.worker._global_node.all_processes)
 @ray.remote(num_cpus=1, runtime_env={"env_vars": {"OTSTUDY_X": "1"}})  # as Tune starts a trial
@@ -419,7 +419,7 @@ restored = Node.start_api_server.__name__ == "start_api_server" and Node.start_m
 # a trial's actor class as Tune registers it: while a study runs, without Tune's runtime env where the
 # workers inherit those values anyway; with it where a variable differs from the raylet's environment
 from ray.tune.execution.class_cache import _ActorClassCache
-from study.runner import _trial_env_inherited
+from study.session import _trial_env_inherited
 class Trial:
     def env(self, name):
         return os.environ.get(name)

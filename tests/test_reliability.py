@@ -17,7 +17,7 @@ import torch
 from helpers import OTSTUDY, mlflow_runs, otstudy, record, result_lines, spec_file, wait_for
 
 from study.cli import build_parser
-from study.runner import load_checkpoint, restore_state
+from study.worker import load_checkpoint, restore_state
 from trainables.losses import METHODS, compute_loss
 from trainables.ot import sinkhorn
 
@@ -45,7 +45,7 @@ def test_a_history_gap_left_by_a_killed_driver_is_filled_from_the_restored_check
     # epochs 1-3 reached result.json; the driver died after Tune persisted the checkpoints of epochs 4 and
     # 5 but before their results reached storage; the trial continued from epoch 5's checkpoint and sent
     # the metrics of its last epochs along
-    from study.export import read_results
+    from study.history import read_results
 
     rows = [{"epoch": e, "train_loss": 1.0 / e, "restored_metrics": "[]" if e == 1 else None,
              "trial_id": "t1"} for e in range(1, 4)]
@@ -131,7 +131,7 @@ def test_the_grid_generator_is_put_back_at_the_recorded_trials(tmp_path, handed_
     from ray.tune.experiment import Experiment
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from study.runner import repair_grid_generator
+    from study.repairs import repair_grid_generator
 
     def make():
         gen = BasicVariantGenerator(max_concurrent=2)
@@ -183,7 +183,7 @@ def test_a_trial_finished_before_the_driver_died_gets_its_last_epochs_from_its_c
     # Tune's snapshot says TERMINATED, but result.json reached storage without the last epochs (seen in
     # the object-store kill test: the finished trial was exported as pruned, its final metrics lost)
     from study.export import collect, read_results
-    from study.runner import recover_finished_trials
+    from study.repairs import recover_finished_trials
 
     exp = tmp_path / "ray"
 
@@ -228,7 +228,7 @@ def test_on_an_object_store_a_trial_with_only_checkpoints_is_mirrored_and_set_as
 
     from study.export import collect
     from study.records import default_tracking_uri
-    from study.runner import set_aside_abandoned_trials
+    from study.repairs import set_aside_abandoned_trials
     from study.storage import Remote
     from study.tracking import TRIAL_TAG
 
@@ -275,7 +275,7 @@ def test_trials_started_after_the_last_snapshot_are_set_aside_once(tmp_path, cap
 
     from study.export import collect
     from study.records import default_tracking_uri
-    from study.runner import set_aside_abandoned_trials
+    from study.repairs import set_aside_abandoned_trials
     from study.tracking import TRIAL_TAG
 
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(
@@ -326,7 +326,7 @@ def test_the_seed_groups_are_put_back_in_step_with_the_recorded_trials(tmp_path,
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.search_generator import SearchGenerator
 
-    from study.runner import repair_search_generator
+    from study.repairs import repair_search_generator
     from study.searcher import PrunedAwareOptunaSearch, SeedRepeater
 
     def make():
@@ -482,7 +482,7 @@ def test_the_tracker_holds_its_calls_until_the_store_is_prepared_then_makes_them
 
 
 def test_staged_checkpoints_of_dead_trial_processes_are_swept(tmp_path):
-    from study.runner import CKPT_STAGING, sweep_checkpoint_staging
+    from study.worker import CKPT_STAGING, sweep_checkpoint_staging
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -505,7 +505,7 @@ def test_a_checkpoint_queued_when_tune_stops_the_trial_is_removed(tmp_path, monk
 
     from ray import tune
 
-    from study.runner import _Reporter
+    from study.worker import _Reporter
 
     entered, release, seen = threading.Event(), threading.Event(), []
 

@@ -364,7 +364,7 @@ def test_documented_cluster_specs_are_valid_but_for_the_data(path):
 def test_check_resources_fails_on_a_local_cluster_and_warns_on_a_joined_one(monkeypatch, capsys):
     import ray
 
-    from study.runner import ResourceError, check_resources
+    from study.session import ResourceError, check_resources
 
     two_nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}},
                  {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]  # a dead node holds nothing

@@ -243,7 +243,7 @@ def test_poll_runs_before_every_step_and_can_end_the_trial_mid_epoch():
 def test_reporter_poll_stops_a_trial_when_tune_sets_the_stop_event():
     import threading
 
-    from study.runner import _Reporter
+    from study.worker import _Reporter
 
     event = threading.Event()
     reporter = _Reporter(event)
