@@ -95,7 +95,7 @@ def table(encoder, images, batches, rounds, warmup, methods, channels):
             ms, loss_ms, ot, k = (statistics.median(col) for col in zip(*times[m]))
             ratios = [t[0] / b for t, b in zip(times[m], base)]
             # the iteration knob, or for SNS the iterations it took to 1e-6 (median over steps)
-            knobs = METHODS[m].defaults
+            knobs = METHODS[VARIANTS[m][0] if m in VARIANTS else m].defaults
             iters = f"{k:g} to 1e-6" if m in VARIANTS else knobs.get("sinkhorn_iters", knobs.get("gca_iters", ""))
             rows.append([encoder, batch, m, iters, ms, ot, ot / ms, loss_ms, (loss_ms - base_loss) / ms,
                          statistics.median(ratios), f"{min(ratios):.3g}-{max(ratios):.3g}"])
