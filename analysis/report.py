@@ -12,48 +12,22 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FormatStrFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
+from .figures import (MANY_VALUES, _label, _pooled_over, _style, embedding_plot, heatmap,  # noqa: F401
+                      importance_plot, learning_curves, pareto_plot, sensitivity_plot, split_converged)
+from .importance import param_importances
+from .sources import EmptyStudy, from_mlflow, from_study_dir
+from .stats import OVERHEAD_COLS, overhead_table
+from .tables import (PROBES, VERDICT_NOTE, baseline_mask, config_cols, cross_dataset_table, knn_description,
+                     methods_as_run, primary_metric, summary_table, verdict_page_table, verdict_table)
 
-from .importance import param_importances  # noqa: E402
-from .sources import EmptyStudy, from_mlflow, from_study_dir  # noqa: E402
-from .stats import OVERHEAD_COLS, mean_ci, overhead_table, summarise  # noqa: E402
-from .tables import (PROBES, VERDICT_NOTE, baseline_mask, knn_description, methods_as_run, primary_metric,  # noqa: E402
-                     summary_table, verdict_page_table, verdict_table)
+MARGINAL_TOL = 1e-3  # a Sinkhorn plan with a larger L1 marginal error is flagged
 
 __all__ = ["write_report", "EmptyStudy"]
 
 # how each knob is named on an axis, and whether it is drawn on a log axis or as categories
-KNOBS = {
-    "beta": ("β (OT weight)", "linear"),
-    "eps": ("ε (entropic regularisation)", "log"),
-    "tau": ("τ (temperature)", "log"),
-    "sinkhorn_iters": ("K (Sinkhorn iterations)", "category"),
-    "uot_lambda1": ("λ1 (row KL penalty)", "log"),
-    "uot_lambda2": ("λ2 (column KL penalty)", "log"),
-    "lambda_p": ("λp (uniformity penalty)", "symlog"),
-    "batch_size": ("batch size N (images)", "category"),
-    "relaxation": ("coupling set U", "category"),
-    "ot_solver": ("OT solver", "category"),
-    "method": ("method", "category"),
-    "lr": ("learning rate", "log"),
-}
-METRICS = {"test_linear_acc": "test linear-probe accuracy (%)", "test_knn_acc": "test kNN accuracy (%)",
-           "test_knn5_acc": "test 5-NN accuracy (%)", "linear_acc": "val linear-probe accuracy (%)",
-           "knn_acc": "val kNN accuracy (%)"}
-MARGINAL_TOL = 1e-3  # a Sinkhorn plan with a larger L1 marginal error is flagged
-
-
-def _style():
-    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1)
-
-
 def swept_knobs(spec: Dict[str, Any], res: pd.DataFrame) -> List[str]:
     """Knobs the study varied, in spec order (grid/range keys, then case keys, then method)."""
     search = spec.get("search") or {}
@@ -62,230 +36,9 @@ def swept_knobs(spec: Dict[str, Any], res: pd.DataFrame) -> List[str]:
         keys += [k for k in case if k not in keys]
     if "method" in res.columns and res["method"].nunique() > 1 and "method" not in keys:
         keys.insert(0, "method")
+    if "dataset" in res.columns and res["dataset"].nunique() > 1:
+        keys.insert(0, "dataset")
     return [k for k in keys if k in res.columns]
-
-
-def _config_cols(knobs: List[str]) -> List[str]:
-    return (["method"] if "method" not in knobs else []) + knobs
-
-
-def _label(knob: str) -> str:
-    return KNOBS.get(knob, (knob, "linear"))[0]
-
-
-def _save(fig, out: Path, stem: str) -> str:
-    fig.tight_layout()
-    fig.savefig(out / f"{stem}.png", dpi=120, bbox_inches="tight")
-    fig.savefig(out / f"{stem}.pdf", bbox_inches="tight")
-    plt.close(fig)
-    return f"{stem}.png"
-
-
-def split_converged(done: pd.DataFrame, knob: str):
-    """(trials to draw against ``knob``, trials whose plan was solved to convergence by SNS): on a plot over
-    the Sinkhorn iteration count K, SinSim's ``ot_solver=sns`` trials are the converged-plan reference
-    (drawn as a band), not a point at the K they did not use."""
-    if knob != "sinkhorn_iters" or "ot_solver" not in done.columns:
-        return done, done.iloc[:0]
-    conv = done["ot_solver"] == "sns"
-    return done[~conv], done[conv]
-
-
-def sensitivity_plot(done: pd.DataFrame, knob: str, out: Path, metrics: List[str]) -> Optional[str]:
-    """Final metric vs the knob, by method: mean and 95% CI over seeds, n annotated."""
-    metrics = [m for m in metrics if m in done.columns and done[m].notna().any()]
-    if not metrics or knob not in done.columns:
-        return None
-    scale = KNOBS.get(knob, (knob, "linear"))[1]
-    done, converged = split_converged(done, knob)
-    methods = sorted(done["method"].dropna().unique()) if "method" in done.columns else [None]
-    base = done[baseline_mask(done)]
-    # the baseline is a band where it is one configuration along this knob (SimCLR, or SinSim at beta = 0, on a
-    # plot over beta or eps); where it varies along the knob (batch size, method) it is a curve of its own, and
-    # a band would pool its points
-    band = len(base) > 0 and knob != "method" and base[knob].nunique() <= 1
-    # a categorical knob's values have one position each on the shared axis, whichever methods ran them
-    cats = _categories(done[knob]) if scale == "category" or done[knob].dtype == object else None
-    # a curve per method with at least two values of the knob (SimCLR, the baseline, with one); a method that
-    # does not read the knob (its value unset) has no place on the axis: SimCLR is then the band
-    rows = {m: done if m is None else done[done["method"] == m] for m in methods}
-    drawn = [m for m in methods if knob == "method" or rows[m][knob].nunique() >= (1 if m == "simclr" else 2)]
-    if not drawn:
-        return None  # e.g. over beta in a SinSim x GCA study whose SinSim trials at the other betas were pruned
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        if band:
-            m, lo, hi = base[metric].mean(), *_ci_bounds(base[metric])
-            ax.axhspan(100 * lo, 100 * hi, color="0.85", zorder=0, label=f"SimCLR baseline (n={len(base)})")
-            ax.axhline(100 * m, color="0.5", lw=1, zorder=0)
-        if converged[metric].notna().any():
-            vals = converged[metric].dropna()
-            m, lo, hi = vals.mean(), *_ci_bounds(vals)
-            ax.axhspan(100 * lo, 100 * hi, color="tab:green", alpha=0.15, zorder=0,
-                       label=f"converged plan, SNS (n={len(vals)})")
-            ax.axhline(100 * m, color="tab:green", lw=1, ls="--", zorder=0)
-        for method in drawn:
-            s = summarise(rows[method], [knob], metric)
-            if cats is not None:
-                x = np.array([cats.index(_tick(v)) for v in s[knob]])
-                ax.set_xticks(np.arange(len(cats)), cats)
-            else:
-                x = s[knob].astype(float).values
-            ax.errorbar(x, 100 * s["mean"], yerr=100 * s["ci"].fillna(0), marker="o", capsize=3,
-                        label=str(method) if method else None)
-            for xi, yi, n in zip(x, 100 * s["mean"], s["n"]):
-                ax.annotate(f"n={n}", (xi, yi), textcoords="offset points", xytext=(0, 6), fontsize=7,
-                            ha="center")
-        if scale == "log":
-            ax.set_xscale("log")
-            # within a decade matplotlib labels the minor ticks as 1.2x10^-1, 1.4x10^-1, ..., overprinted: label
-            # 1, 2 and 5 of each decade as plain numbers instead
-            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        elif scale == "symlog":
-            ax.set_xscale("symlog", linthresh=0.1)
-        ax.set_xlabel(_label(knob))
-        ax.set_ylabel(METRICS.get(metric, metric))
-        ax.set_title(f"{METRICS.get(metric, metric)} vs {knob}", fontsize=10)
-        ax.legend(fontsize=7, loc="best")
-    return _save(fig, out, f"sensitivity_{knob}")
-
-
-def _pooled_over(knob: str, knobs: List[str]) -> str:
-    """The caption's note of the knobs a plot over ``knob`` pools (each method is its own curve)."""
-    others = [_label(k) for k in knobs if k not in (knob, "method")]
-    return f", pooled over {', '.join(others)}" if others else ""
-
-
-def _tick(v) -> str:
-    """A knob value as a tick label: K = 40, not 40.0 (a knob some cases leave unset is a float column)."""
-    if v is None or (isinstance(v, float) and v != v):
-        return "unset"
-    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
-
-
-def _categories(values: pd.Series) -> List[str]:
-    """The tick labels of a categorical knob's values, sorted by value, "unset" last."""
-    return [_tick(v) for v in sorted(values.dropna().unique().tolist())] + (["unset"] if values.isna().any() else [])
-
-
-def _ci_bounds(x: pd.Series):
-    m, h, n = mean_ci(x.tolist())
-    return (m - h, m + h) if n > 1 else (m, m)
-
-
-def heatmap(done: pd.DataFrame, a: str, b: str, metric: str, out: Path) -> Optional[str]:
-    if metric not in done.columns:
-        return None
-    pivot = done.groupby([a, b])[metric].mean().unstack(b) * 100
-    fig, ax = plt.subplots(figsize=(5, 4))
-    sns.heatmap(pivot, annot=True, fmt=".1f", cmap="viridis", ax=ax, cbar_kws={"label": METRICS.get(metric, metric)})
-    ax.set_xlabel(_label(b))
-    ax.set_ylabel(_label(a))
-    return _save(fig, out, f"heatmap_{a}_{b}")
-
-
-def learning_curves(hist: pd.DataFrame, res: pd.DataFrame, knobs: List[str], out: Path) -> Optional[str]:
-    """kNN accuracy (val) vs epoch, one line per trial coloured by configuration; pruned dashed."""
-    if hist.empty or "knn_acc" not in hist.columns:
-        return None
-    cols = _config_cols(knobs)
-    cfg = res.set_index("trial_id")
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    labels = {}
-    palette = sns.color_palette("colorblind", 12)
-    for tid, g in hist.dropna(subset=["knn_acc"]).groupby("trial_id"):
-        if tid not in cfg.index:
-            continue
-        row = cfg.loc[tid]
-        key = _describe(row, [c for c in cols if c in cfg.columns])
-        color = palette[list(labels).index(key) % 12] if key in labels else palette[len(labels) % 12]
-        status = row["status"]
-        ax.plot(g["epoch"], 100 * g["knn_acc"], color=color, lw=1.2, alpha=0.8,
-                ls="--" if status == "pruned" else (":" if status == "failed" else "-"),
-                label=key if key not in labels else None)
-        labels.setdefault(key, color)
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs 1, 2, 3, not 1.25
-    ax.set_ylabel(METRICS["knn_acc"])
-    ax.set_title("learning curves (dashed: pruned, dotted: failed)", fontsize=10)
-    # below the axes: inside, it covered the curves it names
-    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
-    return _save(fig, out, "learning_curves")
-
-
-def importance_plot(imp: Dict[str, float], metric: str, out: Path) -> Optional[str]:
-    if not imp:
-        return None
-    fig, ax = plt.subplots(figsize=(5.5, 0.9 + 0.45 * len(imp)))
-    keys = sorted(imp, key=imp.get)
-    ax.barh([_label(k) for k in keys], [imp[k] for k in keys], color=sns.color_palette("colorblind")[0])
-    ax.set_xlabel(f"PED-ANOVA importance for {METRICS.get(metric, metric)}")
-    ax.set_xlim(0, 1)
-    return _save(fig, out, "importance")
-
-
-def _embed_2d(x: np.ndarray, seed: int = 0) -> tuple:
-    try:
-        import umap  # optional: umap-learn
-
-        return umap.UMAP(random_state=seed).fit_transform(x), "UMAP"
-    except ImportError:
-        from sklearn.decomposition import PCA
-        from sklearn.manifold import TSNE
-
-        x50 = PCA(n_components=min(50, x.shape[1], len(x) - 1), random_state=seed).fit_transform(x)
-        return TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(x50), "t-SNE"
-
-
-def _describe(row, cols) -> str:
-    """A configuration as "method=sinsim beta=0.823 eps=0.269": a sampled value to 3 significant digits, a knob
-    its method does not read (unset) left out."""
-    return " ".join(f"{c}={row[c]:.3g}" if isinstance(row[c], float) else f"{c}={row[c]}" for c in cols
-                    if not (isinstance(row[c], float) and row[c] != row[c]))
-
-
-def embedding_plot(res: pd.DataFrame, study_dir: Optional[Path], knobs: List[str], out: Path,
-                   max_points: int = 1000) -> Optional[tuple]:
-    """2-D picture of the frozen test features: best configuration (by validation accuracy) vs the baseline."""
-    if study_dir is None or "linear_acc" not in res.columns:
-        return None
-    done = res[res["status"] == "completed"]
-    is_base = baseline_mask(done)
-    base, rest = done[is_base], done[~is_base]
-    if base.empty or rest.empty:
-        return None
-    cols = [c for c in _config_cols(knobs) if c in done.columns]
-    best_key = rest.groupby(cols, dropna=False)["linear_acc"].mean().idxmax()
-    best_key = best_key if isinstance(best_key, tuple) else (best_key,)
-    # a knob the best configuration's method does not read is unset (NaN), and NaN == NaN is False
-    best = rest[np.logical_and.reduce([(rest[c] == v) | (rest[c].isna() & pd.isna(v)) for c, v in zip(cols, best_key)])]
-    picks = []
-    for kind, rows in (("baseline", base), ("best", best)):
-        row = rows.sort_values("seed").iloc[0] if "seed" in rows.columns else rows.iloc[0]
-        tdir = row.get("trial_dir") if isinstance(row.get("trial_dir"), str) else f"trial_{row['trial_id']}"
-        found = sorted((Path(study_dir) / "ray" / tdir).glob("checkpoint_*/embeddings.npz"))
-        if not found:
-            return None
-        f = found[-1]
-        with np.load(f) as z:
-            feats, labels = z["features"][:max_points], z["labels"][:max_points]
-        picks.append((f"{kind}: {_describe(row, cols)} (seed {row.get('seed')})", feats, labels))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    method = ""
-    for ax, (title, feats, labels) in zip(axes, picks):
-        xy, method = _embed_2d(feats.astype(np.float64))
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=6, alpha=0.8)
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.colorbar(sc, ax=list(axes), label="class", fraction=0.03)
-    fig.suptitle(f"{method} of the frozen encoder features of the test split", fontsize=10)
-    fig.savefig(out / "embeddings.png", dpi=120)
-    fig.savefig(out / "embeddings.pdf")
-    plt.close(fig)
-    return "embeddings.png", method
 
 
 def flags(res: pd.DataFrame, hist: pd.DataFrame) -> pd.DataFrame:
@@ -340,7 +93,8 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
     metrics = list(PROBES)
 
     numeric_knobs = [k for k in knobs if k in ("uot_lambda1", "uot_lambda2")]
-    if len(numeric_knobs) == 2 and len(done):
+    # a grid's heatmap; sampled lambdas (more than MANY_VALUES each) are the sensitivity plots' points instead
+    if len(numeric_knobs) == 2 and len(done) and all(done[k].nunique() <= MANY_VALUES for k in numeric_knobs):
         f = heatmap(done, "uot_lambda1", "uot_lambda2", "test_linear_acc", out)
         if f:
             figures.append((f, "Test linear-probe accuracy over λ1 × λ2 (mean over seeds)."))
@@ -350,8 +104,10 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
         if len(done):
             f = sensitivity_plot(done, knob, out, metrics)
             if f:
-                figures.append((f, f"Final accuracy vs {_label(knob)}: mean and 95% CI over seeds (n per point)"
-                                   + _pooled_over(knob, knobs) + "."))
+                many = done[knob].nunique() > MANY_VALUES
+                how = ("each trial a point, binned means with 95% CIs" if many
+                       else "mean and 95% CI over seeds (n per point)")
+                figures.append((f, f"Final accuracy vs {_label(knob)}: {how}" + _pooled_over(knob, knobs) + "."))
     f = learning_curves(hist, res, knobs, out)
     if f:
         figures.append((f, "Validation kNN accuracy (the pruning signal) per trial."))
@@ -368,15 +124,23 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
         figures.append((emb[0], f"{emb[1]} of the frozen test features: the best configuration (by validation "
                                 f"linear accuracy) next to the baseline, coloured by class."))
 
-    cfg_cols = [c for c in _config_cols(knobs) if c in res.columns]
+    cfg_cols = [c for c in config_cols(knobs) if c in res.columns]
     timed = res[res["n_epochs"] > 0]
     over = overhead_table(timed, cfg_cols, baseline=baseline_mask(timed)) if len(timed) else pd.DataFrame()
     if len(over):
         over.to_csv(out / "overhead.csv", index=False)
         (out / "overhead.md").write_text(_fmt_table(over).to_markdown(index=False))
         (out / "overhead.tex").write_text(_fmt_table(over).to_latex(index=False))
+        f = pareto_plot(done, over, cfg_cols, primary_metric(spec), out)
+        if f:
+            figures.append((f, "What each configuration's accuracy costs: its mean test accuracy (the primary probe) "
+                               "against its training step time as a multiple of the baseline's, the Pareto front "
+                               "through the configurations no other is both as accurate as and faster than."))
 
     summary = summary_table(done, cfg_cols)
+    across = cross_dataset_table(done, cfg_cols, primary_metric(spec))
+    if len(across):
+        across.to_csv(out / "datasets.csv", index=False)
     verdicts = verdict_table(done, cfg_cols, knobs) if cfg_cols else pd.DataFrame()
     primary = primary_metric(spec)
     (summary.merge(verdicts, on=cfg_cols, how="left") if len(verdicts) and len(summary) else summary).to_csv(
@@ -394,13 +158,13 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
     _remove_stale_figures(out, {Path(f).stem for f, _ in figures})
     page = _html(spec, meta, counts, expected, missing, figures, summary, over, flagged, mlflow_errors,
                  time.perf_counter() - t0, verdicts=verdict_page_table(verdicts, cfg_cols, primary), primary=primary,
-                 probe=knn_description(res))
+                 probe=knn_description(res), across=across)
     index = out / "index.html"
     index.write_text(page)
     return index
 
 
-FIGURE_STEMS = ("sensitivity_*", "heatmap_*", "learning_curves", "importance", "embeddings")
+FIGURE_STEMS = ("sensitivity_*", "heatmap_*", "learning_curves", "importance", "embeddings", "pareto")
 
 
 def _remove_stale_figures(out: Path, written: set) -> None:
@@ -435,8 +199,17 @@ def _table_html(df: pd.DataFrame) -> str:
     return _fmt_table(_readable(df)).to_html(index=False, border=0, classes="t", escape=True)
 
 
+def _across_html(across: pd.DataFrame, primary: str) -> str:
+    if across is None or across.empty:
+        return ""
+    return (f"<h2>Across datasets</h2>\n<p>{html.escape(PROBES.get(primary, primary))} test accuracy "
+            f"(<code>{html.escape(primary)}</code>), mean ± 95% CI half-width over seeds, in %: a configuration per "
+            f"row, a dataset per column, as the papers' tables are laid out (also "
+            f"<a href=\"datasets.csv\">datasets.csv</a>).</p>\n{_table_html(across)}")
+
+
 def _html(spec, meta, counts, expected, missing, figures, summary, over, flagged, mlflow_errors, secs, *,
-          verdicts: pd.DataFrame, primary: str, probe: str) -> str:
+          verdicts: pd.DataFrame, primary: str, probe: str, across: pd.DataFrame) -> str:
     name = html.escape(str(spec.get("name", "study")))
     status = ", ".join(f"{v} {html.escape(str(k))}" for k, v in sorted(counts.items()))
     warn = ""
@@ -484,6 +257,7 @@ test counterpart of the search signal.</p>
 <ul>{as_run}</ul>
 <h2>Paired verdicts against the baseline</h2>
 {verdict_part}
+{_across_html(across, primary)}
 <h2>Results by configuration</h2>
 <p>Test accuracies (and the validation kNN) as mean ± 95% CI half-width (Student t) over seeds, in %. For a method
 with a weighted regulariser (SinSim's β·W, IOT-CL's λp·KL), at the last epoch and averaged over seeds: its value

@@ -44,9 +44,9 @@ OVERHEAD_COLS = {
 
 
 def overhead_table(df: pd.DataFrame, config_cols: List[str], baseline: Optional[pd.Series] = None,
-                   group_cols: Sequence[str] = ("batch_size", "hardware")) -> pd.DataFrame:
-    """Median timings per configuration and their ratio to the baseline in the same group (batch size, and
-    the hardware the trials ran on where results name it: a cluster's nodes may differ).
+                   group_cols: Sequence[str] = ("dataset", "batch_size", "hardware")) -> pd.DataFrame:
+    """Median timings per configuration and their ratio to the baseline in the same group (dataset, batch size,
+    and the hardware the trials ran on where results name it: a cluster's nodes may differ).
 
     Args:
         df: results rows (one per trial) with med_* timing columns.

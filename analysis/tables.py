@@ -22,6 +22,11 @@ PROBES = {"test_knn_acc": "kNN", "test_knn5_acc": "5-NN", "test_linear_acc": "li
 PRIMARY = {"knn_acc": "test_knn_acc", "knn5_acc": "test_knn5_acc", "linear_acc": "test_linear_acc"}
 
 
+def config_cols(knobs: List[str]) -> List[str]:
+    """The columns that name a configuration: the swept knobs, and the method."""
+    return (["method"] if "method" not in knobs else []) + knobs
+
+
 def baseline_mask(df: pd.DataFrame) -> pd.Series:
     """The baseline's trials: SimCLR where the study runs it; otherwise the method with its regulariser off,
     which is the same loss (SinSim at beta = 0; IOT-CL under U(a) with lambda_p = 0, SimCLR at tau = eps)."""
@@ -83,6 +88,21 @@ def summary_table(done: pd.DataFrame, cfg_cols: List[str]) -> pd.DataFrame:
             row["reg_grad_ratio"] = float(g["reg_grad_ratio"].mean()) if "reg_grad_ratio" in g.columns else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def cross_dataset_table(done: pd.DataFrame, cfg_cols: List[str], metric: str) -> pd.DataFrame:
+    """For a study that spans datasets: a configuration (without its dataset) per row, a dataset per column,
+    ``metric`` as mean ± 95% CI half-width over seeds in %; empty for a study on one dataset."""
+    if "dataset" not in cfg_cols or metric not in done.columns or done["dataset"].nunique() < 2:
+        return pd.DataFrame()
+    rows = [c for c in cfg_cols if c != "dataset"]
+    cells = {}
+    for keys, g in done.groupby(rows + ["dataset"], dropna=False, sort=True):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        cells.setdefault(keys[:-1], {})[keys[-1]] = _pm(g[metric])
+    datasets = sorted(done["dataset"].dropna().unique())
+    return pd.DataFrame([{**dict(zip(rows, key)), **{d: cell.get(d, "") for d in datasets}}
+                         for key, cell in cells.items()])
 
 
 def verdict_table(done: pd.DataFrame, cfg_cols: List[str], knobs: List[str]) -> pd.DataFrame:

@@ -4,15 +4,16 @@ samplers' define-by-run space applies it in search_spaces.spaces)."""
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 from trainables.catalog import knob_owners
 
 
 def configs(methods: List[str], grid_knobs: Dict[str, List[Any]], cases: List[Dict[str, Any]],
-            cases_set_method: bool) -> List[Dict[str, Any]]:
-    """A grid study's configurations (no seed), in the order they start: the methods, then each knob's values,
-    then the cases, in the spec's order with the first slowest; a case's keys override a knob's.
+            cases_set_method: bool, datasets: Sequence[str] = ("digits",)) -> List[Dict[str, Any]]:
+    """A grid study's configurations (no seed), in the order they start: the datasets (where there are several),
+    the methods, then each knob's values, then the cases, in the spec's order with the first slowest; a case's
+    keys override a knob's.
 
     A knob only some of the study's methods read is left out of the other methods' configurations, as the
     Optuna samplers' define-by-run space leaves it out: crossed with them it ran the same trial again under
@@ -20,6 +21,8 @@ def configs(methods: List[str], grid_knobs: Dict[str, List[Any]], cases: List[Di
     configurations by the summary and its error bars)."""
     owners = knob_owners()
     axes: List[List[Dict[str, Any]]] = []
+    if len(datasets) > 1:
+        axes.append([{"dataset": d} for d in datasets])
     if len(methods) > 1 and not cases_set_method:
         axes.append([{"method": m} for m in methods])
     axes += [[{k: v} for v in vals] for k, vals in grid_knobs.items()]

@@ -6,7 +6,7 @@
     otstudy resume DIR|URI [--address ADDR] [--restart-errored]
     otstudy status DIR                    trial states, best so far, time used and left
     otstudy export DIR                    results.parquet + history.parquet (also mid-study)
-    otstudy report DIR                    report/index.html with figures and tables
+    otstudy report DIR [--export]         report/index.html from the Parquet files (exported again when stale)
     otstudy ui DIR [--host H] [--port P]  MLflow UI on that study's store (127.0.0.1 by default)
 
 Bad input prints one line per problem on stderr and exits with status 2,
@@ -114,6 +114,10 @@ def _load_run_spec(args):
             if not NAME_RE.match(args.name):
                 raise CliError(f"--name {args.name!r}: use letters, digits, '_', '.', '-'")
             spec.name = args.name
+    if args.dataset:  # a preset (or spec) on other data: validated again as a whole
+        names = [d.strip() for d in args.dataset.split(",") if d.strip()]
+        name = spec.name if args.name else f"{spec.name}-{'-'.join(names)}"  # beside the spec's own study
+        spec = parse_spec({**spec.to_dict(), "name": name, "dataset": names[0] if len(names) == 1 else names})
     return spec.smoke() if args.smoke_test else spec
 
 
@@ -148,9 +152,14 @@ def cmd_run(args) -> int:
 
 
 def _exit_code(end) -> int:
-    """0 when every trial of the study has finished; 130, as for Ctrl-C, when it stopped before (Tune
-    handles SIGINT itself and returns as if done), so that `otstudy run S && otstudy report D` stops too."""
-    return 130 if end.unfinished else 0
+    """130, as for Ctrl-C, when the study stopped before every trial finished (Tune handles SIGINT itself and
+    returns as if done); 1 when every trial finished but none completed (all failed or were pruned: nothing to
+    report, e.g. a dataset file that cannot be read); else 0, also when some trials failed (a diverging learning
+    rate is an outcome of a search, and the study said which). So `otstudy run S && otstudy report D` stops
+    where there is nothing to report."""
+    if end.unfinished:
+        return 130
+    return 0 if end.completed else 1
 
 
 def cmd_resume(args) -> int:
@@ -256,9 +265,12 @@ def cmd_report(args) -> int:
         raise CliError("give a study directory, or --mlflow URI --experiment NAME --out DIR")
     d = _study_dir(args.dir, args.workdir)
     if (d / "ray").is_dir():
-        from study.export import export_study
+        from study.export import export_is_stale, export_study
 
-        export_study(d)  # refresh: a running or crashed study reports what exists now
+        # Parquet is the analysis's source: exported again only when Tune's files are newer (a running or crashed
+        # study reports what exists now) or when asked; merged or hand-edited Parquet files are reported as they are
+        if args.export or export_is_stale(d):
+            export_study(d)
     try:
         index = write_report(d, Path(args.out) if args.out else None)
     except EmptyStudy as exc:
@@ -304,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default="studies", help="local parent directory of the study's mirror when the "
                    "storage is an object store (default ./studies)")
     s.add_argument("--name", help="override the study name (its directory name)")
+    s.add_argument("--dataset", help="run on this dataset instead of the spec's (e.g. mnist5k), or on several, "
+                   "comma-separated (a grid study runs its trials on each, and the report compares them)")
     s.add_argument("--address", help="Ray cluster to join: 'auto', 'HOST:PORT' or 'ray://HOST:PORT' (default: a local instance)")
     s.add_argument("--smoke-test", action="store_true", help="3 epochs, <= 2 values per knob, <= 2 seeds: seconds, not minutes")
     s.add_argument("--dry-run", action="store_true", help="validate the spec and print the trial count, run nothing")
@@ -333,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mlflow", metavar="URI", help="read the trials from this MLflow tracking URI instead")
     s.add_argument("--experiment", help="MLflow experiment name (with --mlflow)")
     s.add_argument("--out", help="output directory (default DIR/report; required with --mlflow)")
+    s.add_argument("--export", action="store_true", help="export the Parquet files again first, even when they are "
+                   "newer than the trials' files (by default only then)")
     s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("ui", help="start the MLflow UI on the study's store")

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import pandas as pd
 
 from .history import newest_state_file, outcome, read_results, result_epoch
-from .records import ABANDONED_FILE, RAY_KEYS, flat_config
+from .records import ABANDONED_FILE, RAY_KEYS, RECOVERED_FILE, flat_config
 
 TIMINGS = ("step_time_ms", "ot_time_ms", "epoch_time_s", "images_per_s", "data_time_ms")
 
@@ -204,6 +204,22 @@ def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
     tmp = path.with_suffix(".parquet.tmp")
     df.to_parquet(tmp, index=False)
     os.replace(tmp, path)
+
+
+def export_is_stale(study_dir: Path) -> bool:
+    """Whether results.parquet is missing or older than any file the export reads under ``ray/`` (Tune's state,
+    a trial's params, results, recovered rows, the set-aside list): only then does ``otstudy report`` export
+    again, so that Parquet files merged or edited by hand are what it reports."""
+    study_dir = Path(study_dir)
+    res = study_dir / "results.parquet"
+    if not res.exists():
+        return True
+    written = res.stat().st_mtime
+    exp = study_dir / "ray"
+    names = ("params.json", "result.json", RECOVERED_FILE)
+    sources = [*exp.glob("experiment_state-*.json"), *exp.glob("searcher-state-*.pkl"), exp / ABANDONED_FILE,
+               *(t / name for t in exp.glob("trial_*") for name in names)]
+    return any(f.exists() and f.stat().st_mtime > written for f in sources)
 
 
 def export_study(study_dir: Path) -> Tuple[pd.DataFrame, pd.DataFrame]:

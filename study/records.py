@@ -25,7 +25,9 @@ RAY_KEYS = {"timestamp", "done", "training_iteration", "trial_id", "date", "time
 EXPERIMENT_DIR = "ray"  # <study>/ray holds Tune's experiment state
 CHECKPOINT_FILE = "state.pt"  # in a checkpoint directory: the trial's state
 EMBEDDINGS_FILE = "embeddings.npz"  # in the final checkpoint directory: the frozen test features
-DIVERGED_FILE = "diverged.txt"  # in the trial directory: why the loss diverged (retries fail at once)
+# in the trial directory: an error a retry would repeat (the loss diverged, the data cannot be read), as
+# "ErrorName: message"; a retry raises it again at once instead of training
+FINAL_ERROR_FILE = "final_error.txt"
 
 # in a trial directory: the epochs a resume recovered from the trial's last checkpoint (see
 # study.repairs.recover_finished_trials); read_results adds them to result.json's

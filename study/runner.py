@@ -20,8 +20,8 @@ from search_spaces.spaces import DefineByRun
 from trainables.catalog import default
 
 from . import records
-from .export import export_study
-from .records import EXPERIMENT_DIR, default_tracking_uri, git_revision
+from .export import export_study, latest_state
+from .records import EXPERIMENT_DIR, FINAL_ERROR_FILE, default_tracking_uri, git_revision
 from .repairs import (recover_finished_trials, repair_grid_generator, repair_recorded_checkpoints,
                       repair_search_generator, set_aside_abandoned_trials)
 from .session import ResourceError, _fit, check_resources, init_ray, start_ray_and_store, trial_resources  # noqa: F401
@@ -47,7 +47,9 @@ def _search(spec: Spec):
     """(param_space, search_alg, num_samples) for the spec's sampler."""
     from ray import tune
 
-    space: Dict[str, Any] = {**spec.fixed, "dataset": spec.dataset}
+    space: Dict[str, Any] = {**spec.fixed}
+    if len(spec.datasets) == 1:  # several: each grid point names its own
+        space["dataset"] = spec.dataset
     if spec.sampler == "grid":
         if len(spec.methods) == 1 or spec.cases_set_method:
             space["method"] = spec.methods[0]
@@ -95,7 +97,7 @@ def _callbacks(spec: Spec, study_dir: Path) -> list:
     """
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
-    from .tracking import MLflowTracker, Progress, RemoteSync
+    from .tracking import MLflowTracker, Progress, PruneCheckpoints, RemoteSync
 
     remote = remote_of(study_dir)
     callbacks = [MLflowTracker(spec.mlflow_uri or default_tracking_uri(study_dir), spec.name, str(study_dir),
@@ -108,6 +110,8 @@ def _callbacks(spec: Spec, study_dir: Path) -> list:
         callbacks.append(TBXLoggerCallback())
     else:  # Tune adds the loggers it does not find among the callbacks unless told not to
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    if spec.keep_checkpoints == "last":
+        callbacks.append(PruneCheckpoints())
     if remote is not None:
         callbacks.append(RemoteSync(remote, study_dir))
     return callbacks
@@ -214,16 +218,21 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
     checkpoint; errored ones are resumed from their checkpoint (or restarted
     from scratch with ``restart_errored``).
     """
-    from ray import tune
-
     study_dir = Path(study_dir)
     spec = read_study(study_dir)
-    init_ray(address)
-    check_resources(spec, joined=bool(address))  # before anything of the study is touched
     exp = study_dir / EXPERIMENT_DIR
     remote = remote_of(study_dir)
     if remote is not None:
         remote.pull_experiment(study_dir)  # the rung replay and the export read the local mirror
+    if not restart_errored and every_trial_ended(study_dir, spec.n_trials()):
+        # nothing to run: no Ray (7.5-13 s and ~1 GB to start), and no second copy of Tune's state files
+        print(f"[otstudy] {study_dir}: every trial has ended; nothing to resume")
+        return _finish(study_dir)
+    from ray import tune
+
+    init_ray(address)
+    check_resources(spec, joined=bool(address))  # before anything of the study is touched
+    if remote is not None:
         restorable = tune.Tuner.can_restore(remote.experiment_uri)
         exp_path = remote.experiment_uri
     else:
@@ -256,6 +265,20 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
     return _finish(study_dir)
 
 
+def every_trial_ended(study_dir: Path, expected: int) -> bool:
+    """Whether Tune's latest snapshot records all ``expected`` trials as ended for good: TERMINATED (completed or
+    pruned), or ERROR with an error a retry would repeat (the loss diverged, the data cannot be read). A trial that
+    failed otherwise would be retried from its checkpoint by a resume, so the study is not over."""
+    state = latest_state(study_dir / EXPERIMENT_DIR)
+    if len(state) < expected:
+        return False
+    for t in state.values():
+        final = t.get("logdir") and (study_dir / EXPERIMENT_DIR / t["logdir"] / FINAL_ERROR_FILE).exists()
+        if t.get("status") != "TERMINATED" and not (t.get("status") == "ERROR" and final):
+            return False
+    return True
+
+
 class StudyEnd(NamedTuple):
     """Where a run or resume left the study: its directory, and its trials not finished (not completed, pruned
     or failed) when Tune returned; 0 for a study that is done, more after Ctrl-C (Tune saves the experiment,
@@ -263,6 +286,7 @@ class StudyEnd(NamedTuple):
 
     study_dir: Path
     unfinished: int
+    completed: int = 0
 
 
 def _finish(study_dir: Path) -> StudyEnd:
@@ -280,4 +304,9 @@ def _finish(study_dir: Path) -> StudyEnd:
     if finished < expected:  # stopped early (Ctrl-C)
         target = display(remote.home) if remote is not None else study_dir
         print(f"[otstudy] {finished} of {expected} trials finished; continue with `otstudy resume {target}`")
-    return StudyEnd(study_dir, max(expected - finished, 0))
+    failed = res[res["status"] == "failed"] if len(res) else res
+    if len(failed):
+        first = next((e for e in failed["error"] if isinstance(e, str) and e), "")
+        what = "no trial completed" if not counts.get("completed") else f"{len(failed)} of {len(res)} trials failed"
+        print(f"[otstudy] {what}" + (f"; {len(failed)} failed, the first with: {first}" if first else ""))
+    return StudyEnd(study_dir, max(expected - finished, 0), int(counts.get("completed", 0)))

@@ -19,7 +19,7 @@ import yaml
 from search_spaces import grid
 
 from .storage import REMOTE_SCHEMES
-from trainables.catalog import DATASET_TRAIN_SIZES, DATASETS, KNOBS, METHOD_INFO, default, knob_owners
+from trainables.catalog import DATASET_TRAIN_SIZES, DATASETS, EMBEDDED_DATASETS, KNOBS, METHOD_INFO, default, knob_owners
 from trainables.config import TrialConfig
 from trainables.datasets import DatasetMissing, check_available
 
@@ -31,7 +31,7 @@ FINAL_METRICS = ("linear_acc", "knn5_acc", "test_linear_acc", "test_knn_acc", "t
 TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
 TOP_KEYS = ("name", "description", "method", "dataset", "fixed", "search", "sampler", "sampler_seed",
             "num_samples", "seeds", "scheduler", "metric", "mode", "resources", "max_concurrent",
-            "storage", "mlflow_uri", "max_failures")
+            "storage", "mlflow_uri", "max_failures", "keep_checkpoints")
 # config keys that belong to the study, not to fixed/search
 RESERVED = ("method", "seed", "dataset")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -49,7 +49,7 @@ class SpecError(ValueError):
 class Spec:
     name: str
     methods: List[str]
-    dataset: str = "digits"
+    datasets: List[str] = field(default_factory=lambda: ["digits"])
     fixed: Dict[str, Any] = field(default_factory=dict)
     search: Dict[str, Any] = field(default_factory=dict)
     sampler: str = "grid"
@@ -64,9 +64,15 @@ class Spec:
     storage: Optional[str] = None
     mlflow_uri: Optional[str] = None
     max_failures: int = 1
+    keep_checkpoints: str = "last"  # a finished trial's checkpoints: its last only, or all Tune kept ("all")
     description: str = ""
 
     # ---------------------------------------------------------------- derived
+    @property
+    def dataset(self) -> str:
+        """The study's dataset (its first, for a study that spans several)."""
+        return self.datasets[0]
+
     @property
     def grid_knobs(self) -> Dict[str, List[Any]]:
         return {k: list(v["grid"] if "grid" in v else v["choices"])
@@ -82,7 +88,7 @@ class Spec:
 
     def grid_configs(self) -> List[Dict[str, Any]]:
         """A grid study's configurations (no seed), in the order they start (:func:`search_spaces.grid.configs`)."""
-        return grid.configs(self.methods, self.grid_knobs, self.cases, self.cases_set_method)
+        return grid.configs(self.methods, self.grid_knobs, self.cases, self.cases_set_method, self.datasets)
 
     def n_configs(self) -> int:
         return len(self.grid_configs()) if self.sampler == "grid" else self.num_samples
@@ -92,9 +98,10 @@ class Spec:
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["method"] = d.pop("methods")
-        if len(d["method"]) == 1:
-            d["method"] = d["method"][0]
+        for one, many in (("method", "methods"), ("dataset", "datasets")):
+            d[one] = d.pop(many)
+            if len(d[one]) == 1:
+                d[one] = d[one][0]
         return d
 
     def smoke(self) -> "Spec":
@@ -111,6 +118,7 @@ class Spec:
             else:
                 s.search[k] = dict(v)
         s.methods = self.methods[:2]
+        s.datasets = self.datasets[:2]
         s.seeds = self.seeds[:2]
         s.num_samples = min(self.num_samples, 2)
         if s.scheduler.get("type") == "asha":
@@ -153,27 +161,29 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
     if not isinstance(name, str) or not NAME_RE.match(name):
         p(f"name: must be a non-empty string of letters, digits, '_', '.', '-' (got {name!r})")
     methods = _methods(raw, p)
-    dataset, fixed, search, sampler = _check_trials(raw, methods, p)
+    datasets, fixed, search, sampler = _check_trials(raw, methods, p)
     num_samples, seeds, scheduler, metric, mode = _check_runs(raw, fixed, p)
     resources, max_concurrent, max_failures, sampler_seed = _check_resources(raw, p)
+    keep_checkpoints = raw.get("keep_checkpoints", "last")
+    if keep_checkpoints not in ("last", "all"):
+        p(f"keep_checkpoints: {keep_checkpoints!r} is not last or all (a finished trial keeps its last checkpoint, "
+          f"or all Tune kept)")
     storage, mlflow_uri = _check_places(raw, p)
     if problems:
-        raise SpecError(problems)
-    spec = Spec(name=name, methods=methods, dataset=dataset, fixed=dict(fixed), search=dict(search),
+        raise SpecError(list(dict.fromkeys(problems)))  # a problem found once per dataset is said once
+    spec = Spec(name=name, methods=methods, datasets=datasets, fixed=dict(fixed), search=dict(search),
                 sampler=sampler, sampler_seed=sampler_seed, num_samples=num_samples, seeds=list(seeds),
                 scheduler=dict(scheduler), metric=metric, mode=mode, resources=resources,
                 max_concurrent=max_concurrent, storage=storage, mlflow_uri=mlflow_uri, max_failures=max_failures,
-                description=str(raw.get("description", "")))
+                keep_checkpoints=keep_checkpoints, description=str(raw.get("description", "")))
     _check_batch_size(spec)
     return spec
 
 
 def _check_trials(raw, methods, p):
-    """What the trials run: (dataset, fixed, search, sampler); every knob, value and range end checked against
+    """What the trials run: (datasets, fixed, search, sampler); every knob, value and range end checked against
     the knob table, and who reads each knob."""
-    dataset = raw.get("dataset", "digits")
-    if dataset not in DATASETS:
-        p(f"dataset: unknown dataset {dataset!r} (allowed: {', '.join(DATASETS)})")
+    datasets = _datasets(raw, p)
     fixed = raw.get("fixed", {}) or {}
     if not isinstance(fixed, dict):
         p(f"fixed: must be a mapping of config keys to values (got {type(fixed).__name__})")
@@ -193,19 +203,38 @@ def _check_trials(raw, methods, p):
     if sampler not in SAMPLERS:
         p(f"sampler: {sampler!r} is not a sampler (allowed: {', '.join(SAMPLERS)})")
     _check_search(search, known, sampler, p)
-    base = {k: v for k, v in fixed.items() if k in known and k not in RESERVED}
-    base["dataset"] = dataset if dataset in DATASETS else "digits"
+    if len(datasets) > 1 and sampler != "grid":
+        p(f"dataset: a list of datasets needs the grid sampler (its trials run on each); with {sampler}, run one "
+          f"study per dataset")
     # conditional knobs: a method knob must be used by at least one of the study's methods
     _check_knob_owners(methods, fixed, search, p)
-    # every grid value and range end must make a valid trial config
-    if methods:
-        _check_values(methods, base, search, p)
-    if dataset in DATASETS and dataset != "digits" and isinstance(fixed.get("data_root", ""), (str, type(None))):
-        try:
-            check_available(dataset, fixed.get("data_root"), bool(fixed.get("download", False)))
-        except (DatasetMissing, ValueError) as exc:
-            p(f"fixed.data_root: {exc}")
-    return dataset, fixed, search, sampler
+    for dataset in datasets:
+        base = {k: v for k, v in fixed.items() if k in known and k not in RESERVED}
+        base["dataset"] = dataset
+        # every grid value and range end must make a valid trial config
+        if methods:
+            _check_values(methods, base, search, p)
+        if dataset not in EMBEDDED_DATASETS and isinstance(fixed.get("data_root", ""), (str, type(None))):
+            try:
+                check_available(dataset, fixed.get("data_root"), bool(fixed.get("download", False)))
+            except (DatasetMissing, ValueError) as exc:
+                p(f"fixed.data_root: {exc}")
+    return datasets, fixed, search, sampler
+
+
+def _datasets(raw, p) -> List[str]:
+    """The spec's dataset, or its list of datasets (a grid study runs its trials on each)."""
+    d = raw.get("dataset", "digits")
+    names = [d] if isinstance(d, str) else d
+    if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
+        p(f"dataset: must be a dataset name or a list of names (got {d!r})")
+        return ["digits"]
+    for x in names:
+        if x not in DATASETS:
+            p(f"dataset: unknown dataset {x!r} (allowed: {', '.join(DATASETS)})")
+    if len(set(names)) != len(names):
+        p(f"dataset: contains duplicates ({names})")
+    return [x for x in names if x in DATASETS] or ["digits"]
 
 
 def _check_runs(raw, fixed, p):
@@ -461,12 +490,11 @@ def _check_scheduler(scheduler, metric, fixed, p) -> None:
 
 
 def _check_batch_size(spec: Spec) -> None:
-    size = DATASET_TRAIN_SIZES.get(spec.dataset)
-    if size is None:
-        return
     values = [spec.fixed.get("batch_size", default("batch_size"))]
     values += spec.grid_knobs.get("batch_size", [])
     values += [c["batch_size"] for c in spec.cases if "batch_size" in c]
-    for v in values:
-        if isinstance(v, int) and v > size:
-            raise SpecError([f"batch_size: {v} is larger than the {spec.dataset} training split ({size} images)"])
+    for dataset in spec.datasets:
+        size = DATASET_TRAIN_SIZES.get(dataset)
+        for v in values if size is not None else []:
+            if isinstance(v, int) and v > size:
+                raise SpecError([f"batch_size: {v} is larger than the {dataset} training split ({size} images)"])

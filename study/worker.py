@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .history import checkpoint_dirs
-from .records import CHECKPOINT_FILE, DIVERGED_FILE, EMBEDDINGS_FILE, flat_config
+from .records import CHECKPOINT_FILE, EMBEDDINGS_FILE, FINAL_ERROR_FILE, flat_config
 
 
 def load_checkpoint(path: Path) -> Optional[Dict[str, Any]]:
@@ -271,7 +271,10 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    from trainables.datasets import DatasetUnreadable
     from trainables.pretrain_probe import TrialDiverged, recent_metrics, run
+
+    final_errors = {cls.__name__: cls for cls in (TrialDiverged, DatasetUnreadable)}  # a retry would repeat them
 
     for name in ("ray.train", "ray.tune"):  # "Checkpoint successfully created" once per epoch is noise
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -282,9 +285,10 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cpus)))
     sweep_checkpoint_staging()
     files = _TrialFiles()
-    diverged = files.read_text(DIVERGED_FILE)
-    if diverged is not None:  # a retry of a diverged trial would diverge again: fail at once, train nothing
-        raise TrialDiverged(diverged)
+    final = files.read_text(FINAL_ERROR_FILE)
+    if final is not None:  # a retry would fail the same way (diverge, or not read the data): fail at once
+        kind, _, message = final.partition(": ")
+        raise final_errors.get(kind, RuntimeError)(message)
     ckpt = tune.get_checkpoint()
     restore = files.restore(ckpt) if ckpt is not None else None
     # the metrics of the last epochs before the one this trial continues from: a driver killed after
@@ -325,8 +329,8 @@ def tune_trainable(config: Dict[str, Any]) -> None:
     try:
         run(flat_config(config), report=report, restore=restore, poll=reporter.poll)
         finished = True
-    except TrialDiverged as exc:
-        files.write_text(DIVERGED_FILE, str(exc))
+    except tuple(final_errors.values()) as exc:
+        files.write_text(FINAL_ERROR_FILE, f"{type(exc).__name__}: {exc}")
         raise
     finally:  # the results before an error are handed to Tune too; an error in flight is not masked
         reporter.close(check=finished)

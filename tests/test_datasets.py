@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainables.data import AUGMENTS, augment, load_splits
-from trainables.datasets import DatasetMissing, check_available
+from trainables.datasets import DatasetMissing, DatasetUnreadable, check_available
 from trainables.models import build_model
 from trainables.pretrain_probe import run
 
@@ -111,6 +111,20 @@ def test_image_folder(tmp_path):
                 Image.fromarray(RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
     s = load_splits("image_folder", str(tmp_path), image_size=16)
     assert s.train_x.shape[1:] == (3, 16, 16) and s.n_classes == 2 and len(s.test_x) == 20
+
+
+@pytest.mark.parametrize("name, write, victim", [
+    ("cifar10", write_cifar10, "cifar-10-batches-py/data_batch_3"),
+    ("mnist", lambda root: write_idx(root, "MNIST"), "MNIST/raw/train-images-idx3-ubyte"),
+])
+def test_a_dataset_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, name, write, victim):
+    write(tmp_path)
+    path = tmp_path / victim
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by an interrupted copy
+    with pytest.raises(DatasetUnreadable) as info:
+        load_splits(name, str(tmp_path), verify_data=False)
+    message = str(info.value)
+    assert message.startswith(f"dataset {name}: {path} cannot be read (") and "\n" not in message
 
 
 def test_trainable_runs_on_fake_cifar(tmp_path):

