@@ -89,41 +89,7 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
     _style()
     knobs = swept_knobs(spec, res)
     done = res[res["status"] == "completed"].copy()
-    figures: List[tuple[str, str]] = []
-    metrics = list(PROBES)
-
-    numeric_knobs = [k for k in knobs if k in ("uot_lambda1", "uot_lambda2")]
-    # a grid's heatmap; sampled lambdas (more than MANY_VALUES each) are the sensitivity plots' points instead
-    if len(numeric_knobs) == 2 and len(done) and all(done[k].nunique() <= MANY_VALUES for k in numeric_knobs):
-        f = heatmap(done, "uot_lambda1", "uot_lambda2", "test_linear_acc", out)
-        if f:
-            figures.append((f, "Test linear-probe accuracy over λ1 × λ2 (mean over seeds)."))
-    for knob in knobs:
-        if knob == "ot_solver" and "sinkhorn_iters" in knobs:
-            continue  # "sinkhorn" would pool every K: the SNS trials are the band on the plot over K instead
-        if len(done):
-            f = sensitivity_plot(done, knob, out, metrics)
-            if f:
-                many = done[knob].nunique() > MANY_VALUES
-                how = ("each trial a point, binned means with 95% CIs" if many
-                       else "mean and 95% CI over seeds (n per point)")
-                figures.append((f, f"Final accuracy vs {_label(knob)}: {how}" + _pooled_over(knob, knobs) + "."))
-    f = learning_curves(hist, res, knobs, out)
-    if f:
-        figures.append((f, "Validation kNN accuracy (the pruning signal) per trial."))
-    # importance needs at least two knobs to rank (with one, it is trivially 1)
-    importance = param_importances(res, knobs, "test_linear_acc") \
-        if "test_linear_acc" in res.columns and len(knobs) >= 2 else {}
-    f = importance_plot(importance, "test_linear_acc", out)
-    if f:
-        n_done = int((res["status"] == "completed").sum())
-        figures.append((f, f"Which knob moves the final accuracy most: Optuna's PED-ANOVA over the {n_done} "
-                           "completed trials."))
-    emb = embedding_plot(res, study_dir, knobs, out)
-    if emb:
-        figures.append((emb[0], f"{emb[1]} of the frozen test features: the best configuration (by validation "
-                                f"linear accuracy) next to the baseline, coloured by class."))
-
+    figures, importance = _knob_figures(done, res, hist, knobs, out, study_dir)
     cfg_cols = [c for c in config_cols(knobs) if c in res.columns]
     timed = res[res["n_epochs"] > 0]
     over = overhead_table(timed, cfg_cols, baseline=baseline_mask(timed)) if len(timed) else pd.DataFrame()
@@ -162,6 +128,47 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
     index = out / "index.html"
     index.write_text(page)
     return index
+
+
+def _knob_figures(done, res, hist, knobs: List[str], out: Path, study_dir: Optional[Path]):
+    """The figures over the study's knobs, with their captions: the lambda heatmap of a grid, a sensitivity plot
+    per knob, the learning curves, the knobs' importances (also returned) and the embedding picture."""
+    figures: List[tuple[str, str]] = []
+    metrics = list(PROBES)
+
+    numeric_knobs = [k for k in knobs if k in ("uot_lambda1", "uot_lambda2")]
+    # a grid's heatmap; sampled lambdas (more than MANY_VALUES each) are the sensitivity plots' points instead
+    if len(numeric_knobs) == 2 and len(done) and all(done[k].nunique() <= MANY_VALUES for k in numeric_knobs):
+        f = heatmap(done, "uot_lambda1", "uot_lambda2", "test_linear_acc", out)
+        if f:
+            figures.append((f, "Test linear-probe accuracy over λ1 × λ2 (mean over seeds)."))
+    for knob in knobs:
+        if knob == "ot_solver" and "sinkhorn_iters" in knobs:
+            continue  # "sinkhorn" would pool every K: the SNS trials are the band on the plot over K instead
+        if len(done):
+            f = sensitivity_plot(done, knob, out, metrics)
+            if f:
+                many = done[knob].nunique() > MANY_VALUES
+                how = ("each trial a point, binned means with 95% CIs" if many
+                       else "mean and 95% CI over seeds (n per point)")
+                figures.append((f, f"Final accuracy vs {_label(knob)}: {how}" + _pooled_over(knob, knobs) + "."))
+    f = learning_curves(hist, res, knobs, out)
+    if f:
+        figures.append((f, "Validation kNN accuracy (the pruning signal) per trial."))
+    # importance needs at least two knobs to rank (with one, it is trivially 1)
+    importance = param_importances(res, knobs, "test_linear_acc") \
+        if "test_linear_acc" in res.columns and len(knobs) >= 2 else {}
+    f = importance_plot(importance, "test_linear_acc", out)
+    if f:
+        n_done = int((res["status"] == "completed").sum())
+        figures.append((f, f"Which knob moves the final accuracy most: Optuna's PED-ANOVA over the {n_done} "
+                           "completed trials."))
+    emb = embedding_plot(res, study_dir, knobs, out)
+    if emb:
+        figures.append((emb[0], f"{emb[1]} of the frozen test features: the best configuration (by validation "
+                                f"linear accuracy) next to the baseline, coloured by class."))
+
+    return figures, importance
 
 
 FIGURE_STEMS = ("sensitivity_*", "heatmap_*", "learning_curves", "importance", "embeddings", "pareto")
