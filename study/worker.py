@@ -253,16 +253,11 @@ def _stage_checkpoint(checkpoint: Dict[str, Any]) -> str:
 
 
 def tune_trainable(config: Dict[str, Any]) -> None:
-    """Ray Tune function trainable: adapts Tune's report/checkpoint API to trainables.run.
-
-    The first result carries ``setup_s``: the seconds from the trainable's start to the training's start
-    (torch's import in a fresh worker, reading the checkpoint to resume from), which Tune's
-    ``time_total_s`` counts as part of the trial.
-
-    A stopped trial ends before its next training step (see :class:`_Reporter`); Tune's wait for that
-    before reusing the process for the next trial is raised from 2 s to 600 s here (one step of a large
-    model on a CPU can take longer than 2 s), unless ``TUNE_FUNCTION_THREAD_TIMEOUT_S`` is set.
-    """
+    """Ray Tune function trainable: adapts Tune's report/checkpoint API to trainables.run. The first result
+    carries ``setup_s``, the seconds from the trainable's start to the training's (torch's import in a fresh
+    worker, reading the checkpoint to resume from). A stopped trial ends before its next training step (see
+    :class:`_Reporter`); Tune's wait for that before reusing the process is raised from 2 s to 600 s (one step of
+    a large model on a CPU can take longer), unless ``TUNE_FUNCTION_THREAD_TIMEOUT_S`` is set."""
     started = time.perf_counter()
     # read by Tune's reset_config in this process when it reuses it for the next trial
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "600")

@@ -83,12 +83,16 @@ def test_report_writes_plot_table_and_page(smoke_study):
 
 
 def test_resume_of_a_finished_study_reruns_nothing(smoke_study):
+    from pathlib import Path
+
     before = result_lines(smoke_study)
     states = sorted(p.name for p in (smoke_study / "ray").iterdir())
+    sessions = set(Path("/tmp/ray").glob("session_2*"))  # every Ray start makes one
     out = otstudy("resume", str(smoke_study)).stdout
     assert result_lines(smoke_study) == before
     # it says so and stops: no Ray started, no second copy of Tune's state files
     assert "every trial has ended; nothing to resume" in out and "4 completed" in out
+    assert set(Path("/tmp/ray").glob("session_2*")) == sessions
     assert sorted(p.name for p in (smoke_study / "ray").iterdir()) == states
     _, trials, parents = mlflow_runs(smoke_study)
     assert len(trials) == 4 and len(parents) == 1

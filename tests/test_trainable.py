@@ -175,6 +175,9 @@ def test_mnist5k_is_mlxtends_5000_digits_with_a_fixed_stratified_split(tmp_path,
     assert torch.bincount(s.test_y).tolist() == [125] * 10
     assert int(torch.bincount(s.train_y).min()) == BANK_SMALLEST_CLASS["mnist5k"]
     assert D.augment_config("auto", "mnist5k") == D.AUGMENTS["digits"]  # digits are not mirror-symmetric
+    rec = Recorder()
+    last = run(small("simclr", dataset="mnist5k", epochs=1, batch_size=256), rec)  # and a trial trains on it
+    assert last["knn_k_used"] == 20 and 0.1 < last["test_linear_acc"] <= 1 and len(rec.metrics) == 1
 
 
 def test_augmentation_is_seeded_and_per_sample():
