@@ -329,3 +329,43 @@ def test_a_seed_fixes_the_initialisation_the_data_order_and_the_augmentations(mo
     assert all(torch.equal(a["init"][k], b["init"][k]) for k in a["init"])
     assert not torch.equal(a["views"][0], c["views"][0])
     assert not all(torch.equal(a["init"][k], c["init"][k]) for k in a["init"])
+
+
+def test_the_gpu_path_on_a_cpu_bf16_autocast_and_torch_compile(monkeypatch):
+    # what a CPU can run of the GPU path: the encoder and projector under bf16 autocast (a CPU trial normally runs
+    # float32), with the loss and the OT solve still on float32 features, and a compiled model (torch.compile's
+    # graph capture; the aot_eager backend: inductor's C++ code generation is the GPU's concern, not tested here)
+    import dataclasses
+
+    import trainables.pretrain_probe as P
+
+    seen = []
+    method = P.METHODS["sinsim"]
+
+    def spy(h1, h2, z1, z2, **knobs):
+        seen.append((h1.dtype, z1.dtype))
+        return method.fn(h1, h2, z1, z2, **knobs)
+
+    monkeypatch.setitem(P.METHODS, "sinsim", dataclasses.replace(method, fn=spy))
+    entered = []
+
+    def bf16():
+        entered.append(1)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    monkeypatch.setattr(P, "autocast_for", lambda device, amp: bf16)
+    rec = Recorder()
+    last = run(small(epochs=1), rec)
+    assert len(entered) == len(seen) > 0  # every step's forward ran under bf16 autocast
+    assert all(d == (torch.float32, torch.float32) for d in seen)  # and the loss saw float32
+    assert math.isfinite(last["train_loss"]) and last["ot_marginal_err"] < 1e-2
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # and the model really ran in bf16 under that context
+        h, z = build_model("small_cnn", 1, proj_hidden=32, proj_dim=16)(torch.rand(4, 1, 8, 8))
+    assert h.dtype == z.dtype == torch.bfloat16
+
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or real_compile(m, backend="aot_eager"))
+    rec = Recorder()
+    last = run(small("simclr", epochs=1, compile=True), rec)
+    assert len(compiled) == 1 and math.isfinite(last["train_loss"]) and 0 <= last["test_linear_acc"] <= 1

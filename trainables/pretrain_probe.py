@@ -104,6 +104,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def autocast_for(device: torch.device, amp: bool) -> Callable[[], Any]:
+    """The context the encoder and projector run in: bf16 autocast on CUDA with ``amp``, else none. A CPU trial
+    runs in float32 (bf16 on most CPUs is slower than float32); the loss, and every OT solve, always gets float32
+    features (``_Trial._step`` casts them). Tests replace this to run the bf16 path on a CPU."""
+    if amp and device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def run(config: Dict[str, Any], report: Report, restore: Optional[Dict[str, Any]] = None,
         poll: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
     """Pretrain and probe; returns the last epoch's metrics. ``poll`` (if given) runs before every step."""
@@ -156,9 +165,7 @@ class _Trial:
                                  cifar_stem=cfg.cifar_stem).to(device)
         self.opt = build_optimizer(cfg.optimizer, self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
-        # bf16 autocast on CUDA only; the loss (and every OT solve) runs on float32 features
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
-            if (cfg.amp and device.type == "cuda") else contextlib.nullcontext
+        self.autocast = autocast_for(device, cfg.amp)
         self.steps_per_epoch = self.n_train // cfg.batch_size  # drop the last partial batch: 2N is fixed
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(cfg.epochs * self.steps_per_epoch, cfg.warmup_epochs * self.steps_per_epoch))
