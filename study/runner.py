@@ -195,12 +195,10 @@ def run_study(spec: Spec, *, storage: Optional[str] = None, address: Optional[st
     print(f"[otstudy] study {spec.name}: {spec.n_trials()} trials ({spec.n_configs()} configurations x "
           f"{len(spec.seeds)} seeds), sampler={spec.sampler}, in {study_dir}"
           + (f" (trials and checkpoints in {display(home)})" if home else ""))
-    start_ray_and_store(address, spec.mlflow_uri or default_tracking_uri(study_dir))
     try:
+        start_ray_and_store(address, spec.mlflow_uri or default_tracking_uri(study_dir))
         check_resources(spec, joined=bool(address))
     except ResourceError:  # no trial could ever start: leave nothing behind
-
-
         if records.STORE_PREP is not None:  # it writes the MLflow store into the study directory
             records.STORE_PREP.join(timeout=60)
         shutil.rmtree(study_dir, ignore_errors=True)

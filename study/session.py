@@ -17,6 +17,9 @@ from .records import mlflow_fail_fast
 from .spec import Spec
 
 
+GPUS_ENV = "OTSTUDY_RAY_NUM_GPUS"  # the GPUs a local Ray declares, where its detection is not wanted
+
+
 class ResourceError(ValueError):
     """A trial asks for more than any node of the (local) cluster has; the message is one line."""
 
@@ -50,6 +53,12 @@ def check_resources(spec: Spec, *, joined: bool) -> None:
         return
     raise ResourceError(f"resources: each trial asks for {ask}, but this machine's Ray has {have}; lower "
                         f"resources in the spec, or run on a cluster that has them (--address)")
+
+
+def _declared_gpus(value: str) -> int:
+    if not value.strip().isdigit():
+        raise ResourceError(f"{GPUS_ENV}={value!r}: expected a whole number of GPUs for the local Ray to declare")
+    return int(value)
 
 
 def _prepare_store(uri: str) -> None:
@@ -117,6 +126,8 @@ def init_ray(address: Optional[str] = None) -> None:
         # did so (a warning about nothing wrong, in every study's output): keep the default, drop the line
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_AUTH_NOTICE)
         inherited = dict(os.environ)  # the raylet ray.init starts, and the workers it starts, inherit it
+        if os.environ.get(GPUS_ENV):  # GPUs the local Ray declares (logical ones on a machine without: tests)
+            kwargs["num_gpus"] = _declared_gpus(os.environ[GPUS_ENV])
         with _lean_head():
             ray.init(**kwargs)
         global _RAYLET_ENV

@@ -457,3 +457,31 @@ print(json.dumps({"types": types, "got": got, "restored": restored, "tune_env": 
         assert got["changed"] == [{"env_vars": {"PL_DISABLE_FORK": "1", "RAY_CHDIR_TO_TRIAL_DIR": "0"}},
                                   ["0", "1"]]
         assert got["unpatched"] == "ray.tune.execution.class_cache"  # Tune's own method again afterwards
+
+
+def test_half_gpu_trials_share_one_logical_gpu_side_by_side(tmp_path):
+    # A GPU cluster's usual booking, {cpu: 1, gpu: 0.5}, on Ray's logical GPUs (this machine has no CUDA;
+    # the trainable's device "auto" falls back to the CPU): two trials fit one GPU and run at once
+    spec, study = spec_file(tmp_path, "halfgpu", method="simclr", search={}, seeds=[0, 1],
+                             fixed={"epochs": 2, "batch_size": 256, "proj_hidden": 32, "proj_dim": 16},
+                             resources={"cpu": 1, "gpu": 0.5}, max_concurrent=2)
+    env = {**os.environ, "OTSTUDY_RAY_NUM_GPUS": "1"}
+    proc = subprocess.run([OTSTUDY, "run", str(spec), "--storage", str(tmp_path / "studies")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = pd.read_parquet(study / "results.parquet")
+    assert list(res["status"]) == ["completed", "completed"]
+    windows = []
+    for f in (study / "ray").glob("trial_*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        windows.append((rows[0]["timestamp"] - rows[0]["time_this_iter_s"], rows[-1]["timestamp"]))
+    assert len(windows) == 2
+    assert max(w[0] for w in windows) < min(w[1] for w in windows), f"the trials ran one after the other: {windows}"
+    # and Tune booked them as asked: half a GPU and one CPU each (its saved state holds the booking pickled)
+    import cloudpickle
+
+    state = json.loads(next((study / "ray").glob("experiment_state*.json")).read_text())
+    booked = [cloudpickle.loads(bytes.fromhex(json.loads(t[0])["placement_group_factory"])).required_resources
+              for t in state["trial_data"]]
+    assert booked == [{"CPU": 1.0, "GPU": 0.5}] * 2, booked
+

@@ -431,11 +431,20 @@ def test_a_study_asking_for_a_gpu_on_a_machine_without_one_fails_at_once(tmp_pat
     assert proc.returncode == 2 and "1 GPU(s), but this machine's Ray has" in proc.stderr
     assert proc.stderr.rstrip().endswith("; the study is unchanged")
     assert {p.name: p.read_bytes() for p in study.iterdir()} == before
+    # the logical GPUs a local Ray may declare (docs/platform.md) must be a count: one line, nothing left
+    import os
+
+    proc = subprocess.run([OTSTUDY, "run", str(spec), "--storage", str(storage)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OTSTUDY_RAY_NUM_GPUS": "half"})
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("otstudy: error:")]
+    assert proc.returncode == 2 and errors == ["otstudy: error: OTSTUDY_RAY_NUM_GPUS='half': expected a whole "
+                                               "number of GPUs for the local Ray to declare"], proc.stderr[-2000:]
+    assert not (storage / "gpu").exists()
 
 
 def test_bad_input_cases_are_counted():
-    n_spec, n_cli = len(BAD) + 3 + 2, 9 + 2 + 2  # BAD + malformed YAML + data root; CLI arguments + empty/existing
-    # study + resources no node has (run, resume)
+    n_spec, n_cli = len(BAD) + 3 + 2, 9 + 2 + 3  # BAD + malformed YAML + data root; CLI arguments + empty/existing
+    # study + resources no node has (run, resume) + a GPU count that is not one
     assert n_spec + n_cli >= 20
     record("bad input", "test_spec.py (test_bad_spec_names_the_problem, test_cli_exits_2_and_creates_nothing, "
            "test_cli_argument_errors, ...)",
