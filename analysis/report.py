@@ -107,7 +107,7 @@ def write_report(study_dir: Optional[Path] = None, out_dir: Optional[Path] = Non
     across = cross_dataset_table(done, cfg_cols, primary_metric(spec))
     if len(across):
         across.to_csv(out / "datasets.csv", index=False)
-    verdicts = verdict_table(done, cfg_cols, knobs) if cfg_cols else pd.DataFrame()
+    verdicts = verdict_table(done, cfg_cols, knobs, trials=res) if cfg_cols else pd.DataFrame()
     primary = primary_metric(spec)
     (summary.merge(verdicts, on=cfg_cols, how="left") if len(verdicts) and len(summary) else summary).to_csv(
         out / "summary.csv", index=False)

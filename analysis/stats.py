@@ -83,7 +83,10 @@ def overhead_table(df: pd.DataFrame, config_cols: List[str], baseline: Optional[
 
 ALPHA = 0.05  # the study's family-wise error rate: Holm over its configurations
 POWER = 0.80  # the power at which the smallest detectable difference is stated
-VERDICTS = ("better", "worse", "no detectable difference")
+# a verdict, or why there is none: fewer than 2 seed pairs; differences that are all equal (a t-test has no
+# spread to go on: with accuracies on a grid of 1/n, two seeds can differ by the same amount)
+VERDICTS = ("better", "worse", "no detectable difference", "too few pairs", "no spread in the differences",
+            "no baseline at its knobs")
 
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:
@@ -101,7 +104,7 @@ def holm(pvalues: Sequence[float]) -> np.ndarray:
 
 def paired_t(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float, float, int]:
     """(mean, CI lower, CI upper, two-sided p, n) of the one-sample t-test of paired differences against 0;
-    NaN interval and p for n < 2. A zero spread gives p = 0 (or 1 for a zero mean)."""
+    NaN interval and p for n < 2, and for differences that are all equal (no spread: no test)."""
     d = np.asarray([v for v in diffs if v is not None and np.isfinite(v)], dtype=float)
     n = len(d)
     if n == 0:
@@ -112,7 +115,7 @@ def paired_t(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float,
     se = float(d.std(ddof=1)) / math.sqrt(n)
     half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
     if se == 0:
-        return mean, mean, mean, (1.0 if mean == 0 else 0.0), n
+        return mean, float("nan"), float("nan"), float("nan"), n
     p = float(2 * stats.t.sf(abs(mean) / se, n - 1))
     return mean, mean - half, mean + half, p, n
 
@@ -155,7 +158,10 @@ def paired_verdicts(df: pd.DataFrame, config_cols: List[str], metric: str, basel
     differences ``metric(config) - metric(baseline)`` give the mean difference, its 95% Student-t interval and
     the two-sided p-value of the paired t-test. The p-values are Holm-corrected over the study's
     configurations (family-wise error ``alpha``), and the verdict is ``better`` / ``worse`` where the corrected
-    p is below ``alpha``, else ``no detectable difference``. ``mde``: the smallest difference this design
+    p is below ``alpha``, else ``no detectable difference`` (or, without a test, ``too few pairs`` / ``no
+    spread in the differences``; ``no baseline at its knobs`` where no baseline trial matches). Each
+    configuration must meet one baseline configuration per seed: a baseline that varies in a column the match
+    columns leave out would be averaged over it (:class:`ValueError`). ``mde``: the smallest difference this design
     could detect with probability ``power`` at the Bonferroni level alpha / m (Holm's first step), from the
     observed spread of the differences.
 
@@ -171,7 +177,11 @@ def paired_verdicts(df: pd.DataFrame, config_cols: List[str], metric: str, basel
         return pd.DataFrame(columns=list(config_cols) + cols)
     match = [c for c in match_cols if c in df.columns]
     keys = match + ["seed"]
-    base = df[baseline].groupby(keys, dropna=False, as_index=False)[metric].mean().rename(columns={metric: "_base"})
+    grouped = df[baseline].groupby(keys, dropna=False)
+    loose = [c for c in config_cols if c not in keys and c in df.columns and grouped[c].nunique(dropna=False).max() > 1]
+    if loose:
+        raise ValueError(f"the baseline varies in {', '.join(loose)} at one seed: match on it (match_cols)")
+    base = grouped[metric].mean().reset_index().rename(columns={metric: "_base"})
     pairs = df[~baseline][list(dict.fromkeys(config_cols + keys)) + [metric]].merge(base, on=keys, how="left")
     pairs["_d"] = pairs[metric] - pairs["_base"]
     rows = []
@@ -181,7 +191,7 @@ def paired_verdicts(df: pd.DataFrame, config_cols: List[str], metric: str, basel
         mean, lo, hi, p, n = paired_t(diffs)
         sd = float(np.std(diffs[np.isfinite(diffs)], ddof=1)) if n > 1 else float("nan")
         rows.append({**dict(zip(config_cols, key)), "pairs": n, "diff": mean, "diff_lo": lo, "diff_hi": hi, "p": p,
-                     "_sd": sd})
+                     "_sd": sd, "_met": bool(g["_base"].notna().any())})
     out = pd.DataFrame(rows)
     if out.empty:
         return pd.DataFrame(columns=list(config_cols) + cols)
@@ -191,6 +201,7 @@ def paired_verdicts(df: pd.DataFrame, config_cols: List[str], metric: str, basel
     sign = 1.0 if higher_is_better else -1.0
     out["verdict"] = [
         ("better" if sign * d > 0 else "worse") if np.isfinite(ph) and ph < alpha else
-        ("no detectable difference" if np.isfinite(ph) else "too few pairs")
-        for d, ph in zip(out["diff"], out["p_holm"])]
-    return out.drop(columns="_sd")[list(config_cols) + cols]
+        "no detectable difference" if np.isfinite(ph) else "no baseline at its knobs" if not met else
+        "too few pairs" if n < 2 else "no spread in the differences"
+        for d, ph, n, met in zip(out["diff"], out["p_holm"], out["pairs"], out["_met"])]
+    return out[list(config_cols) + cols]

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import pandas as pd
 
-from trainables.catalog import METHOD_INFO, knob_owners
+from trainables.catalog import METHOD_INFO, knob_owners, method_defaults
 
 from .stats import ALPHA, POWER, mean_ci, paired_verdicts
 
@@ -30,17 +30,20 @@ def config_cols(knobs: List[str]) -> List[str]:
 def baseline_mask(df: pd.DataFrame) -> pd.Series:
     """The baseline's trials: SimCLR where the study runs it; otherwise the method with its regulariser off,
     which is the same loss (SinSim at beta = 0; IOT-CL under U(a) with lambda_p = 0, SimCLR at tau = eps)."""
-    mask = pd.Series(False, index=df.index)
     if "method" not in df.columns:
-        return mask
+        return pd.Series(False, index=df.index)
     if (df["method"] == "simclr").any():
         return df["method"] == "simclr"
-    if "beta" in df.columns:
-        mask |= (df["method"] == "sinsim") & (df["beta"] == 0)
-    if "lambda_p" in df.columns:
-        relax = df["relaxation"] if "relaxation" in df.columns else pd.Series("Ua", index=df.index)
-        mask |= (df["method"] == "iot_cl") & (df["lambda_p"] == 0) & relax.fillna("Ua").eq("Ua")
-    return mask
+    return (((df["method"] == "sinsim") & _as_run(df, "beta").eq(0))
+            | ((df["method"] == "iot_cl") & _as_run(df, "lambda_p").eq(0) & _as_run(df, "relaxation").eq("Ua")))
+
+
+def _as_run(df: pd.DataFrame, knob: str) -> pd.Series:
+    """``df[knob]`` with the value each trial's method ran where the study left the knob unset (NaN, or no
+    column): e.g. IOT-CL's lambda_p is 0 unless a spec sets it."""
+    given = df[knob] if knob in df.columns else pd.Series(np.nan, index=df.index, dtype=object)
+    default = df["method"].map(lambda m: method_defaults(m).get(knob) if isinstance(m, str) else None)
+    return given.astype(object).where(given.notna(), default)
 
 
 def primary_metric(spec: Dict[str, Any]) -> str:
@@ -105,25 +108,68 @@ def cross_dataset_table(done: pd.DataFrame, cfg_cols: List[str], metric: str) ->
                          for key, cell in cells.items()])
 
 
-def verdict_table(done: pd.DataFrame, cfg_cols: List[str], knobs: List[str]) -> pd.DataFrame:
-    """Every non-baseline configuration against the baseline, paired by seed at the same shared knobs, for
-    each probe (Holm over the configurations within a probe): one row per configuration with, per probe
-    ``<probe>_diff``, ``_diff_lo``, ``_diff_hi`` (percentage points), ``_p``, ``_p_holm``, ``_verdict``,
-    ``_mde`` (points), and the number of seed pairs. Empty when the study has no baseline."""
+def verdict_table(done: pd.DataFrame, cfg_cols: List[str], knobs: List[str],
+                  trials: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """Every non-baseline configuration against the baseline, paired by seed, for each probe (Holm over the
+    configurations within a probe): one row per configuration with, per probe ``<probe>_pairs``, ``_diff``,
+    ``_diff_lo``, ``_diff_hi`` (percentage points), ``_p``, ``_p_holm``, ``_verdict`` and ``_mde`` (points).
+    Empty when the study has no baseline.
+
+    A configuration meets the baseline at the same seed and the same value of every shared knob (batch size,
+    learning rate, ...), of every configuration column a method's baseline trials vary in (SimCLR's tau where a
+    study sweeps tau for SimCLR and SinSim alike), and of the method where each method's baseline is itself at
+    weight 0 (SinSim against SinSim at beta = 0, IOT-CL against IOT-CL under U(a) with lambda_p = 0).
+    ``trials``: every trial of the study, whatever its status; a configuration with a seed that did not complete
+    (pruned, failed or still running) gets no verdict, as the seeds that did complete are a selection of them
+    ("withheld: ..."), and is left out of Holm's family.
+    """
     base = baseline_mask(done)
     if not base.any() or base.all():
         return pd.DataFrame()
+    per_method = done[base].groupby("method", dropna=False) if "method" in done.columns else None
+    varying = [c for c in cfg_cols if (c == "method" and done.loc[base, c].nunique() > 1)
+               or (c != "method" and per_method is not None and (per_method[c].nunique(dropna=False) > 1).any())]
+    match = list(dict.fromkeys(shared_knobs(knobs) + varying))
+    held = _incomplete(trials, done, cfg_cols)
+    if len(held):
+        withheld = set(_keys(held, cfg_cols))
+        keep = pd.Series([k not in withheld for k in _keys(done, cfg_cols)], index=done.index) | base
+        done, base = done[keep], base[keep]
     out: Optional[pd.DataFrame] = None
     for metric in PROBES:
         if metric not in done.columns:
             continue
-        v = paired_verdicts(done, cfg_cols, metric, base, shared_knobs(knobs))
+        v = paired_verdicts(done, cfg_cols, metric, base, match)
         for c in ("diff", "diff_lo", "diff_hi", "mde"):
             v[c] = 100 * v[c].astype(float)
-        v = v.rename(columns={c: f"{metric}_{c}" for c in ("diff", "diff_lo", "diff_hi", "p", "p_holm",
+        v = v.rename(columns={c: f"{metric}_{c}" for c in ("pairs", "diff", "diff_lo", "diff_hi", "p", "p_holm",
                                                           "verdict", "mde")})
-        out = v if out is None else out.merge(v.drop(columns="pairs"), on=cfg_cols, how="outer")
+        if len(held):
+            v = pd.concat([v, held[cfg_cols].assign(**{f"{metric}_pairs": 0,
+                                                       f"{metric}_verdict": held["withheld"]})], ignore_index=True)
+        out = v if out is None else out.merge(v, on=cfg_cols, how="outer")
     return out if out is not None else pd.DataFrame()
+
+
+def _keys(df: pd.DataFrame, cols: List[str]) -> List[tuple]:
+    """Each row's values of ``cols`` as a tuple, NaN as None (NaN != NaN would match no row)."""
+    return [tuple(None if pd.isna(v) else v for v in row) for row in df[cols].itertuples(index=False, name=None)]
+
+
+def _incomplete(trials: Optional[pd.DataFrame], done: pd.DataFrame, cfg_cols: List[str]) -> pd.DataFrame:
+    """The non-baseline configurations with a trial that did not complete: their config columns and the
+    verdict they get instead ("withheld: 2 of 5 seeds did not complete (pruned 1, failed 1)")."""
+    if trials is None or trials.empty or "status" not in trials.columns:
+        return pd.DataFrame(columns=cfg_cols + ["withheld"])
+    trials = trials[~baseline_mask(trials)]
+    rows = []
+    for key, g in trials.groupby(cfg_cols, dropna=False, sort=True):
+        open_ = g[g["status"] != "completed"]
+        if len(open_):
+            why = ", ".join(f"{s} {n}" for s, n in sorted(open_["status"].value_counts().items()))
+            rows.append({**dict(zip(cfg_cols, key if isinstance(key, tuple) else (key,))),
+                         "withheld": f"withheld: {len(open_)} of {len(g)} seeds did not complete ({why})"})
+    return pd.DataFrame(rows, columns=cfg_cols + ["withheld"])
 
 
 def verdict_page_table(verdicts: pd.DataFrame, cfg_cols: List[str], primary: str) -> pd.DataFrame:
@@ -138,7 +184,7 @@ def verdict_page_table(verdicts: pd.DataFrame, cfg_cols: List[str], primary: str
             d, lo, hi, ph, mde = (v[f"{metric}_{c}"] for c in ("diff", "diff_lo", "diff_hi", "p_holm", "mde"))
             rows.append({**{c: v[c] for c in cfg_cols},
                          "probe (test)": PROBES[metric] + (" (primary)" if metric == primary else ""),
-                         "pairs": v["pairs"],
+                         "pairs": v[f"{metric}_pairs"],
                          "Δ points [95% CI]": "" if not np.isfinite(d) else
                          (f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" if np.isfinite(lo) else f"{d:+.2f}"),
                          "p (Holm)": f"{ph:.3g}" if np.isfinite(ph) else "",
@@ -162,6 +208,7 @@ VERDICT_NOTE = (f"Each configuration against the baseline at the same seed (the 
                 f"and augmentations) and the same shared knobs: the mean paired difference in percentage points "
                 f"with its 95% Student-t interval, the paired t-test's p-value Holm-corrected over the study's "
                 f"configurations (family-wise error {ALPHA:g}), and the verdict: better or worse where that p is "
-                f"below {ALPHA:g}, else no detectable difference. \"detectable\": the smallest true difference "
+                f"below {ALPHA:g}, else no detectable difference; a configuration with a seed that did not complete "
+                f"is withheld (its completed seeds are a selection). \"detectable\": the smallest true difference "
                 f"this design (its seeds and the observed spread of its paired differences) would find with "
                 f"{100 * POWER:.0f}% power at Holm's first-step level; a smaller true difference may well exist.")

@@ -437,7 +437,7 @@ def test_the_report_gives_paired_verdicts_the_probes_and_the_ot_terms_strength(t
     assert summary.loc[0.8, "test_knn_acc_verdict"] == "no detectable difference"
     assert summary.loc[0.4, "test_knn_acc_diff"] == pytest.approx(-5.0, abs=0.3)
     assert summary.loc[0.4, "test_knn_acc_diff_lo"] < -5.0 + 0.05 < summary.loc[0.4, "test_knn_acc_diff_hi"] + 0.1
-    assert 0 < summary.loc[0.8, "test_knn_acc_mde"] < 1.5 and summary.loc[0.4, "pairs"] == 5
+    assert 0 < summary.loc[0.8, "test_knn_acc_mde"] < 1.5 and summary.loc[0.4, "test_knn_acc_pairs"] == 5
     assert pd.isna(summary.loc[0.0, "test_knn_acc_verdict"])  # the baseline is not compared with itself
     assert summary.loc[0.8, "reg_grad_ratio"] == pytest.approx(0.2) and summary.loc[0.8, "reg_share"] == \
         pytest.approx(0.4 / 4.6)
@@ -512,7 +512,7 @@ def test_a_study_across_datasets_gets_a_table_of_methods_by_datasets_and_pairs_w
     sinsim = summary[summary["method"] == "sinsim"].set_index("dataset")
     # paired within a dataset: 3 points worse on each, not the 15-point gap between the datasets
     assert sinsim["test_linear_acc_diff"].tolist() == pytest.approx([-3.0, -3.0])
-    assert (sinsim["pairs"] == 3).all()
+    assert (sinsim["test_linear_acc_pairs"] == 3).all()
     assert "Across datasets" in index.read_text()
 
 

@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from analysis.stats import ALPHA, detectable_difference, holm, paired_t, paired_verdicts
+from analysis.tables import verdict_table
 
 import transcriptions as ref
 
@@ -94,3 +95,64 @@ def test_verdicts_pair_by_seed_at_the_same_shared_knobs():
     assert v["pairs"].tolist() == [3, 3]
     assert v["diff"].tolist() == pytest.approx([0.021, 0.021])
     assert v["verdict"].tolist() == ["better", "better"]
+
+
+def _study(rows):
+    df = pd.DataFrame(rows)
+    df["status"] = df.get("status", "completed")
+    return df
+
+
+def test_a_baseline_swept_in_a_knob_is_met_at_its_value_not_averaged_over_it():
+    # SimCLR and SinSim both read tau; tau moves accuracy by 20 points, SinSim equals SimCLR at each tau
+    rng = np.random.default_rng(3)
+    rows = [{"method": m, "tau": tau, "seed": s, "test_knn_acc": 0.6 + (tau == 0.5) * 0.2 + 0.01 * s
+             + (m == "sinsim") * rng.uniform(-5e-4, 5e-4)}
+            for m in ("simclr", "sinsim") for tau in (0.1, 0.5) for s in range(4)]
+    df = _study(rows)
+    v = verdict_table(df, ["method", "tau"], ["method", "tau"])
+    assert v["test_knn_acc_verdict"].tolist() == ["no detectable difference"] * 2  # averaged: better / worse
+    assert v["test_knn_acc_pairs"].tolist() == [4, 4]
+    with pytest.raises(ValueError, match="the baseline varies in tau at one seed"):
+        paired_verdicts(df, ["method", "tau"], "test_knn_acc", df["method"] == "simclr")
+
+
+def test_each_method_meets_its_own_baseline_and_an_unset_knob_is_the_methods_default():
+    # no SimCLR: SinSim at beta 0 and IOT-CL under U(a) with lambda_p unset (its default, 0) are the baselines
+    rows = []
+    for s in range(4):
+        rows += [{"method": "sinsim", "beta": 0.0, "seed": s, "test_knn_acc": 0.70 + 0.01 * s},
+                 {"method": "sinsim", "beta": 0.8, "seed": s, "test_knn_acc": 0.70 + 0.01 * s + 0.001 * (s % 2)},
+                 {"method": "iot_cl", "relaxation": "Ua", "seed": s, "test_knn_acc": 0.90 + 0.01 * s},
+                 {"method": "iot_cl", "relaxation": "Uab", "seed": s, "test_knn_acc": 0.92 + 0.01 * s
+                  + 0.001 * (s % 2)}]
+    df = _study(rows)
+    cols = ["method", "beta", "relaxation"]
+    v = verdict_table(df, cols, cols).set_index("method")
+    assert v.loc["iot_cl", "test_knn_acc_diff"] == pytest.approx(2.05)  # paired with IOT-CL, not SinSim
+    assert v.loc["sinsim", "test_knn_acc_diff"] == pytest.approx(0.05)
+    assert v.loc["iot_cl", "test_knn_acc_verdict"] == "better"
+
+
+def test_a_configuration_with_a_seed_that_did_not_complete_gets_no_verdict():
+    # ASHA stopped seed 3 of beta 0.4: its 3 completed seeds are a selection, so no verdict and no Holm test
+    rows = [{"method": "sinsim", "beta": b, "seed": s, "test_knn_acc": 0.7 + 0.01 * s - (0.03 + 0.002 * (s % 2)) * (b > 0),
+             "status": "pruned" if (b == 0.4 and s == 3) else "completed"}
+            for b in (0.0, 0.4, 0.8) for s in range(4)]
+    trials = _study(rows)
+    v = verdict_table(trials[trials["status"] == "completed"], ["method", "beta"], ["beta"], trials=trials)
+    v = v.set_index("beta")
+    assert v.loc[0.4, "test_knn_acc_verdict"] == "withheld: 1 of 4 seeds did not complete (pruned 1)"
+    assert v.loc[0.8, "test_knn_acc_verdict"] == "worse"
+    assert v.loc[0.8, "test_knn_acc_p_holm"] == v.loc[0.8, "test_knn_acc_p"]  # a family of one
+
+
+def test_equal_differences_and_a_probe_with_fewer_seeds_are_said_so():
+    rows = [{"method": m, "seed": s, "test_knn_acc": 0.7 + 0.01 * s + (m == "vicreg") * 0.02,
+             "test_linear_acc": (0.8 + 0.01 * s) if s == 0 else np.nan}
+            for m in ("simclr", "vicreg") for s in range(4)]
+    v = verdict_table(_study(rows), ["method"], ["method"])
+    assert v["test_knn_acc_verdict"].tolist() == ["no spread in the differences"]  # was "better" at p = 0
+    assert v["test_knn_acc_pairs"].tolist() == [4] and v["test_linear_acc_pairs"].tolist() == [1]
+    assert v["test_linear_acc_verdict"].tolist() == ["too few pairs"]
+    assert np.isnan(paired_t([0.02, 0.02, 0.02])[3])
