@@ -4,13 +4,14 @@ samplers' define-by-run space applies it in search_spaces.spaces)."""
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from trainables.catalog import knob_owners
+from trainables.catalog import inert_knobs, knob_owners
 
 
 def configs(methods: List[str], grid_knobs: Dict[str, List[Any]], cases: List[Dict[str, Any]],
-            cases_set_method: bool, datasets: Sequence[str] = ("digits",)) -> List[Dict[str, Any]]:
+            cases_set_method: bool, datasets: Sequence[str] = ("digits",),
+            fixed: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
     """A grid study's configurations (no seed), in the order they start: the datasets (where there are several),
     the methods, then each knob's values, then the cases, in the spec's order with the first slowest; a case's
     keys override a knob's.
@@ -18,7 +19,9 @@ def configs(methods: List[str], grid_knobs: Dict[str, List[Any]], cases: List[Di
     A knob only some of the study's methods read is left out of the other methods' configurations, as the
     Optuna samplers' define-by-run space leaves it out: crossed with them it ran the same trial again under
     another name (SinSim once per GCA-UOT lambda1, with the same seed: the same result twice, counted as two
-    configurations by the summary and its error bars)."""
+    configurations by the summary and its error bars). So is a knob where another setting makes it inert
+    (``catalog.inert_knobs``: IOT-CL's sinkhorn_iters under U(1) and U(a), whose plans are closed forms), with
+    ``fixed`` the spec's fixed knobs."""
     owners = knob_owners()
     axes: List[List[Dict[str, Any]]] = []
     if len(datasets) > 1:
@@ -36,6 +39,8 @@ def configs(methods: List[str], grid_knobs: Dict[str, List[Any]], cases: List[Di
             point.update(part)
         method = point.get("method", methods[0])
         point = {k: v for k, v in point.items() if k not in owners or method in owners[k]}
+        inert = inert_knobs(method, {**(fixed or {}), **point})
+        point = {k: v for k, v in point.items() if k not in inert}
         key = tuple(sorted((k, repr(v)) for k, v in point.items()))
         if key not in seen:
             seen.add(key)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional
 
-from trainables.catalog import KNOBS, knob_owners  # noqa: F401  (knob_owners re-exported)
+from trainables.catalog import DECIDING_KNOBS, KNOBS, inert_knobs, knob_owners  # noqa: F401  (knob_owners re-exported)
 
 
 def suggest_range(trial, knob: str, dom: Dict[str, Any]) -> None:
@@ -37,11 +37,16 @@ class DefineByRun:
     Args:
         search: the spec's search block (knob -> {grid|choices|low/high/log}, and ``cases``).
         methods: the study's methods; more than one adds a categorical ``method``.
+        fixed: the spec's fixed knobs (they decide, with the sampled ones, which knobs are inert).
     """
 
-    def __init__(self, search: Dict[str, Any], methods: List[str]):
+    def __init__(self, search: Dict[str, Any], methods: List[str], fixed: Optional[Dict[str, Any]] = None):
         self.search = search
         self.methods = list(methods)
+        self.fixed = dict(fixed or {})
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:  # a space pickled before ``fixed`` existed
+        self.__dict__.update({"fixed": {}, **state})
 
     def __call__(self, trial) -> Optional[Dict[str, Any]]:
         constants: Dict[str, Any] = {}
@@ -56,11 +61,15 @@ class DefineByRun:
         elif "method" not in constants:
             constants["method"] = method
         owners = knob_owners()
-        for knob, dom in self.search.items():
+        order = sorted(self.search, key=lambda k: k not in DECIDING_KNOBS)  # relaxation before sinkhorn_iters
+        for knob in order:
+            dom = self.search[knob]
             if knob == "cases" or knob in constants:
                 continue
             if knob in owners and method not in owners[knob]:
                 continue  # conditional: this method has no such knob
+            if knob in inert_knobs(method, {**self.fixed, **trial.params, **constants}):
+                continue  # and none where another setting makes it inert (IOT-CL's iterations under U(a))
             if "grid" in dom or "choices" in dom:
                 trial.suggest_categorical(knob, list(dom.get("grid", dom.get("choices"))))
             else:

@@ -63,7 +63,7 @@ def _search(spec: Spec):
 
     sampler = (optuna.samplers.TPESampler(seed=spec.sampler_seed) if spec.sampler == "tpe"
                else optuna.samplers.RandomSampler(seed=spec.sampler_seed))
-    inner = PrunedAwareOptunaSearch(space=DefineByRun(spec.search, spec.methods), metric=spec.metric,
+    inner = PrunedAwareOptunaSearch(space=DefineByRun(spec.search, spec.methods, spec.fixed), metric=spec.metric,
                                     mode=spec.mode, sampler=sampler)
     return space, SeedRepeater(inner, spec.seeds), spec.num_samples * len(spec.seeds)
 

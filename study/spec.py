@@ -2,7 +2,8 @@
 
 Validation runs before anything is created (no directory, no Ray, no MLflow):
 every problem is reported as ``field.path: what is wrong (allowed: ...)``.
-YAML is read with ``yaml.safe_load``; nothing in a spec is evaluated as code.
+YAML is read with a safe loader (nothing in a spec is evaluated as code) that also reads YAML 1.2's floats:
+``lr: 3e-4`` is a number, as a user means it, not the string YAML 1.1 makes of it.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ SCHEDULERS = ("none", "asha")
 EPOCH_METRICS = ("knn_acc", "train_loss")
 FINAL_METRICS = ("linear_acc", "knn5_acc", "test_linear_acc", "test_knn_acc", "test_knn5_acc", "align", "uniform")
 TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+SEED_LIMIT = 2**31  # a trial's seed; its generators' seeds are derived from it (trainables.pretrain_probe.stream_seed)
 TOP_KEYS = ("name", "description", "method", "dataset", "fixed", "search", "sampler", "sampler_seed",
             "num_samples", "seeds", "scheduler", "metric", "mode", "resources", "max_concurrent",
             "storage", "mlflow_uri", "max_failures", "keep_checkpoints")
@@ -88,7 +90,8 @@ class Spec:
 
     def grid_configs(self) -> List[Dict[str, Any]]:
         """A grid study's configurations (no seed), in the order they start (:func:`search_spaces.grid.configs`)."""
-        return grid.configs(self.methods, self.grid_knobs, self.cases, self.cases_set_method, self.datasets)
+        return grid.configs(self.methods, self.grid_knobs, self.cases, self.cases_set_method, self.datasets,
+                            self.fixed)
 
     def n_configs(self) -> int:
         return len(self.grid_configs()) if self.sampler == "grid" else self.num_samples
@@ -108,6 +111,8 @@ class Spec:
         """A seconds-long version: 3 epochs, at most 2 values per knob, 2 cases, 2 seeds."""
         s = dataclasses.replace(self, fixed=dict(self.fixed), search={})
         s.fixed["epochs"] = min(int(self.fixed.get("epochs", 3)), 3)
+        if "warmup_epochs" in s.fixed:
+            s.fixed["warmup_epochs"] = min(int(s.fixed["warmup_epochs"]), s.fixed["epochs"])
         for k, v in self.search.items():
             if k == "cases":
                 s.search[k] = list(v)[:2]
@@ -126,12 +131,24 @@ class Spec:
         return s
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2's exponent floats (``3e-4``, ``1E5``; 1.1 wants ``3.0e-4``)."""
+
+
+_SpecLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_SpecLoader)
+
+
 def read_study(study_dir: Path) -> Spec:
     """The spec a study ran with; a clear error if ``study_dir`` is not a study."""
     f = Path(study_dir) / "spec.yaml"
     if not f.is_file():
         raise ValueError(f"{study_dir} is not an otstudy study directory (no spec.yaml)")
-    return parse_spec(yaml.safe_load(f.read_text()))
+    return parse_spec(load_yaml(f.read_text()))
 
 
 def load_spec_file(path: str | Path) -> Spec:
@@ -139,7 +156,7 @@ def load_spec_file(path: str | Path) -> Spec:
     if not p.is_file():
         raise SpecError([f"{p}: no such spec file"])
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = load_yaml(p.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -162,7 +179,7 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
         p(f"name: must be a non-empty string of letters, digits, '_', '.', '-' (got {name!r})")
     methods = _methods(raw, p)
     datasets, fixed, search, sampler = _check_trials(raw, methods, p)
-    num_samples, seeds, scheduler, metric, mode = _check_runs(raw, fixed, p)
+    num_samples, seeds, scheduler, metric, mode = _check_runs(raw, fixed, sampler, p)
     resources, max_concurrent, max_failures, sampler_seed = _check_resources(raw, p)
     keep_checkpoints = raw.get("keep_checkpoints", "last")
     if keep_checkpoints not in ("last", "all"):
@@ -237,11 +254,14 @@ def _datasets(raw, p) -> List[str]:
     return [x for x in names if x in DATASETS] or ["digits"]
 
 
-def _check_runs(raw, fixed, p):
+def _check_runs(raw, fixed, sampler, p):
     """How many trials and how they are judged: (num_samples, seeds, scheduler, metric, mode)."""
     num_samples = raw.get("num_samples", 1)
     if not _is_int(num_samples) or num_samples < 1:
         p(f"num_samples: must be an integer >= 1 (got {num_samples!r})")
+    elif sampler == "grid" and num_samples != 1:  # Tune would run every grid point that many times, seeds alike
+        p(f"num_samples: the grid runs each configuration once per seed; repeat it with more seeds "
+          f"(got num_samples {num_samples})")
     seeds = raw.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
@@ -250,6 +270,8 @@ def _check_runs(raw, fixed, p):
         seeds = [0]
     elif len(set(seeds)) != len(seeds):
         p(f"seeds: contains duplicates ({seeds})")
+    elif not all(0 <= s < SEED_LIMIT for s in seeds):
+        p(f"seeds: each must be in [0, {SEED_LIMIT}) (got {seeds})")
     scheduler = raw.get("scheduler", {"type": "none"}) or {"type": "none"}
     if isinstance(scheduler, str):
         scheduler = {"type": scheduler}

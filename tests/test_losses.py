@@ -435,7 +435,7 @@ def test_every_loss_finite(name, case):
     knobs = {"eps": 1e-3} if ("eps" in L.METHODS[name].knobs and case == "tiny_eps") else {}
     tensors = [t.clone().requires_grad_(True) for t in (h1, h2, z1, z2)]
     if name == "gca_rince" and case == "tiny_eps":  # RINCE's unnormalised exp(q cos / eps) would overflow
-        with pytest.raises(ValueError, match=r"rince_q / eps = 500 > 80: RINCE scores exp\(q cos / eps\)"):
+        with pytest.raises(ValueError, match=r"= 501 > 80: RINCE's \(lambda sum_j exp\(cos_ij / eps\)\)\^q overflows"):
             L.compute_loss(name, *tensors, knobs)
         return
     out = L.compute_loss(name, *tensors, knobs)
@@ -455,3 +455,24 @@ def test_unknown_method_and_bad_knobs():
         L.simclr(h1, h2, z1, z2[:3])
     with pytest.raises(ValueError, match="N >= 2"):
         L.simclr(h1, h2, z1[:1], z2[:1])
+
+
+def test_gca_rince_is_refused_exactly_where_a_collapsed_batch_would_overflow_float32():
+    # every cosine at 1: (lambda sum_j S_ij)^q is the largest term; at the bound it is finite, past it the old
+    # check (q / eps alone) let lambda = 100 through to an infinite loss
+    from trainables.catalog import RINCE_EXP_LIMIT
+    from trainables.config import TrialConfig
+
+    n = 256
+    z = torch.ones(n, 16)
+    at_bound = 1.0 / (RINCE_EXP_LIMIT - math.log(2 * n))
+    loss = L.gca_rince(None, None, z, z.clone(), eps=at_bound * 1.0001, gca_iters=5, rince_q=1.0, rince_lam=1.0).loss
+    assert torch.isfinite(loss) and loss.item() > 1e34
+    with pytest.raises(ValueError, match=r"= 90.8 > 80"):
+        L.gca_rince(None, None, z, z.clone(), eps=0.0125, gca_iters=5, rince_q=1.0, rince_lam=100.0)
+    with pytest.raises(ValueError, match=r"gca_rince: rince_q \(1/eps \+ log\(max\(rince_lam, 1\) 2 batch_size\)\) = 90.8"):
+        TrialConfig.from_dict({"method": "gca_rince", "eps": 0.0125, "rince_q": 1.0, "rince_lam": 100.0,
+                               "batch_size": 256})
+    # the authors' form takes logs (log-softmax) and has no lambda: eps = 0.01 is fine there
+    TrialConfig.from_dict({"method": "gca_rince_code", "eps": 0.01})
+    assert torch.isfinite(L.gca_rince_code(None, None, z, z.clone(), eps=0.01).loss)

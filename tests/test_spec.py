@@ -110,6 +110,14 @@ def test_a_grid_leaves_a_knob_out_of_the_methods_that_do_not_read_it():
     assert parse_spec(with_(search={"beta": {"grid": [0.0, 0.8]}, "eps": {"grid": [0.05, 0.1]}})).n_configs() == 4
 
 
+def test_exponent_floats_read_as_numbers(tmp_path):
+    # YAML 1.1 (PyYAML's safe_load) reads 3e-4 as the string '3e-4': "lr must be float, got str"
+    f = tmp_path / "s.yaml"
+    f.write_text("name: e\nmethod: simclr\nfixed: {lr: 3e-4, epochs: 2}\nsearch: {weight_decay: {grid: [1e-6, 1E-4]}}\n")
+    spec = load_spec_file(f)
+    assert spec.fixed["lr"] == 3e-4 and spec.search["weight_decay"] == {"grid": [1e-6, 1e-4]}
+
+
 def test_issue_example_spec_parses():
     raw = yaml.safe_load("""
 name: sinsim-beta-cifar10
@@ -147,6 +155,8 @@ BAD = [
     (with_(search={"eps": {"low": 1.0, "high": 0.1}}, sampler="tpe"), "search.eps: low and high must be numbers with low < high"),
     (with_(seeds="zero"), "seeds: must be a non-empty list of integers"),
     (with_(seeds=[0, 0]), "seeds: contains duplicates"),
+    (with_(seeds=[0, -1]), "seeds: each must be in [0, 2147483648) (got [0, -1])"),
+    (with_(num_samples=3), "num_samples: the grid runs each configuration once per seed; repeat it with more seeds"),
     (with_(metric="accuracy"), "metric: 'accuracy' is not reported by the trainable"),
     (with_(mode="maximize"), "mode: must be 'max' or 'min'"),
     (with_(resources={"cpu": 0, "gpu": 1}), "resources.cpu: must be a number > 0"),
@@ -359,6 +369,24 @@ def test_define_by_run_space_is_conditional():
             assert "lambda_p" in params and "uot_lambda1" not in params
         assert "eps" in params
     assert {p["method"] for p in drawn} == {"gca_uot", "iot_cl"}
+
+
+def test_a_knob_that_another_setting_makes_inert_is_neither_crossed_nor_sampled():
+    # IOT-CL's U(1) and U(a) plans are closed forms: 3 iteration counts there were 3 names for one trial
+    spec = parse_spec(with_(method="iot_cl", search={"relaxation": {"grid": ["U1", "Ua", "Uab"]},
+                                                     "sinkhorn_iters": {"grid": [1, 4, 10]}}))
+    assert spec.grid_configs() == [{"relaxation": "U1"}, {"relaxation": "Ua"},
+                                   *({"relaxation": "Uab", "sinkhorn_iters": k} for k in (1, 4, 10))]
+    # SinSim with SNS (fixed) runs to its tolerance: its iteration count is no configuration
+    spec = parse_spec(with_(method="sinsim", fixed={"ot_solver": "sns"}, search={"beta": {"grid": [0.4, 0.8]},
+                                                                               "sinkhorn_iters": {"grid": [10, 40]}}))
+    assert spec.grid_configs() == [{"beta": 0.4}, {"beta": 0.8}]
+    drawn = sampled_params(DefineByRun({"sinkhorn_iters": {"low": 1, "high": 20}, "relaxation": {"choices":
+                                        ["U1", "Ua", "Uab"]}}, ["iot_cl"]), 30)
+    assert all(("sinkhorn_iters" in p) == (p["relaxation"] == "Uab") for p in drawn)
+    assert {p["relaxation"] for p in drawn} == {"U1", "Ua", "Uab"}
+    # and a config reports the gradient SNS takes, not Sinkhorn's default
+    assert TrialConfig.from_dict({"method": "sinsim", "ot_solver": "sns"}).method_knobs()["ot_grad"] == "implicit"
 
 
 def test_a_range_over_gca_iters_samples_half_iterations_a_config_accepts():

@@ -216,6 +216,29 @@ def knob_owners() -> Dict[str, List[str]]:
     return {k.name: list(k.methods) for k in KNOBS.values() if k.methods}
 
 
+# Knobs a method reads only under another knob's value: (knob, the deciding knob, the values under which it acts).
+# Elsewhere a value of it changes nothing, and a sweep over it would run one trial under several names.
+ACTS_ONLY_WHEN = (
+    ("sinkhorn_iters", "relaxation", ("Uab",)),  # IOT-CL's U(1) and U(a) plans are closed forms
+    ("sinkhorn_iters", "ot_solver", ("sinkhorn",)),  # SNS runs to its tolerance
+    ("ot_grad", "ot_solver", ("sinkhorn",)),  # SNS has the implicit gradient only
+)
+DECIDING_KNOBS = tuple(dict.fromkeys(decider for _, decider, _ in ACTS_ONLY_WHEN))
+
+
+def inert_knobs(method: str, values: Mapping[str, Any]) -> List[str]:
+    """The knobs ``method`` reads but that have no effect at ``values`` (a trial's set knobs; an unset deciding
+    knob is the method's default): e.g. sinkhorn_iters for IOT-CL under U(a)."""
+    out = []
+    for knob, decider, acting in ACTS_ONLY_WHEN:
+        if method not in KNOBS[knob].methods or method not in KNOBS[decider].methods:
+            continue
+        value = values.get(decider)
+        if (value if value is not None else KNOBS[decider].methods[method]) not in acting:
+            out.append(knob)
+    return list(dict.fromkeys(out))
+
+
 def method_defaults(method: str) -> Dict[str, Any]:
     """The knobs a method reads, with its paper defaults."""
     return {k.name: k.methods[method] for k in KNOBS.values() if method in k.methods}
@@ -240,18 +263,28 @@ def check_ot_choice(ot_value: str, ot_grad: str, ot_solver: str) -> None:
                          "ot_grad: unrolled, or ot_value: entropic")
 
 
-RINCE_EXP_LIMIT = 80.0  # exp(80) ~ 5.5e34: RINCE's exp(q s / eps) terms stay inside float32 (max ~ e^88.7)
+RINCE_EXP_LIMIT = 80.0  # exp(80) ~ 5.5e34: RINCE's terms stay inside float32 (max ~ e^88.7), with room for g
 
 
-def check_rince(rince_q: float, rince_lam: Optional[float], eps: float) -> None:
-    """RINCE's knobs at the boundary: q in (0, 1], lambda > 0, and q / eps small enough for exp(q cos / eps)."""
+def rince_exponent(rince_q: float, rince_lam: float, eps: float, batch_size: int) -> float:
+    """The largest exponent of RINCE's terms (log of the biggest): q (1/eps + log(max(lambda, 1) 2N)), from
+    (lambda sum_j e^{s_ij/eps})^q with every one of the 2N cosines at 1 (a collapsed batch)."""
+    return rince_q * (1.0 / eps + math.log(max(rince_lam, 1.0) * 2 * batch_size))
+
+
+def check_rince(rince_q: float, rince_lam: Optional[float], eps: float, batch_size: Optional[int] = None) -> None:
+    """GCA-RINCE's knobs at the boundary: q in (0, 1], lambda > 0, and (with the batch size) the loss's largest
+    term inside float32 (:func:`rince_exponent` at most ``RINCE_EXP_LIMIT``)."""
     if not 0 < rince_q <= 1:
         raise ValueError(f"rince_q must be in (0, 1], got {rince_q}")
     if rince_lam is not None and not rince_lam > 0:
         raise ValueError(f"rince_lam must be > 0, got {rince_lam}")
-    if rince_q / eps > RINCE_EXP_LIMIT:
-        raise ValueError(f"rince_q / eps = {rince_q / eps:.3g} > {RINCE_EXP_LIMIT:g}: RINCE scores exp(q cos / eps) "
-                         f"unnormalised, which overflows float32 there; raise eps or lower rince_q")
+    if rince_lam is not None and batch_size is not None:
+        top = rince_exponent(rince_q, rince_lam, eps, batch_size)
+        if top > RINCE_EXP_LIMIT:
+            raise ValueError(f"rince_q (1/eps + log(max(rince_lam, 1) 2 batch_size)) = {top:.3g} > "
+                             f"{RINCE_EXP_LIMIT:g}: RINCE's (lambda sum_j exp(cos_ij / eps))^q overflows float32 on "
+                             f"a batch whose features agree; raise eps, or lower rince_q or rince_lam")
 
 
 # --------------------------------------------------------------------------- methods

@@ -18,10 +18,15 @@ class TrialConfig:
         object.__setattr__(self, "_values", values)
 
     def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):  # _values itself before it is set (copy, pickle): not a knob, no recursion
+            raise AttributeError(key)
         try:
             return self._values[key]
         except KeyError:
             raise AttributeError(key) from None
+
+    def __reduce__(self):
+        return TrialConfig, (dict(self._values),)
 
     def __setattr__(self, key: str, value: Any) -> None:
         raise AttributeError("a TrialConfig is frozen; build another with TrialConfig.from_dict")
@@ -49,6 +54,8 @@ class TrialConfig:
     def knob(self, key: str) -> Any:
         """A knob of the trial's method: the config's value, else the method's default (None if it has none)."""
         value = self._values[key]
+        if value is None and key == "ot_grad" and self._values.get("ot_solver") == "sns":
+            return "implicit"  # SNS's only gradient (the table's default, unrolled, is Sinkhorn's)
         return value if value is not None else KNOBS[key].methods.get(self.method)
 
     def method_knobs(self) -> Dict[str, Any]:
@@ -62,6 +69,9 @@ class TrialConfig:
             raise ValueError(f"knn_k={self.knn_k}: above the smallest class of the {self.dataset} kNN bank "
                              f"({smallest} images): every query of that class would count other classes' votes; "
                              f"use at most {smallest} (default for {self.dataset}: {default_knn_k(smallest)})")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} > epochs={self.epochs}: the learning rate would "
+                             f"never reach lr nor decay; use at most {self.epochs} warm-up epochs")
         if self.ot_solver == "sns" and self.ot_grad == "unrolled":
             raise ValueError("ot_grad='unrolled': ot_solver=sns has the implicit (envelope) gradient only; set "
                              "ot_grad: implicit or leave it out")
@@ -71,7 +81,9 @@ class TrialConfig:
                 solver = self.knob("ot_solver")
                 grad = self.ot_grad or ("implicit" if solver == "sns" else self.knob("ot_grad"))
                 check_ot_choice(self.knob("ot_value"), grad, solver)
-            if "rince_q" in knobs:
-                check_rince(self.knob("rince_q"), self.knob("rince_lam"), self.knob("eps"))
+            if "rince_lam" in knobs:  # GCA-RINCE; the authors' code's form takes logs (gca_rince_code)
+                check_rince(self.knob("rince_q"), self.knob("rince_lam"), self.knob("eps"), self.batch_size)
+            elif "rince_q" in knobs:
+                check_rince(self.knob("rince_q"), None, self.knob("eps"))
         except ValueError as exc:
             raise ValueError(f"{self.method}: {exc}") from None

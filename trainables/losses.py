@@ -281,13 +281,12 @@ def gca_rince(h1, h2, z1, z2, *, eps: float = 0.5, gca_iters: float = 5, rince_q
     r"""GCA-RINCE (arXiv 2502.20141): RINCE (Chuang et al., CVPR 2022) on the scores of the GCA plan.
 
     RINCE scores each pair by the unnormalised ``exp(s/tau)``, s the cosine similarity, and per anchor i
-    :math:`\ell_i = -e^{q s_{i+}/	au}/q + (\lambda (e^{s_{i+}/	au} + \sum_{j 
-e i,+} e^{s_{ij}/	au}))^q / q`.
+    :math:`\ell_i = -e^{q s_{i+}/\tau}/q + (\lambda (e^{s_{i+}/\tau} + \sum_{j \ne i,+} e^{s_{ij}/\tau}))^q / q`.
     GCA replaces InfoNCE's one row projection by T full Sinkhorn iterations. The plan after them is
     :math:`P = \mathrm{diag}(u) K \mathrm{diag}(v)`, ``K = exp(-C/eps)``, C = 1 - cos; its scores are the plan with
     the row scaling taken out (the GCA authors' ``hs_rince`` divides P by u likewise), in RINCE's units:
 
-    :math:`S_{ij} = e^{1/arepsilon} K_{ij} v_j = \exp((s_{ij} + g_j)/arepsilon)`, g = eps log v the column
+    :math:`S_{ij} = e^{1/\varepsilon} K_{ij} v_j = \exp((s_{ij} + g_j)/\varepsilon)`, g = eps log v the column
     potential of the solver (started at g = 0, rows first).
 
     ``gca_iters`` = 0.5 (the row projection alone) leaves g = 0, so S = exp(s/eps) and the loss is RINCE with
@@ -296,8 +295,8 @@ e i,+} e^{s_{ij}/	au}))^q / q`.
     S = 0. The terms are formed from logs in float64, so a plan entry that underflows keeps a finite gradient.
     """
     _check_views(z1, z2, "z")
-    check_rince(rince_q, rince_lam, eps)
     n = z1.shape[0]
+    check_rince(rince_q, rince_lam, eps, n)
     res, ms = _gca_plan(z1, z2, eps=eps, gca_iters=gca_iters)
     rows, pos = _positive_pairs(n, res.cost.device)
     # log S_i+ = (1 + g_+ - C_i+) / eps  (2N,)
@@ -320,7 +319,7 @@ def gca_rince_code(h1, h2, z1, z2, *, eps: float = 0.5, gca_iters: float = 10, r
     runs 10), then the cross-entropy of each row of ``log P`` (softmax re-normalising the row) at its positive,
     averaged over the 2N rows, raised to q and divided by q:
 
-    :math:`L = rac{1}{q}\Big(rac{1}{2N}\sum_i -\log rac{P_{i+}}{\sum_j P_{ij}}\Big)^q`.
+    :math:`L = \frac{1}{q}\Big(\frac{1}{2N}\sum_i -\log \frac{P_{i+}}{\sum_j P_{ij}}\Big)^q`.
 
     The code passes class weights lambda to the cross-entropy but then sets every column that is some row's
     positive, i.e. all of them, back to 1, so its lambda has no effect; this variant has no ``rince_lam``.

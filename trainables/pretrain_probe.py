@@ -84,6 +84,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# a trial's random streams, each from its own generator seed (stream_seed): drawn from one seed s, seed s's
+# augmentations (s + 1) were seed s + 1's initialisation and data order, and the seeds of a study not independent
+STREAMS = {"init": 0, "shuffle": 1, "augment": 2, "probe_views": 3, "mlp_probe": 4}
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """The generator seed of one of a trial's random streams (:data:`STREAMS`): NumPy's SeedSequence of the
+    trial's seed, spawned once per stream, so no two (seed, stream) pairs share a generator."""
+    import numpy as np
+
+    words = np.random.SeedSequence(seed, spawn_key=(STREAMS[stream],)).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])  # < 2**63: any torch.Generator takes it
+
+
 def hardware_name(device: torch.device) -> str:
     """What a trial's timings were measured on: the GPU's name, or the CPU's model and torch's threads. Step
     times and their ratios move with it (an AMD EPYC and an Intel Xeon ranked two BLAS routes the other way
@@ -160,7 +174,7 @@ class _Trial:
                              f"({self.n_train} images)")
         print(f"[otstudy trial] {cfg.method} on {cfg.dataset} ({self.n_train} images), device {device}"
               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(stream_seed(cfg.seed, "init"))
         self.model = build_model(cfg.encoder, data.channels, proj_hidden=cfg.proj_hidden, proj_dim=cfg.proj_dim,
                                  cifar_stem=cfg.cifar_stem).to(device)
         self.opt = build_optimizer(cfg.optimizer, self.model, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -169,8 +183,8 @@ class _Trial:
         self.steps_per_epoch = self.n_train // cfg.batch_size  # drop the last partial batch: 2N is fixed
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(cfg.epochs * self.steps_per_epoch, cfg.warmup_epochs * self.steps_per_epoch))
-        self.shuffle_gen = torch.Generator().manual_seed(cfg.seed)
-        self.aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.shuffle_gen = torch.Generator().manual_seed(stream_seed(cfg.seed, "shuffle"))
+        self.aug_gen = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, "augment"))
         self.aug_cfg = augment_config(cfg.augment, cfg.dataset, cfg.crop_min_scale)
         self.train_x = pool.to(device)  # uint8 stays uint8 on the device; views are made float per batch
         self.loss_fn, self.knobs = METHODS[cfg.method].fn, cfg.method_knobs()
@@ -334,9 +348,9 @@ def _probe(model, data, cfg: TrialConfig, device, *, final: bool, aug_cfg, knn_k
                             n_classes=data.n_classes))
     if cfg.mlp_probe:
         out.update(mlp_probe(train_f, data.train_y, val_f, data.val_y, test_f, data.test_y,
-                             n_classes=data.n_classes, seed=cfg.seed))
+                             n_classes=data.n_classes, seed=stream_seed(cfg.seed, "mlp_probe")))
     # alignment / uniformity of two fresh augmentations of the validation images
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+    gen = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, "probe_views"))
     vx = data.val_x.to(device)
     f1 = extract_features(enc, augment(vx, gen, aug_cfg), device=device)
     f2 = extract_features(enc, augment(vx, gen, aug_cfg), device=device)
