@@ -150,7 +150,9 @@ def with_running_ray(epochs, concurrent=1):
                         "--disable-usage-stats"], check=True, capture_output=True, env=env, timeout=120)
         return through_otstudy(epochs, concurrent, address=f"127.0.0.1:{port}", env=env)
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        from study.session import stop_ray_started_in
+
+        stop_ray_started_in(temp)  # what this run started only: `ray stop` would stop every Ray on the machine
         shutil.rmtree(temp, ignore_errors=True)
 
 

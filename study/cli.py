@@ -8,6 +8,7 @@
     otstudy export DIR                    results.parquet + history.parquet (also mid-study)
     otstudy report DIR [--export]         report/index.html from the Parquet files (exported again when stale)
     otstudy ui DIR [--host H] [--port P]  MLflow UI on that study's store (127.0.0.1 by default)
+    otstudy optuna-dashboard DIR [--host H] [--port P]   optuna-dashboard on its Optuna storage (ditto)
 
 Bad input prints one line per problem on stderr and exits with status 2,
 before anything is created.
@@ -114,6 +115,8 @@ def _load_run_spec(args):
             if not NAME_RE.match(args.name):
                 raise CliError(f"--name {args.name!r}: use letters, digits, '_', '.', '-'")
             spec.name = args.name
+    if args.optuna_storage:
+        spec = parse_spec({**spec.to_dict(), "optuna_storage": args.optuna_storage})
     if args.dataset:  # a preset (or spec) on other data: validated again as a whole
         names = [d.strip() for d in args.dataset.split(",") if d.strip()]
         name = spec.name if args.name else f"{spec.name}-{'-'.join(names)}"  # beside the spec's own study
@@ -123,7 +126,7 @@ def _load_run_spec(args):
 
 def cmd_run(args) -> int:
     from study.session import ResourceError
-    from study.runner import StudyExists, run_study, study_dir_for
+    from study.runner import OptunaStorageError, StudyExists, run_study, study_dir_for
     from study.spec import SpecError
 
     try:
@@ -146,7 +149,7 @@ def cmd_run(args) -> int:
     try:
         done = run_study(spec, storage=args.storage, address=args.address, smoke=args.smoke_test,
                          workdir=args.workdir)
-    except (StudyExists, StorageError, ResourceError) as exc:
+    except (StudyExists, StorageError, ResourceError, OptunaStorageError) as exc:
         return _fail(str(exc))
     return _exit_code(done)
 
@@ -164,12 +167,12 @@ def _exit_code(end) -> int:
 
 def cmd_resume(args) -> int:
     from study.session import ResourceError
-    from study.runner import resume_study
+    from study.runner import OptunaStorageError, resume_study
 
     d = _study_dir(args.dir, args.workdir, refresh=False)  # resume_study refreshes the mirror itself
     try:
         done = resume_study(d, address=args.address, restart_errored=args.restart_errored)
-    except ResourceError as exc:
+    except (ResourceError, OptunaStorageError) as exc:
         return _fail(f"{exc}; the study is unchanged")
     return _exit_code(done)
 
@@ -292,6 +295,27 @@ def cmd_ui(args) -> int:
     return subprocess.call(cmd)
 
 
+def cmd_optuna_dashboard(args) -> int:
+    from study.optuna_store import display, storage_url
+    from study.spec import read_study
+
+    d = _study_dir(args.dir)
+    spec = read_study(d)
+    if spec.sampler == "grid":
+        raise CliError(f"{d}: a grid study has no Optuna study (its sampler is grid)")
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise CliError("optuna-dashboard is not installed: pip install 'otstudy[dashboard]'") from None
+    url = storage_url(d, spec.optuna_storage)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        raise CliError(f"{d}: no Optuna storage yet ({url[len('sqlite:///'):]} does not exist)")
+    print(f"[otstudy] optuna-dashboard on http://{args.host}:{args.port} for {display(url)}, study {spec.name} "
+          f"(Ctrl-C to stop)", flush=True)
+    optuna_dashboard.run_server(url, host=args.host, port=args.port)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -320,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "comma-separated (a grid study runs its trials on each, and the report compares them)")
     s.add_argument("--address", help="Ray cluster to join: 'auto', 'HOST:PORT' or 'ray://HOST:PORT' (default: a local instance)")
     s.add_argument("--smoke-test", action="store_true", help="3 epochs, <= 2 values per knob, <= 2 seeds: seconds, not minutes")
+    s.add_argument("--optuna-storage", help="database URL of the study's Optuna storage (default: sqlite, optuna.db "
+                   "in the study directory; e.g. postgresql://host/db, shared by a cluster's studies)")
     s.add_argument("--dry-run", action="store_true", help="validate the spec and print the trial count, run nothing")
     s.set_defaults(fn=cmd_run)
 
@@ -356,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=5000)
     s.set_defaults(fn=cmd_ui)
+
+    s = sub.add_parser("optuna-dashboard", help="start optuna-dashboard on the study's Optuna storage "
+                       "(pip install 'otstudy[dashboard]')")
+    s.add_argument("dir", help="study directory")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8080)
+    s.set_defaults(fn=cmd_optuna_dashboard)
     return p
 
 

@@ -10,7 +10,9 @@ trial directory's ``params.json`` / ``result.json``. Writes
   the last reported metrics, and medians over epochs of the timings
   (``med_step_time_ms``, ``med_ot_time_ms``, ``med_epoch_time_s``,
   ``med_images_per_s``; the first epoch is left out when there are more, it
-  includes warm-up).
+  includes warm-up); for an Optuna sampler, ``searcher_state`` and
+  ``optuna_trial``: the state and number of the configuration's trial in the
+  sampler's Optuna study (and in its Optuna storage, :mod:`study.optuna_store`).
 * ``history.parquet``: one row per trial-epoch with every reported metric
   (``restored`` = 1 on a row rebuilt from the checkpoint a trial continued
   from, when a killed driver never stored that epoch's result; see
@@ -87,27 +89,32 @@ def _load_newest(exp_dir: Path, pattern: str):
         return None
 
 
-def searcher_states(exp_dir: Path) -> Dict[str, str]:
-    """Tune trial id -> the state Optuna recorded for it (COMPLETE, PRUNED, FAIL, RUNNING).
-
-    Read from Ray's searcher checkpoint (OptunaSearch's pickled Optuna study)
-    and the SeedRepeater's groups (every seed of a configuration maps to the
-    one Optuna trial of that configuration). Empty for grid studies.
-    """
+def saved_sampler(exp_dir: Path) -> Tuple[Any, Dict[str, Any], Dict[str, List[str]]]:
+    """The sampler's Optuna study as Tune last saved it (None for a grid study, or before the first save),
+    the Optuna trial each configuration asked (by its first seed's Tune trial id), and each configuration's
+    Tune trials, one per seed (the SeedRepeater's groups, by the same id)."""
     inner = _load_newest(exp_dir, "searcher-state-*.pkl")
     if not isinstance(inner, dict) or "_ot_trials" not in inner:
-        return {}
-    study = inner.get("_ot_study")
-    by_group = {}
-    for gid, trial in inner["_ot_trials"].items():
-        try:
-            by_group[gid] = study._storage.get_trial(trial._trial_id).state.name
-        except Exception:
-            continue
+        return None, {}, {}
     gen = _load_newest(exp_dir, "search_gen_state-*.json") or {}
     repeater = gen.get("name:SeedRepeater", {}) if isinstance(gen, dict) else {}
-    groups = repeater.get("_trial_group", {})
-    out = {tid: by_group[g] for tid, g in groups.items() if g in by_group}
+    groups = {gid: list(g.get("members", [])) for gid, g in repeater.get("_groups", {}).items()}
+    return inner.get("_ot_study"), dict(inner["_ot_trials"]), groups
+
+
+def searcher_states(exp_dir: Path) -> Dict[str, Tuple[str, int]]:
+    """Tune trial id -> (the state Optuna recorded for its configuration: COMPLETE, PRUNED, FAIL, RUNNING;
+    that Optuna trial's number). Every seed of a configuration maps to its one Optuna trial. Empty for grid
+    studies."""
+    study, asked, groups = saved_sampler(exp_dir)
+    by_group = {}
+    for gid, trial in asked.items():
+        try:
+            frozen = study._storage.get_trial(trial._trial_id)
+        except Exception:
+            continue
+        by_group[gid] = (frozen.state.name, frozen.number)
+    out = {tid: by_group[g] for g, members in groups.items() if g in by_group for tid in members}
     for gid, state in by_group.items():
         out.setdefault(gid, state)
     return out
@@ -185,7 +192,9 @@ def collect(study_dir: Path) -> Tuple[pd.DataFrame, pd.DataFrame]:
         row: Dict[str, Any] = {"trial_id": tid, "trial_dir": tdir.name, "status": status, "tune_status": tune_status,
                                "error": _error_line(tdir, st.get("error_file")) if status == "failed" else "",
                                "num_failures": int(st.get("num_failures", 0) or 0), "n_epochs": len(epochs),
-                               "searcher_state": searcher.get(tid, "")}
+                               "searcher_state": searcher.get(tid, ("", None))[0]}
+        if searcher:
+            row["optuna_trial"] = searcher.get(tid, ("", None))[1]
         row.update({k: v for k, v in config.items() if _scalar(v)})
         row.update({k: v for k, v in last.items() if k not in RAY_KEYS and _scalar(v) and k not in config})
         timing_rows = epochs[1:] if len(epochs) > 1 else epochs

@@ -20,7 +20,8 @@ from search_spaces.spaces import DefineByRun
 from trainables.catalog import default
 
 from . import records
-from .export import export_study, latest_state
+from .export import export_study, latest_state, saved_sampler
+from .optuna_store import OptunaStorageError, OptunaStore, live, storage_url  # noqa: F401  (the CLI's error)
 from .records import EXPERIMENT_DIR, FINAL_ERROR_FILE, default_tracking_uri, git_revision
 from .repairs import (recover_finished_trials, repair_grid_generator, repair_recorded_checkpoints,
                       repair_search_generator, set_aside_abandoned_trials)
@@ -195,18 +196,22 @@ def run_study(spec: Spec, *, storage: Optional[str] = None, address: Optional[st
     print(f"[otstudy] study {spec.name}: {spec.n_trials()} trials ({spec.n_configs()} configurations x "
           f"{len(spec.seeds)} seeds), sampler={spec.sampler}, in {study_dir}"
           + (f" (trials and checkpoints in {display(home)})" if home else ""))
+    store = optuna_store(spec, study_dir)
     try:
+        if store is not None:
+            store.open(new=True)
         start_ray_and_store(address, spec.mlflow_uri or default_tracking_uri(study_dir))
         check_resources(spec, joined=bool(address))
-    except ResourceError:  # no trial could ever start: leave nothing behind
+    except (ResourceError, OptunaStorageError):  # no trial could ever start: leave nothing behind
         if records.STORE_PREP is not None:  # it writes the MLflow store into the study directory
             records.STORE_PREP.join(timeout=60)
         shutil.rmtree(study_dir, ignore_errors=True)
         if remote is not None:
             remote.delete_home_files(pushed)
         raise
-    _fit(build_tuner(spec, study_dir))
-    return _finish(study_dir)
+    with live(store):
+        _fit(build_tuner(spec, study_dir))
+    return _finish(study_dir, store)
 
 
 def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_errored: bool = False) -> "StudyEnd":
@@ -230,6 +235,9 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
 
     init_ray(address)
     check_resources(spec, joined=bool(address))  # before anything of the study is touched
+    store = optuna_store(spec, study_dir)
+    if store is not None:
+        store.open(new=False)
     if remote is not None:
         restorable = tune.Tuner.can_restore(remote.experiment_uri)
         exp_path = remote.experiment_uri
@@ -242,8 +250,9 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
         if exp.is_dir():
             exp.rename(study_dir / f"{EXPERIMENT_DIR}.unrecorded-{time.strftime('%Y%m%d-%H%M%S')}")
         print(f"[otstudy] {study_dir} stopped before its first snapshot: starting its trials now")
-        _fit(build_tuner(spec, study_dir))
-        return _finish(study_dir)
+        with live(store):
+            _fit(build_tuner(spec, study_dir))
+        return _finish(study_dir, store)
     import pyarrow.fs as pafs
 
     repair_recorded_checkpoints(study_dir, remote.fs if remote is not None else pafs.LocalFileSystem())
@@ -253,14 +262,17 @@ def resume_study(study_dir: Path, *, address: Optional[str] = None, restart_erro
             repair(study_dir, remote)
         except Exception as exc:  # a repair must never stop a resume: Tune restores what it can
             print(f"[otstudy] warning: {repair.__name__} failed ({one_line(exc)}); resuming without it")
+    if store is not None:
+        publish_saved(study_dir, store)  # drops a trial a killed driver asked after Tune's last save
     tuner = tune.Tuner.restore(exp_path, trainable=_trainable(spec), resume_unfinished=True,
                                resume_errored=not restart_errored, restart_errored=restart_errored)
     # Tune restores the callbacks pickled when the study started, bound to the directory (and MLflow
     # store) of the machine that started it: bind them to this study directory instead
     if getattr(tuner, "_local_tuner", None) is not None:  # (through Ray Client the driver holds no tuner)
         tuner._local_tuner.get_run_config().callbacks = _callbacks(spec, study_dir)
-    _fit(tuner)
-    return _finish(study_dir)
+    with live(store):
+        _fit(tuner)
+    return _finish(study_dir, store)
 
 
 def every_trial_ended(study_dir: Path, expected: int) -> bool:
@@ -287,11 +299,29 @@ class StudyEnd(NamedTuple):
     completed: int = 0
 
 
-def _finish(study_dir: Path) -> StudyEnd:
+def optuna_store(spec: Spec, study_dir: Path) -> Optional[OptunaStore]:
+    """The study's Optuna storage (:mod:`study.optuna_store`); None for a grid study (no Optuna sampler)."""
+    if spec.sampler == "grid":
+        return None
+    return OptunaStore(storage_url(study_dir, spec.optuna_storage), spec.name, spec.mode)
+
+
+def publish_saved(study_dir: Path, store: OptunaStore) -> bool:
+    """Bring ``store`` in step with the sampler's study as Tune last saved it (what a resume continues from)."""
+    study, asked, groups = saved_sampler(Path(study_dir) / EXPERIMENT_DIR)
+    if study is None:
+        return False
+    return store.publish(study, {t.number: groups.get(gid, [gid]) for gid, t in asked.items()})
+
+
+def _finish(study_dir: Path, store: Optional[OptunaStore] = None) -> StudyEnd:
     remote = remote_of(study_dir)
     if remote is not None:
         remote.pull_experiment(study_dir)
     res, _ = export_study(study_dir)
+    store = store or optuna_store(read_study(study_dir), study_dir)
+    if store is not None:
+        publish_saved(study_dir, store)
     if remote is not None:
         remote.push_home(study_dir)
     counts = res["status"].value_counts().to_dict() if len(res) else {}

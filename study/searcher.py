@@ -25,6 +25,8 @@ from typing import Dict, List, Optional
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from .optuna_store import AddedTrial, publish_live
+
 FINAL_KEY = "final"  # the trainable's last report carries final=1
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class PrunedAwareOptunaSearch(OptunaSearch):
                      optuna.trial.TrialState.FAIL if error else optuna.trial.TrialState.PRUNED)
             self._ot_study.add_trial(optuna.trial.create_trial(params=params, distributions=dists,
                                                                value=value, state=state))
+            added = self._ot_study.get_trials(deepcopy=False)[-1]
+            self._ot_trials[trial_id] = AddedTrial(added.number, added._trial_id)  # for the Optuna storage's links
         except Exception as exc:  # no config, or one the space does not produce
             logger.warning(f"Optuna has no record of trial {trial_id} (lost with a killed driver) and it "
                            f"could not be added back ({type(exc).__name__}: {exc}); its result does not "
@@ -104,6 +108,8 @@ class SeedRepeater(Searcher):
         seed = self.seeds[len(group["members"])]
         group["members"].append(trial_id)
         self._trial_group[trial_id] = gid
+        if gid == trial_id:
+            self._publish()  # a new Optuna trial, RUNNING
         return {**group["config"], "seed": seed}
 
     def on_trial_complete(self, trial_id: str, result: Optional[Dict] = None, error: bool = False):
@@ -129,6 +135,17 @@ class SeedRepeater(Searcher):
                 self.searcher.on_trial_complete(gid, result=config, error=True)
             else:
                 self.searcher.on_trial_complete(gid, result={self.metric: mean, FINAL_KEY: 1.0, **config})
+        self._publish()
+
+    def _publish(self) -> None:
+        """Copy the sampler's Optuna study to the study's Optuna storage (:mod:`study.optuna_store`), each
+        trial with its Tune trials (the configuration's seeds)."""
+        study = getattr(self.searcher, "_ot_study", None)
+        if study is None:
+            return
+        asked = getattr(self.searcher, "_ot_trials", {})
+        links = {asked[g].number: list(grp["members"]) for g, grp in self._groups.items() if g in asked}
+        publish_live(study, links)
 
     # Tune saves a wrapper's own state with get_state() next to the base searcher's
     # save_to_dir(), and restores both: the seed groups survive a resume.

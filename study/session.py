@@ -10,7 +10,8 @@ import importlib
 import logging
 import os
 import threading
-from typing import Any, Dict, Optional
+import time
+from typing import Any, Dict, List, Optional
 
 from . import records
 from .records import mlflow_fail_fast
@@ -277,3 +278,38 @@ def shutdown_ray() -> None:
     except Exception:  # noqa: BLE001 - only an optimisation
         pass
     ray.shutdown()
+
+
+def stop_ray_started_in(temp_dir: str, timeout: float = 15.0) -> int:
+    """Stop the Ray processes on this machine whose command line names ``temp_dir`` (a Ray started with
+    ``ray start --temp-dir=temp_dir``, and the nodes that joined it here), by process id: SIGTERM, then
+    SIGKILL after ``timeout`` seconds. ``ray stop`` would stop every Ray on the machine, also ones this
+    process did not start. Returns how many processes were signalled."""
+    import signal
+
+    def named() -> List[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if temp_dir.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+        return pids
+
+    found = named()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in named():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + (timeout if sig == signal.SIGTERM else 5)
+        while named() and time.time() < deadline:
+            time.sleep(0.2)
+        if not named():
+            break
+    return len(found)

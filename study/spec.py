@@ -19,6 +19,7 @@ import yaml
 
 from search_spaces import grid
 
+from .optuna_store import url_problem
 from .storage import REMOTE_SCHEMES
 from trainables.catalog import DATASET_TRAIN_SIZES, DATASETS, EMBEDDED_DATASETS, KNOBS, METHOD_INFO, default, knob_owners
 from trainables.config import TrialConfig
@@ -33,7 +34,7 @@ TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "m
 SEED_LIMIT = 2**31  # a trial's seed; its generators' seeds are derived from it (trainables.pretrain_probe.stream_seed)
 TOP_KEYS = ("name", "description", "method", "dataset", "fixed", "search", "sampler", "sampler_seed",
             "num_samples", "seeds", "scheduler", "metric", "mode", "resources", "max_concurrent",
-            "storage", "mlflow_uri", "max_failures", "keep_checkpoints")
+            "storage", "mlflow_uri", "optuna_storage", "max_failures", "keep_checkpoints")
 # config keys that belong to the study, not to fixed/search
 RESERVED = ("method", "seed", "dataset")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -65,6 +66,7 @@ class Spec:
     max_concurrent: int = 2
     storage: Optional[str] = None
     mlflow_uri: Optional[str] = None
+    optuna_storage: Optional[str] = None  # the Optuna study's database URL (default: optuna.db in the study directory)
     max_failures: int = 1
     keep_checkpoints: str = "last"  # a finished trial's checkpoints: its last only, or all Tune kept ("all")
     description: str = ""
@@ -186,12 +188,19 @@ def parse_spec(raw: Dict[str, Any]) -> Spec:
         p(f"keep_checkpoints: {keep_checkpoints!r} is not last or all (a finished trial keeps its last checkpoint, "
           f"or all Tune kept)")
     storage, mlflow_uri = _check_places(raw, p)
+    optuna_storage = raw.get("optuna_storage")
+    if optuna_storage is not None:
+        if sampler == "grid":
+            p("optuna_storage: a grid study has no Optuna study (its sampler is grid; use tpe or random)")
+        elif url_problem(optuna_storage):
+            p(f"optuna_storage: {url_problem(optuna_storage)}")
     if problems:
         raise SpecError(list(dict.fromkeys(problems)))  # a problem found once per dataset is said once
     spec = Spec(name=name, methods=methods, datasets=datasets, fixed=dict(fixed), search=dict(search),
                 sampler=sampler, sampler_seed=sampler_seed, num_samples=num_samples, seeds=list(seeds),
                 scheduler=dict(scheduler), metric=metric, mode=mode, resources=resources,
-                max_concurrent=max_concurrent, storage=storage, mlflow_uri=mlflow_uri, max_failures=max_failures,
+                max_concurrent=max_concurrent, storage=storage, mlflow_uri=mlflow_uri,
+                optuna_storage=optuna_storage, max_failures=max_failures,
                 keep_checkpoints=keep_checkpoints, description=str(raw.get("description", "")))
     _check_batch_size(spec)
     return spec

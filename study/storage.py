@@ -9,7 +9,7 @@ the report there. With remote storage the study's *home* is the URI
   checkpoints to ``<home>/ray`` (so trials on any node persist their
   checkpoints without a shared filesystem);
 * the driver copies its own files (``spec.yaml``, ``study.json``, a
-  consistent snapshot of ``mlflow.db``, ``mlartifacts/``, the Parquet tables)
+  snapshot of ``mlflow.db`` and ``optuna.db``, ``mlartifacts/``, the Parquet tables)
   to ``<home>`` when the study starts, every ``OTSTUDY_SYNC_PERIOD_S``
   seconds (default 60) while it runs, and when it ends;
 * ``otstudy resume|status|export|report URI`` on any machine pulls those files
@@ -37,7 +37,8 @@ from urllib.parse import urlparse, urlunparse
 from .records import EMBEDDINGS_FILE
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
-HOME_FILES = ("spec.yaml", "study.json", "mlflow.db", "results.parquet", "history.parquet")
+HOME_FILES = ("spec.yaml", "study.json", "mlflow.db", "optuna.db", "results.parquet", "history.parquet")
+SQLITE_FILES = ("mlflow.db", "optuna.db")  # copied as consistent snapshots
 HOME_DIRS = ("mlartifacts",)
 
 
@@ -116,7 +117,7 @@ class Remote:
         os.replace(tmp, dst)
 
     def push_home(self, study_dir: Path) -> List[str]:
-        """Copy the driver's files to the home; ``mlflow.db`` as a consistent sqlite snapshot. Returns
+        """Copy the driver's files to the home; the sqlite stores as consistent snapshots. Returns
         the paths written, relative to the home."""
         study_dir = Path(study_dir)
         self.fs.create_dir(self.path)
@@ -125,7 +126,7 @@ class Remote:
             src = study_dir / name
             if not src.is_file():
                 continue
-            if name == "mlflow.db":
+            if name in SQLITE_FILES:
                 with tempfile.TemporaryDirectory() as d:
                     snap = Path(d) / name
                     _sqlite_snapshot(src, snap)

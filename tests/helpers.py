@@ -65,3 +65,44 @@ def wait_for(cond, timeout, what):
             return got
         time.sleep(0.3)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def optuna_trials(study: Path, url: str = None):
+    """The study's Optuna trials as a fresh process sees them through ``optuna.load_study``:
+    [number, state, value, params, user_attrs] each."""
+    import json
+
+    url = url or f"sqlite:///{study / 'optuna.db'}"
+    code = ("import json, optuna; s = optuna.load_study(study_name=%r, storage=%r); print(json.dumps("
+            "[[t.number, t.state.name, t.value, t.params, t.user_attrs] for t in s.trials]))" % (study.name, url))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def assert_optuna_storage_agrees(study: Path, searched, metric: str = "knn_acc"):
+    """The Optuna storage and results.parquet tell the same story: one Optuna trial per configuration, none
+    left RUNNING, its state the one every seed's row records, its value the seeds' mean of ``metric`` (what the
+    sampler was told), its params the searched knobs the method reads, its Tune trials the configuration's."""
+    import math
+
+    import pandas as pd
+
+    res = pd.read_parquet(study / "results.parquet")
+    trials = optuna_trials(study)
+    assert [t[0] for t in trials] == list(range(len(trials)))
+    assert len(trials) == res["optuna_trial"].nunique() and res["optuna_trial"].notna().all()
+    outcome = {"COMPLETE": {"completed"}, "PRUNED": {"completed", "pruned"}, "FAIL": {"completed", "pruned", "failed"}}
+    for number, state, value, params, attrs in trials:
+        rows = res[res["optuna_trial"] == number]
+        assert set(rows["searcher_state"]) == {state}, (number, state, rows["searcher_state"].tolist())
+        assert set(rows["status"]) <= outcome[state] and (state == "COMPLETE") == (set(rows["status"]) == {"completed"})
+        assert sorted(attrs["tune_trials"]) == sorted(rows["trial_id"])
+        if state == "COMPLETE":
+            assert math.isclose(value, rows[metric].mean(), rel_tol=1e-12), (value, rows[metric].tolist())
+        else:
+            assert value is None
+        assert set(params) == {k for k in searched if rows[k].notna().all()}
+        for k, v in params.items():
+            assert (rows[k] == v).all(), (k, v, rows[k].tolist())
+    return res, trials

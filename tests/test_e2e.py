@@ -1,10 +1,15 @@
 """End to end: `otstudy run --smoke-test`, export, MLflow, report, resume; Ray in a subprocess."""
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import urllib.request
 
 import pandas as pd
 import pytest
-from helpers import mlflow_runs, otstudy, result_lines
+from helpers import OTSTUDY, assert_optuna_storage_agrees, mlflow_runs, otstudy, result_lines, wait_for
 
 pytestmark = pytest.mark.slow
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -128,6 +133,32 @@ def test_tpe_study_repeats_each_configuration_per_seed(tmp_path):
     assert len(res) == 4 and (res["status"] == "completed").all()
     groups = res.groupby(["beta", "eps"])["seed"].apply(sorted).tolist()
     assert groups == [[0, 1], [0, 1]]  # 2 sampled configurations, each with both seeds
+    # Optuna's own tools open the study: its storage agrees with results.parquet, and optuna-dashboard serves it
+    study = tmp_path / "sinsim_eps_tpe"
+    _, trials = assert_optuna_storage_agrees(study, ["beta", "eps"])
+    assert [t[1] for t in trials] == ["COMPLETE", "COMPLETE"]
+    port = _free_port()
+    dash = subprocess.Popen([OTSTUDY, "optuna-dashboard", str(study), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        def listed():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    return json.loads(r.read())
+            except OSError:
+                return None
+
+        studies = wait_for(listed, 60, "optuna-dashboard")["study_summaries"]
+        assert [s["study_name"] for s in studies] == ["sinsim_eps_tpe"]
+    finally:
+        os.killpg(dash.pid, signal.SIGTERM)
+        dash.wait(timeout=30)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_tracker_backfills_what_tune_recorded_but_the_store_missed(tmp_path):

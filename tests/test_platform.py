@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import OTSTUDY, mlflow_runs, otstudy, result_lines, spec_file, wait_for
+from helpers import (OTSTUDY, assert_optuna_storage_agrees, mlflow_runs, otstudy, result_lines, spec_file,
+                     wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -112,6 +113,48 @@ def test_kill_9_of_the_driver_then_resume(tmp_path):
     assert all(r.info.status == "FINISHED" for r in trials)
 
 
+def test_tpe_optuna_storage_agrees_with_the_study_after_kill_9_and_resume(tmp_path):
+    # two methods: SimCLR reads no beta, so its Optuna trials have no beta param
+    spec, study = spec_file(tmp_path, "tpekill", method=["simclr", "sinsim"], sampler="tpe", num_samples=3,
+                             search={"beta": {"low": 0.0, "high": 1.0}, "lr": {"low": 1e-3, "high": 1e-2, "log": True}},
+                             fixed={"epochs": 6, "batch_size": 256, "proj_hidden": 64, "proj_dim": 32})
+    proc = subprocess.Popen([OTSTUDY, "run", str(spec), "--storage", str(tmp_path / "studies")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: len(_finished_trials(study)) >= 2, 300, "two finished trials")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(_finished_trials(study)) < 6
+    # a storage that cannot be opened: one line, exit 2, the study unchanged
+    db = study / "optuna.db"
+    kept = db.read_bytes()
+    db.write_bytes(b"not a database " * 100)
+    bad = subprocess.run([OTSTUDY, "resume", str(study)], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in bad.stderr.splitlines() if ln.startswith("otstudy: error:")]
+    assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-2000:]
+    assert str(db) in lines[0] and "file is not a database" in lines[0] and "the study is unchanged" in lines[0]
+    assert len(_finished_trials(study)) < 6 and not (study / "results.parquet").exists()
+    db.write_bytes(kept)
+    otstudy("resume", str(study))
+    res, trials = assert_optuna_storage_agrees(study, ["method", "beta", "lr"])
+    assert len(res) == 6 and (res["status"] == "completed").all() and len(trials) == 3
+    assert all(("beta" in params) == (params["method"] == "sinsim") for _, _, _, params, _ in trials)
+
+
+def test_an_optuna_storage_that_cannot_be_opened_stops_a_run_before_anything_is_made(tmp_path):
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"not a database " * 100)
+    spec, study = spec_file(tmp_path, "badopt", sampler="random", num_samples=2,
+                             search={"beta": {"low": 0.0, "high": 1.0}})
+    proc = subprocess.run([OTSTUDY, "run", str(spec), "--storage", str(tmp_path / "studies"),
+                           "--optuna-storage", f"sqlite:///{bad}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [f"otstudy: error: Optuna storage sqlite:///{bad}: cannot be opened "
+                                                f"(DatabaseError: file is not a database)"]
+    assert not study.exists()
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -182,7 +225,9 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path):
                                capture_output=True, text=True, timeout=60).stdout
         assert "head_node" in nodes and "worker_node" in nodes
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        from study.session import stop_ray_started_in
+
+        assert stop_ray_started_in(temp) > 0  # this test's two nodes only: `ray stop` would stop every Ray here
         shutil.rmtree(temp, ignore_errors=True)
 
 
