@@ -24,6 +24,7 @@ resume brings the storage in step).
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 
 DEFAULT_FILE = "optuna.db"
+RETRY_AFTER_S = 60.0  # after a failed write, the searcher's next attempt
 DIALECTS = ("sqlite", "postgresql", "mysql")  # SQLAlchemy's, as Optuna's RDBStorage takes them ("+driver" allowed)
 
 
@@ -51,9 +53,12 @@ def url_problem(url: object) -> Optional[str]:
     """Why ``url`` cannot be an Optuna storage URL, or None."""
     if not isinstance(url, str) or not url:
         return f"{url!r} is not a database URL"
-    scheme = urlparse(url).scheme.split("+")[0]
-    if scheme not in DIALECTS:
+    parsed = urlparse(url)
+    if parsed.scheme.split("+")[0] not in DIALECTS:
         return f"{display(url)} is not a database URL (allowed: {', '.join(d + '://' for d in DIALECTS)})"
+    if parsed.password:
+        return (f"{display(url)}: a password in the URL would be written to spec.yaml and MLflow; give it to "
+                f"the database client instead (PGPASSWORD or ~/.pgpass for PostgreSQL, ~/.my.cnf for MySQL)")
     return None
 
 
@@ -72,7 +77,9 @@ class OptunaStore:
         self._storage = None
         self._written: Dict[int, "optuna.trial.TrialState"] = {}  # trial number -> its state in the storage
         self._ids: Dict[int, int] = {}  # trial number -> the storage's trial id
+        self._linked: Dict[int, List[str]] = {}  # trial number -> the Tune trials its user attribute names
         self._warned = False
+        self._retry_at = 0.0  # after a failed write, live publishes wait until then (the study's end does not)
 
     # ------------------------------------------------------------------ opening
     def open(self, *, new: bool) -> None:
@@ -80,6 +87,7 @@ class OptunaStore:
         for a ``new`` study, if the storage already holds trials under this name (another study's)."""
         import optuna  # 0.3-0.5 s: not for the CLI's spec checks, which read this module's URL rules
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in RDB ..."
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Optuna's "experimental" notes
@@ -96,19 +104,29 @@ class OptunaStore:
                                      f"({held} trials); choose another --name or optuna_storage")
 
     def _engine_kwargs(self) -> Dict:
-        # sqlite: how long to wait for another writer's lock (10 s by default; SQLAlchemy's is 5 s)
-        return {"connect_args": {"timeout": self.lock_timeout_s}} if self.url.startswith("sqlite") else {}
+        # how long to wait for another writer's lock (sqlite; 10 s by default, SQLAlchemy's is 5 s) or for a
+        # database server to answer (PostgreSQL, MySQL: their drivers' connect timeout, none by default)
+        if self.url.startswith("sqlite"):
+            return {"connect_args": {"timeout": self.lock_timeout_s}}
+        return {"connect_args": {"connect_timeout": max(1, round(self.lock_timeout_s))}}
 
     # ------------------------------------------------------------------ keeping in step
-    def publish(self, source: "optuna.Study", links: Optional[Dict[int, List[str]]] = None) -> bool:
+    def publish(self, source: "optuna.Study", links: Optional[Dict[int, List[str]]] = None, *,
+                live: bool = False) -> bool:
         """Bring the storage in step with ``source`` (the sampler's study); ``links``: trial number -> its Tune
-        trials. Returns whether it worked; a failure is logged once, not raised (the study goes on)."""
+        trials. Returns whether it worked; a failure is logged once, not raised (the study goes on). A ``live``
+        publish (the searcher's, at every ask and tell) is skipped for a minute after a failure, so that a
+        locked file or a database that does not answer holds Tune's loop up once a minute, not at every step."""
+        if live and time.monotonic() < self._retry_at:
+            return False
         try:
             self._publish(source.get_trials(deepcopy=False), links or {})
             return True
         except Exception as exc:
             self._written.clear()
             self._ids.clear()  # checked afresh next time
+            self._linked.clear()
+            self._retry_at = time.monotonic() + RETRY_AFTER_S
             if not self._warned:
                 self._warned = True
                 print(f"[otstudy] warning: Optuna storage {display(self.url)} could not be written "
@@ -125,6 +143,10 @@ class OptunaStore:
                 self._add(t, links.get(t.number))
             elif self._written[t.number] != t.state:
                 self._finish(t, links.get(t.number))
+            elif links.get(t.number) and links[t.number] != self._linked.get(t.number) \
+                    and t.state == optuna_state("RUNNING"):  # a seed joined a running configuration
+                self._storage.set_trial_user_attr(self._ids[t.number], "tune_trials", list(links[t.number]))
+                self._linked[t.number] = list(links[t.number])
 
     def _study_id(self) -> int:
         return self._storage.get_study_id_from_name(self.name)
@@ -143,11 +165,13 @@ class OptunaStore:
             orphans = sum(h.number not in mine for h in held)
             optuna.delete_study(study_name=self.name, storage=self._storage)
             self._storage.create_new_study([_direction(self.direction)], self.name)
-            print(f"[otstudy] Optuna storage {display(self.url)}: study {self.name} rebuilt from the sampler's "
-                  f"({orphans} trial(s) it held were never recorded by the study: a killed driver asked them)")
+            print(f"[otstudy] Optuna storage {display(self.url)}: study {self.name} rebuilt from the sampler's as "
+                  f"Tune last saved it (it held {orphans} trial(s) asked, or others told, by a driver after that "
+                  f"save: a killed driver's)")
             held = []
         self._written = {h.number: h.state for h in held}
         self._ids = {h.number: h._trial_id for h in held}
+        self._linked = {h.number: list(h.user_attrs.get("tune_trials", [])) for h in held}
 
     def _add(self, t: "optuna.trial.FrozenTrial", tune_trials: Optional[List[str]]) -> None:
         import optuna
@@ -157,16 +181,24 @@ class OptunaStore:
                                              values=t.values, user_attrs=attrs)
         tid = self._storage.create_new_trial(self._study_id(), template_trial=template)
         self._written[t.number], self._ids[t.number] = t.state, tid
+        self._linked[t.number] = list(tune_trials or [])
         got = self._storage.get_trial_number_from_id(tid)
         if got != t.number:  # the storage numbers its trials itself: they must be the sampler's
             raise RuntimeError(f"trial {t.number} became number {got} in the storage")
 
     def _finish(self, t: "optuna.trial.FrozenTrial", tune_trials: Optional[List[str]]) -> None:
         tid = self._ids[t.number]
-        if tune_trials:
+        if tune_trials and tune_trials != self._linked.get(t.number):
             self._storage.set_trial_user_attr(tid, "tune_trials", list(tune_trials))
+            self._linked[t.number] = list(tune_trials)
         self._storage.set_trial_state_values(tid, t.state, t.values)
         self._written[t.number] = t.state
+
+
+def optuna_state(name: str):
+    import optuna
+
+    return optuna.trial.TrialState[name]
 
 
 def _direction(direction: str):
@@ -214,4 +246,4 @@ def live(store: Optional[OptunaStore]) -> Iterator[None]:
 
 def publish_live(source: "optuna.Study", links: Dict[int, List[str]]) -> None:
     if _LIVE is not None:
-        _LIVE.publish(source, links)
+        _LIVE.publish(source, links, live=True)

@@ -108,8 +108,7 @@ class SeedRepeater(Searcher):
         seed = self.seeds[len(group["members"])]
         group["members"].append(trial_id)
         self._trial_group[trial_id] = gid
-        if gid == trial_id:
-            self._publish()  # a new Optuna trial, RUNNING
+        self._publish()  # a new Optuna trial, RUNNING, or a seed that joins one
         return {**group["config"], "seed": seed}
 
     def on_trial_complete(self, trial_id: str, result: Optional[Dict] = None, error: bool = False):

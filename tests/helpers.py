@@ -92,11 +92,13 @@ def assert_optuna_storage_agrees(study: Path, searched, metric: str = "knn_acc")
     trials = optuna_trials(study)
     assert [t[0] for t in trials] == list(range(len(trials)))
     assert len(trials) == res["optuna_trial"].nunique() and res["optuna_trial"].notna().all()
-    outcome = {"COMPLETE": {"completed"}, "PRUNED": {"completed", "pruned"}, "FAIL": {"completed", "pruned", "failed"}}
+    outcome = {"COMPLETE": {"completed"}, "PRUNED": {"completed", "pruned"}, "FAIL": {"completed", "pruned", "failed"},
+               "RUNNING": {"completed", "pruned", "failed", "running", "pending"}}
     for number, state, value, params, attrs in trials:
         rows = res[res["optuna_trial"] == number]
         assert set(rows["searcher_state"]) == {state}, (number, state, rows["searcher_state"].tolist())
-        assert set(rows["status"]) <= outcome[state] and (state == "COMPLETE") == (set(rows["status"]) == {"completed"})
+        assert set(rows["status"]) <= outcome[state]
+        assert (state == "COMPLETE") == (set(rows["status"]) == {"completed"} and len(rows) == len(attrs["tune_trials"]))
         assert sorted(attrs["tune_trials"]) == sorted(rows["trial_id"])
         if state == "COMPLETE":
             assert math.isclose(value, rows[metric].mean(), rel_tol=1e-12), (value, rows[metric].tolist())

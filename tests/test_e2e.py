@@ -114,7 +114,7 @@ def test_ctrl_c_stops_the_study_and_says_how_to_continue(tmp_path):
 
     log = tmp_path / "run.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([OTSTUDY, "run", "--preset", "sinsim_beta", "--storage", str(tmp_path)],
+        proc = subprocess.Popen([OTSTUDY, "run", "--preset", "sinsim_eps_tpe", "--storage", str(tmp_path)],
                                 stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
     while "[otstudy trial]" not in log.read_text() and time.time() < deadline and proc.poll() is None:
@@ -123,8 +123,11 @@ def test_ctrl_c_stops_the_study_and_says_how_to_continue(tmp_path):
     assert proc.wait(timeout=180) == 130  # as for Ctrl-C: `otstudy run ... && otstudy report ...` stops here
     text = log.read_text()
     assert "Tuner.restore" not in text, text[-2000:]
-    study = tmp_path / "sinsim_beta"
-    assert f"of 20 trials finished; continue with `otstudy resume {study}`" in text, text[-2000:]  # 4 betas x 5 seeds
+    study = tmp_path / "sinsim_eps_tpe"
+    assert f"of 16 trials finished; continue with `otstudy resume {study}`" in text, text[-2000:]  # 8 configs x 2 seeds
+    # the Optuna storage holds what Tune saved: the configuration its running seeds belong to, RUNNING
+    res, trials = assert_optuna_storage_agrees(study, ["beta", "eps"])
+    assert [t[1] for t in trials] == ["RUNNING"] and set(res["status"]) <= {"running", "pending"}
 
 
 def test_tpe_study_repeats_each_configuration_per_seed(tmp_path):

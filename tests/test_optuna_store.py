@@ -45,10 +45,12 @@ def test_the_storage_holds_the_samplers_trials_and_follows_them_as_they_finish(t
     source = _sampler_study([TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING])
     store = OptunaStore(url, "s", "max")
     store.open(new=True)
-    assert store.publish(source, {3: ["t3", "t4"]})
+    assert store.publish(source, {3: ["t3"]})
     got = _loaded(url)
     assert [row[:4] for row in got] == _as_rows(source)
-    assert got[3][1] == "RUNNING" and got[3][4] == {"tune_trials": ["t3", "t4"]}
+    assert got[3][1] == "RUNNING" and got[3][4] == {"tune_trials": ["t3"]}
+    assert store.publish(source, {3: ["t3", "t4"]})  # its second seed starts
+    assert _loaded(url)[3][4] == {"tune_trials": ["t3", "t4"]}
     # the running trial finishes, a new one is asked: both reach the storage
     source.tell(3, 0.9)
     source.ask(DISTS)
@@ -124,11 +126,13 @@ def test_a_write_that_fails_mid_study_warns_once_and_the_next_publish_catches_up
         holder.execute("ROLLBACK")
         holder.close()
     assert capsys.readouterr().out.count("could not be written") == 1
-    assert store.publish(source)
+    assert not store.publish(source, live=True)  # the searcher's next tries wait a minute (Tune's loop goes on)
+    assert store.publish(source)  # the study's end (or a resume) does not wait
     assert [row[:4] for row in _loaded(url)] == _as_rows(source)
 
 
-@pytest.mark.parametrize("url,ok", [("sqlite:////tmp/x.db", True), ("postgresql+psycopg2://u:pw@h/db", True),
+@pytest.mark.parametrize("url,ok", [("sqlite:////tmp/x.db", True), ("postgresql+psycopg2://u@h/db", True),
+                                    ("postgresql://u:pw@h/db", False),
                                     ("mysql://h/db", True), ("/tmp/x.db", False), ("redis://h", False), (3, False)])
 def test_storage_urls(url, ok):
     assert (url_problem(url) is None) == ok
