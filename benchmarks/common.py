@@ -6,6 +6,7 @@ import importlib.util
 import io
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -121,11 +122,25 @@ def module_at(rev: str, prog: str):
 
 
 def record(title: str, body: str) -> None:
-    """Print the section and append it, with the command that produced it, to BENCHMARKS.md."""
+    """Print the section and write it, with the command that produced it, into BENCHMARKS.md: in place of
+    the section an earlier run of the same command wrote (history lives in git), else at the end."""
     cmd = "".join(f"{name}={os.environ[name]} " for name in MALLOC_ENV if os.environ.get(name))
-    cmd += ".venv/bin/python -m benchmarks." + Path(sys.argv[0]).stem + " " + " ".join(sys.argv[1:])
+    run = "-m benchmarks." + Path(sys.argv[0]).stem + " " + " ".join(sys.argv[1:])
+    cmd += ".venv/bin/python " + run
     text = (f"\n## {title}\n\nCommand: `{cmd.strip()}`  \nMachine: {machine()}  \n"
             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{body}\n")
     print(text)
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
-        f.write(text)
+    path = ROOT / "BENCHMARKS.md"
+    page = path.read_text() if path.exists() else ""
+    path.write_text(replace_section(page, run.strip(), text))
+
+
+def replace_section(page: str, run: str, text: str) -> str:
+    """``page`` with the section whose Command line runs ``run`` (env settings aside) replaced by ``text``,
+    or with ``text`` appended where there is none."""
+    starts = [m.start() for m in re.finditer(r"(?m)^## ", page)] + [len(page)]
+    for begin, end in zip(starts, starts[1:]):
+        head = re.search(r"(?m)^Command: `(.*)`", page[begin:end])
+        if head and head.group(1).split(".venv/bin/python ", 1)[-1].strip() == run:
+            return page[:begin].rstrip("\n") + "\n" + text + ("\n" + page[end:] if end < len(page) else "")
+    return page.rstrip("\n") + "\n" + text

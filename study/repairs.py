@@ -62,55 +62,62 @@ def set_aside_abandoned_trials(study_dir: Path, remote=None) -> List[str]:
 
 
 def repair_recorded_checkpoints(study_dir: Path, fs) -> List[str]:
-    """Recreate checkpoints that Tune's last snapshot names but the trial has already deleted.
+    """Make the checkpoint Tune's last snapshot names for each trial hold the trial's newest state on disk.
 
-    With ``num_to_keep`` Tune deletes a trial's oldest checkpoint when a new
-    one arrives and uploads the experiment snapshot that stops naming it a
-    little later (in the background, for an object store); a driver killed in
-    between leaves a snapshot whose trial cannot be restored ("does not exist
-    on storage anymore"). The missing directory is recreated from the trial's
-    next kept checkpoint (the closest state after it), so the trial resumes
-    from there instead of failing. Returns the checkpoint paths recreated.
+    The snapshot lags the trials: Tune deletes a trial's oldest checkpoint when a new one arrives, and
+    otstudy's driver saves the snapshot on a clock (:func:`study.session._lean_experiment_state`), so a driver
+    killed between two saves leaves a snapshot that names a checkpoint already deleted ("does not exist on
+    storage anymore") or one older than the trial's newest. Tune would resume the trial from the named one
+    and number its next checkpoints after it, below newer stale ones that the pruning of a finished trial and
+    every reader of "the newest checkpoint" would then take for its last. So the named directory gets the
+    files of the trial's newest kept checkpoint and the kept ones numbered above it are removed: the trial
+    continues from its newest state, and its next checkpoint is again its highest. Only the newest snapshot
+    is read (the one Tune restores). Returns the checkpoint paths rewritten.
     """
     import pyarrow.fs as pafs
     from ray.tune.utils.serialization import TuneFunctionDecoder
 
     decoder = TuneFunctionDecoder(allow_cloudpickle=True)  # Tune's own state, written by this study's driver
     done: List[str] = []
-    for f in sorted((Path(study_dir) / EXPERIMENT_DIR).glob("experiment_state-*.json")):
+    newest = newest_state_file(Path(study_dir) / EXPERIMENT_DIR, "experiment_state-*.json")
+    try:
+        entries = json.loads(newest.read_text()).get("trial_data", []) if newest is not None else []
+    except (OSError, json.JSONDecodeError):
+        entries = []
+    for entry in entries:
         try:
-            entries = json.loads(f.read_text()).get("trial_data", [])
-        except (OSError, json.JSONDecodeError):
+            runtime = decoder.decode(entry[1]) if isinstance(entry[1], str) else entry[1]
+            manager = runtime["checkpoint_manager"]
+            result = manager.latest_checkpoint_result
+            older = [r.checkpoint.path.rstrip("/") for r in manager._checkpoint_results if r is not result]
+        except Exception:  # an entry from another Ray version: Tune will say what is wrong
             continue
-        for entry in entries:
-            try:
-                runtime = decoder.decode(entry[1]) if isinstance(entry[1], str) else entry[1]
-                manager = runtime["checkpoint_manager"]
-                result = manager.latest_checkpoint_result
-                older = [r.checkpoint.path.rstrip("/") for r in manager._checkpoint_results if r is not result]
-            except Exception:  # an entry from another Ray version: Tune will say what is wrong
-                continue
-            for path in older:
-                # an older kept checkpoint already deleted: Tune deletes it again when the next one
-                # arrives and logs an ERROR with a traceback (harmless: the new one is registered
-                # first); an empty directory lets it delete quietly (restores skip it: no state.pt)
-                if fs.get_file_info(path).type == pafs.FileType.NotFound:
-                    fs.create_dir(path)
-            if result is None:
-                continue
-            path = result.checkpoint.path.rstrip("/")
-            if path in done or fs.get_file_info(path).type != pafs.FileType.NotFound:
-                continue
-            parent, name = path.rsplit("/", 1)
-            kept = checkpoint_dirs(fs, parent)[::-1]  # oldest first
-            if not kept:
-                continue
-            source = next((k for k in kept if k.rsplit("/", 1)[1] > name), kept[-1])
-            fs.create_dir(path)
-            pafs.copy_files(source, path, source_filesystem=fs, destination_filesystem=fs)
-            print(f"[otstudy] {parent.rsplit('/', 1)[-1]}: the snapshot names {name}, deleted before the driver "
-                  f"stopped; it resumes from a copy of {source.rsplit('/', 1)[-1]}")
-            done.append(path)
+        for path in older:
+            # an older kept checkpoint already deleted: Tune deletes it again when the next one
+            # arrives and logs an ERROR with a traceback (harmless: the new one is registered
+            # first); an empty directory lets it delete quietly (restores skip it: no state.pt)
+            if fs.get_file_info(path).type == pafs.FileType.NotFound:
+                fs.create_dir(path)
+        if result is None:
+            continue
+        path = result.checkpoint.path.rstrip("/")
+        parent, name = path.rsplit("/", 1)
+        kept = [k.rstrip("/") for k in checkpoint_dirs(fs, parent)]  # newest first
+        newer = [k for k in kept if k.rsplit("/", 1)[1] > name]
+        missing = fs.get_file_info(path).type == pafs.FileType.NotFound
+        if path in done or not kept or not (newer or missing):
+            continue
+        source = (newer or kept)[0]
+        if not missing:
+            fs.delete_dir(path)
+        fs.create_dir(path)
+        pafs.copy_files(source, path, source_filesystem=fs, destination_filesystem=fs)
+        for k in newer:
+            fs.delete_dir(k)
+        print(f"[otstudy] {parent.rsplit('/', 1)[-1]}: the snapshot names {name}"
+              + (", deleted before the driver stopped" if missing else f", older than {source.rsplit('/', 1)[1]}")
+              + f"; it resumes from {source.rsplit('/', 1)[1]}'s state, now in {name}")
+        done.append(path)
     return done
 
 

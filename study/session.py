@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import records
@@ -159,8 +161,72 @@ _RAYLET_ENV: Optional[Dict[str, str]] = None  # the environment of the local clu
 
 def _fit(tuner) -> None:
     logging.getLogger("ray.tune.tune").addFilter(_TUNE_RESTORE_ADVICE)
-    with _trial_env_inherited():
+    with _trial_env_inherited(), _lean_experiment_state():
         tuner.fit()
+
+
+STATE_ENV = "OTSTUDY_TUNE_STATE"  # =ray: Tune's own experiment-state bookkeeping (benchmarks/state_saves compares)
+STATE_WRITE_RATE = 100e3  # bytes/s: the most Tune's experiment-state saves write on average, whatever the study's size
+
+
+@contextlib.contextmanager
+def _lean_experiment_state():
+    """While Tune runs in this driver, save its experiment state less often and smaller, sized for 1,000+ trials.
+
+    Tune rewrites its whole experiment state (every trial's record) at each save, and saves it whenever a trial
+    has checkpointed ``num_to_keep`` (2) times since the last save: with a checkpoint per epoch, every couple of
+    epochs of any trial. Each trial's record holds, for each of the ~25 numbers it reports, the last 5 and 10
+    values (Tune's "last-n-avg" windows, which otstudy never reads), as indented JSON. Here, in the driver only:
+
+    * no save forced by trial checkpoints; Tune saves on its own clock ("auto": every max(10 s, 19 x the time
+      a save takes)), here also at least ``size / STATE_WRITE_RATE`` apart (1,000 trials, ~14 MB: every ~140 s
+      instead of 10 s), and when the study stops. After a kill -9 a resume redoes at most a save period's
+      work: trials that finished after the last save are recovered from their files, a running one continues
+      from its newest checkpoint on disk, wherever the save lags it
+      (:func:`study.repairs.repair_recorded_checkpoints`), and one started after it runs again;
+    * no last-n windows (Tune's min / max / avg / last per metric stay), compact JSON.
+
+    Bytes written per study and per save, against Tune's own bookkeeping: ``benchmarks/state_saves`` (BENCHMARKS.md).
+    ``OTSTUDY_TUNE_STATE=ray`` keeps Tune's; where a Ray version lacks these private names, Tune's stays.
+    """
+    if os.environ.get(STATE_ENV, "") == "ray":
+        yield
+        return
+    try:
+        from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+        from ray.tune.trainable.metadata import _TrainingRunMetadata
+    except ImportError:
+        yield
+        return
+    saved = (_ExperimentCheckpointManager.on_trial_checkpoint, _ExperimentCheckpointManager._update_auto_checkpoint_time,
+             _TrainingRunMetadata.__init__.__defaults__, _TrainingRunMetadata.get_json_state)
+    tune_period = saved[1]
+
+    def paced(self, time_taken: float) -> None:
+        tune_period(self, time_taken)
+        if self._auto_checkpoint_enabled:
+            states = Path(self._storage.experiment_driver_staging_path).glob("experiment_state-*.json")
+            size = max((f.stat().st_size for f in states), default=0)
+            self._checkpoint_period = max(self._checkpoint_period, size / STATE_WRITE_RATE)
+
+    def compact_json_state(self) -> str:
+        if self._cached_json is None:
+            data = self.__dict__
+            data.pop("_cached_json", None)
+            from ray.tune.utils.serialization import TuneFunctionEncoder
+
+            self._cached_json = json.dumps(data, separators=(",", ":"), cls=TuneFunctionEncoder)
+        return self._cached_json
+
+    _ExperimentCheckpointManager.on_trial_checkpoint = lambda self, trial: None
+    _ExperimentCheckpointManager._update_auto_checkpoint_time = paced
+    _TrainingRunMetadata.__init__.__defaults__ = ((),)
+    _TrainingRunMetadata.get_json_state = compact_json_state
+    try:
+        yield
+    finally:
+        (_ExperimentCheckpointManager.on_trial_checkpoint, _ExperimentCheckpointManager._update_auto_checkpoint_time,
+         _TrainingRunMetadata.__init__.__defaults__, _TrainingRunMetadata.get_json_state) = saved
 
 
 @contextlib.contextmanager

@@ -482,8 +482,12 @@ class PruneCheckpoints(Callback):
 
         try:
             fs, path = trial.storage.storage_filesystem, trial.storage.trial_fs_path
-            for old in checkpoint_dirs(fs, path)[1:]:
-                fs.delete_dir(old)
+            dirs = [d.rstrip("/") for d in checkpoint_dirs(fs, path)]
+            latest = getattr(trial.checkpoint, "path", None)  # Tune's own latest, else the highest name
+            keep = latest.rstrip("/") if latest and latest.rstrip("/") in dirs else (dirs[0] if dirs else None)
+            for old in dirs:
+                if old != keep:
+                    fs.delete_dir(old)
         except Exception as exc:  # disk left as Tune left it; the study goes on
             print(f"[otstudy] warning: could not remove trial {trial.trial_id}'s earlier checkpoints "
                   f"({one_line(exc)})")

@@ -83,6 +83,9 @@ class _TrialFiles:
             return f.readall().decode()
 
     def write_text(self, name: str, text: str) -> None:
+        # a trial that fails before its first report may beat Tune to its directory (Tune's loggers make it
+        # in the driver when the trial starts): without it the marker was lost, "Failed to open local file"
+        self.fs.create_dir(self.path, recursive=True)
         with self.fs.open_output_stream(f"{self.path}/{name}") as f:
             f.write(text.encode())
 

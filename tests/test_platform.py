@@ -261,8 +261,10 @@ def test_object_store_storage_survives_kill_9_and_resumes_on_another_machine(tmp
     import pyarrow.fs as pafs
 
     port = _free_port()
+    # the trials' logs reach the bucket with Tune's experiment saves: every second here (Tune's own setting;
+    # otstudy's driver leaves them ~10 s apart), so that a trial is seen midway before it finishes
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "OTSTUDY_SYNC_PERIOD_S": "1"}
+           "AWS_DEFAULT_REGION": "us-east-1", "OTSTUDY_SYNC_PERIOD_S": "1", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
                                str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -354,9 +356,10 @@ def test_object_store_storage_survives_kill_9_and_resumes_on_another_machine(tmp
         server.wait(timeout=30)
 
 
-def test_a_checkpoint_deleted_before_the_snapshot_is_recreated_from_the_next_one(tmp_path):
-    # Tune deletes a trial's oldest checkpoint before the snapshot that stops naming it is written;
-    # a driver killed in between leaves a snapshot naming a missing checkpoint
+def test_a_snapshot_that_lags_its_trials_resumes_each_from_its_newest_checkpoint(tmp_path):
+    # Tune deletes a trial's oldest checkpoint before the snapshot that stops naming it is written, and the
+    # driver saves its snapshot on a clock: a driver killed in between leaves a snapshot naming a checkpoint
+    # that is gone, or one older than the trial's newest
     import pyarrow.fs as pafs
     from ray.train._internal.checkpoint_manager import _CheckpointManager
     from ray.train._internal.session import _TrainingResult
@@ -377,14 +380,22 @@ def test_a_checkpoint_deleted_before_the_snapshot_is_recreated_from_the_next_one
     (tmp_path / "ray" / "experiment_state-1.json").write_text(json.dumps({"trial_data": [["{}", runtime]]}))
     fs = pafs.LocalFileSystem()
     assert repair_recorded_checkpoints(tmp_path, fs) == [str(trial / "checkpoint_000003")]
-    assert (trial / "checkpoint_000003" / "state.pt").read_text() == "epoch 4"  # the closest later state
-    assert repair_recorded_checkpoints(tmp_path, fs) == []  # nothing missing any more
+    assert (trial / "checkpoint_000003" / "state.pt").read_text() == "epoch 5"  # the newest state
+    # no stale checkpoint numbered above the one the trial continues from: its next one is its highest again
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000002", "checkpoint_000003"]
+    assert repair_recorded_checkpoints(tmp_path, fs) == []  # nothing to do any more
     # the older kept one is there again (empty), so Tune's next registration deletes it without an error
     assert (trial / "checkpoint_000002").is_dir() and not any((trial / "checkpoint_000002").iterdir())
     (trial / "checkpoint_000006").mkdir()
     manager.register_checkpoint(_TrainingResult(checkpoint=Checkpoint(path=str(trial / "checkpoint_000006")),
                                                 metrics={}))
     assert not (trial / "checkpoint_000002").exists()
+    # a snapshot older than a checkpoint that still exists: the named one gets the newest state as well
+    (trial / "checkpoint_000007").mkdir()
+    (trial / "checkpoint_000007" / "state.pt").write_text("epoch 7")
+    assert repair_recorded_checkpoints(tmp_path, fs) == [str(trial / "checkpoint_000003")]
+    assert (trial / "checkpoint_000003" / "state.pt").read_text() == "epoch 7"
+    assert not (trial / "checkpoint_000007").exists()
 
 
 def test_a_new_sqlite_store_is_a_copy_of_a_migrated_empty_one(tmp_path, monkeypatch):
@@ -411,6 +422,44 @@ def test_a_new_sqlite_store_is_a_copy_of_a_migrated_empty_one(tmp_path, monkeypa
     before = second.read_bytes()
     assert not seed_sqlite_store(f"sqlite:///{second}") and second.read_bytes() == before  # existing: untouched
     assert not seed_sqlite_store("http://127.0.0.1:5000")
+
+
+def test_the_drivers_experiment_state_is_saved_on_a_clock_paced_by_its_size_and_written_compactly(tmp_path):
+    from types import SimpleNamespace
+
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    from study.session import STATE_WRITE_RATE, _lean_experiment_state
+
+    (tmp_path / "experiment_state-x.json").write_bytes(b" " * 3_000_000)  # a study of ~200 trials
+
+    def manager():
+        m = _ExperimentCheckpointManager(checkpoint_period="auto", sync_every_n_trial_checkpoints=2,
+                                         storage=SimpleNamespace(experiment_driver_staging_path=str(tmp_path)))
+        for _ in range(2):
+            m.on_trial_checkpoint("trial")
+        m._update_auto_checkpoint_time(0.05)
+        return m
+
+    def record():
+        meta = _TrainingRunMetadata()
+        for step, value in enumerate([0.5, 0.6, 0.7], 1):
+            meta.update_metric("knn_acc", value, step)
+        return meta
+
+    tune_manager, tune_meta = manager(), record()
+    assert tune_manager._should_force_sync_up and tune_manager._checkpoint_period == 10.0  # Tune's own
+    with _lean_experiment_state():
+        lean_manager, lean_meta = manager(), record()
+        lean_json = lean_meta.get_json_state()
+    assert not lean_manager._should_force_sync_up  # two checkpoints of a trial force no save
+    assert lean_manager._checkpoint_period == 3_000_000 / STATE_WRITE_RATE == 30.0
+    assert lean_meta.metric_analysis["knn_acc"] == {"max": 0.7, "min": 0.5, "avg": pytest.approx(0.6), "last": 0.7}
+    assert "last-5-avg" in tune_meta.metric_analysis["knn_acc"]
+    assert "\n" not in lean_json and len(lean_json) < len(tune_meta.get_json_state()) / 2
+    assert _TrainingRunMetadata.__init__.__defaults__ == ((5, 10),)  # Tune's own again afterwards
+    assert manager()._should_force_sync_up
 
 
 def test_shutdown_ray_stops_every_process_ray_init_started(tmp_path):
@@ -529,4 +578,10 @@ def test_half_gpu_trials_share_one_logical_gpu_side_by_side(tmp_path):
     booked = [cloudpickle.loads(bytes.fromhex(json.loads(t[0])["placement_group_factory"])).required_resources
               for t in state["trial_data"]]
     assert booked == [{"CPU": 1.0, "GPU": 0.5}] * 2, booked
+    # Ray gave each trial a GPU id (CUDA_VISIBLE_DEVICES) but there is no CUDA: they trained on the CPU and
+    # say so, and the results carry the CPU's model as their hardware (overhead ratios stay within one kind)
+    from trainables.pretrain_probe import cpu_model
+
+    assert (proc.stdout + proc.stderr).count("on digits (1212 images), device cpu") == 2
+    assert all(h.startswith(cpu_model()) and "cuda" not in h.lower() for h in res["hardware"]), list(res["hardware"])
 
