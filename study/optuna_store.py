@@ -244,6 +244,11 @@ def live(store: Optional[OptunaStore]) -> Iterator[None]:
         _LIVE = None
 
 
+def publishing() -> bool:
+    """Whether the searcher in this driver has a storage to publish to (see :func:`live`)."""
+    return _LIVE is not None
+
+
 def publish_live(source: "optuna.Study", links: Dict[int, List[str]]) -> None:
     if _LIVE is not None:
         _LIVE.publish(source, links, live=True)

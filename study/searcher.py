@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from .optuna_store import AddedTrial, publish_live
+from .optuna_store import AddedTrial, publish_live, publishing
 
 FINAL_KEY = "final"  # the trainable's last report carries final=1
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class SeedRepeater(Searcher):
         """Copy the sampler's Optuna study to the study's Optuna storage (:mod:`study.optuna_store`), each
         trial with its Tune trials (the configuration's seeds)."""
         study = getattr(self.searcher, "_ot_study", None)
-        if study is None:
+        if study is None or not publishing():  # no storage in this driver: no links to build
             return
         asked = getattr(self.searcher, "_ot_trials", {})
         links = {asked[g].number: list(grp["members"]) for g, grp in self._groups.items() if g in asked}
